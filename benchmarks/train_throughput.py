@@ -1,0 +1,251 @@
+"""Training throughput of vlmkit's CLIP against transformers' `CLIPModel` with the same architecture.
+
+Both models are built from one vlmkit config, trained in the same process on the same batch and precision,
+and timed in alternating rounds (so background load hits both alike); each figure is the median of `--reps`
+rounds of `--steps` steps after `--warmup` steps. A step is forward (both towers) + the CLIP contrastive loss
++ backward + AdamW. transformers is measured with eager and SDPA attention and the faster one is the peer.
+
+Model FLOPs utilisation (MFU) = analytic training FLOPs per pair * pairs/s / matmul peak, where the peak is the
+median of large square matmuls at the same precision, measured between the rounds of this run.
+
+    PYTHONPATH=src python benchmarks/train_throughput.py --model clip-B-32 --batch 64 --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.models import CLIPConfig, create_model, get_model_config
+
+HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a (B, B) similarity matrix; the matching pair is the diagonal."""
+    logits = logit_scale * image_features.float() @ text_features.float().T  # (B, B)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def hf_clip(cfg: CLIPConfig, attn_implementation: str) -> nn.Module:
+    """transformers' CLIPModel with exactly the architecture of a vlmkit CLIP config."""
+    from transformers import CLIPConfig as HFCLIPConfig
+    from transformers import CLIPModel
+
+    v, t = cfg.vision, cfg.text
+    if cfg.loss != "clip" or v.pool != "cls" or not (v.class_token and v.ln_pre and v.proj) or not t.causal:
+        raise SystemExit(f"only CLIP-style models have a transformers CLIPModel twin; {cfg.loss!r} does not")
+    text_config = dict(
+        vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
+        num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+        hidden_act=HF_ACT[t.act], layer_norm_eps=t.norm_eps, projection_dim=cfg.embed_dim,
+        eos_token_id=t.eot_token_id, pad_token_id=t.pad_token_id,
+    )  # fmt: skip
+    vision_config = dict(
+        hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.layers,
+        num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+        hidden_act=HF_ACT[v.act], layer_norm_eps=v.norm_eps, projection_dim=cfg.embed_dim,
+    )  # fmt: skip
+    hf_cfg = HFCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=cfg.embed_dim)
+    return CLIPModel._from_config(hf_cfg, attn_implementation=attn_implementation)
+
+
+def training_flops_per_pair(cfg: CLIPConfig) -> float:
+    """Analytic matmul FLOPs to train on one image-text pair (forward + backward = 3 x forward).
+
+    Per tower: 6 * P * T, with P the matmul parameters one token passes through (per layer qkv 3d^2, out
+    d^2, MLP 2*d*h; plus the patch projection, applied to the N patch tokens, and the output projection,
+    applied to the one pooled token), plus 3 * attention scores and values, 4 * T^2 * d per layer forward
+    (half for the causal text tower, whose masked half is skipped). Norms, activations, softmax,
+    embeddings, the (B, B) logits and the optimizer are not counted.
+    """
+    total = 0.0
+    for tower in (cfg.vision, cfg.text):
+        d, h, L = tower.width, int(tower.width * tower.mlp_ratio), tower.layers
+        layer_params = 4 * d * d + 2 * d * h
+        if tower is cfg.vision:
+            n_patch = tower.grid_size**2
+            T = n_patch + int(tower.class_token)
+            total += 6 * (3 * tower.patch_size**2 * d) * n_patch
+            attn = 4 * T * T * d
+        else:
+            T = tower.context_length
+            attn = 4 * T * T * d / (2 if tower.causal else 1)
+        total += 6 * layer_params * L * T + 3 * attn * L
+        total += 6 * d * cfg.embed_dim * tower.proj
+    return total
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), reps: int = 3) -> float:
+    """FLOP/s of the fastest of a few large square matmuls (median of `reps` each)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n**3 / statistics.median(times))
+    return best
+
+
+class Contender:
+    """A model, its AdamW and a function that runs one training step on (images, text)."""
+
+    def __init__(self, name: str, model: nn.Module, forward: Callable, precision: str, fused_adamw: bool):
+        self.name, self.model, self.forward = name, model.train(), forward
+        self.autocast = precision == "bf16"
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused_adamw)
+        self.step_times: list[float] = []
+
+    def step(self, images: torch.Tensor, text: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            image_features, text_features, logit_scale = self.forward(images, text)
+            loss = clip_loss(image_features, text_features, logit_scale)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def vlmkit_contender(name: str, cfg: CLIPConfig, args) -> Contender:
+    model = create_model(args.model, **args.override)
+    assert model.cfg == cfg
+    run = torch.compile(model) if name.endswith("compile") else model
+
+    def forward(images, text):
+        out = run(images, text)
+        return out.image_features, out.text_features, out.logit_scale
+
+    return Contender(name, model, forward, args.precision, args.fused_adamw)
+
+
+def hf_contender(name: str, cfg: CLIPConfig, args) -> Contender:
+    model = hf_clip(cfg, attn_implementation=name.split("-")[1])
+
+    def forward(images, text):
+        out = model(input_ids=text, pixel_values=images)
+        return out.image_embeds, out.text_embeds, model.logit_scale.exp()
+
+    return Contender(name, model, forward, args.precision, args.fused_adamw)
+
+
+def make_batch(cfg: CLIPConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    v, t = cfg.vision, cfg.text
+    images = torch.randn(batch, 3, v.image_size, v.image_size)  # (B, 3, H, W)
+    text = torch.randint(3, t.vocab_size, (batch, t.context_length))  # (B, T), full-length captions
+    eot = torch.randint(t.context_length // 4, t.context_length, (batch,))
+    text[torch.arange(batch), eot] = t.eot_token_id
+    return images, text
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="clip-B-32", help="a vlmkit model name (CLIP family)")
+    p.add_argument("--set", dest="override", nargs="*", default=[], help="config overrides, e.g. vision.layers=6")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 = autocast, fp32 weights")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds; each figure is their median")
+    p.add_argument("--steps", type=int, default=1, help="training steps per timed round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first")
+    p.add_argument("--compile", action="store_true", help="also time vlmkit under torch.compile")
+    p.add_argument("--no-eager", action="store_true", help="with --compile, skip eager vlmkit")
+    p.add_argument("--hf", default="eager,sdpa", help="transformers attention implementations to time")
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.override = parse_overrides(args.override)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    cfg = get_model_config(args.model, **args.override)
+    images, text = make_batch(cfg, args.batch)
+    flops = training_flops_per_pair(cfg)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    names = ([] if args.no_eager and args.compile else ["vlmkit"]) + (["vlmkit-compile"] if args.compile else [])
+    names += [f"hf-{impl}" for impl in args.hf.split(",") if impl]
+    contenders, warmup_s = [], {}
+    for name in names:
+        c = (vlmkit_contender if name.startswith("vlmkit") else hf_contender)(name, cfg, args)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            c.step(images, text)
+        warmup_s[name] = time.perf_counter() - t0
+        contenders.append(c)
+        print(f"{name}: {sum(p.numel() for p in c.model.parameters()) / 1e6:.1f}M params, "
+              f"warm-up {warmup_s[name]:.1f}s", flush=True)  # fmt: skip
+
+    peaks = []
+    for r in range(args.reps):
+        peaks.append(matmul_peak(dtype))
+        k = r % len(contenders)  # rotate the order so no contender always runs first
+        for c in contenders[k:] + contenders[:k]:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                c.step(images, text)
+            c.step_times.append((time.perf_counter() - t0) / args.steps)
+        print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{c.name} {c.step_times[-1]:.2f}s" for c in contenders),
+              flush=True)  # fmt: skip
+    peak = statistics.median(peaks)
+
+    rows = {}
+    for c in contenders:
+        step_s = statistics.median(c.step_times)
+        pairs_s = args.batch / step_s
+        rows[c.name] = dict(step_s=step_s, pairs_per_s=pairs_s, tflops=flops * pairs_s / 1e12,
+                            mfu=flops * pairs_s / peak)  # fmt: skip
+    hf_best = max((n for n in rows if n.startswith("hf")), key=lambda n: rows[n]["pairs_per_s"], default=None)
+    for n, row in rows.items():
+        row["vs_hf_best"] = row["pairs_per_s"] / rows[hf_best]["pairs_per_s"] if hf_best else None
+
+    v, t = cfg.vision, cfg.text
+    print(f"\n{args.model} {args.override or ''}: image {v.image_size}/{v.patch_size} ViT {v.width}x{v.layers} "
+          f"({v.heads} heads), text {t.width}x{t.layers} ({t.heads} heads, ctx {t.context_length}), "
+          f"embed {cfg.embed_dim}; batch {args.batch}, {args.precision}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")  # fmt: skip
+    print(f"training FLOPs per pair {flops / 1e9:.2f} GFLOP; {args.precision} matmul peak {peak / 1e9:.0f} GFLOP/s "
+          f"(median of {args.reps}: {', '.join(f'{x / 1e9:.0f}' for x in peaks)})")  # fmt: skip
+    print(f"{'contender':<16}{'step s':>9}{'pairs/s':>10}{'GFLOP/s':>10}{'MFU':>7}{'vs HF best':>12}")
+    for n, row in rows.items():
+        ratio = f"{row['vs_hf_best']:.2f}x" if row["vs_hf_best"] else "-"
+        print(f"{n:<16}{row['step_s']:>9.2f}{row['pairs_per_s']:>10.2f}{row['tflops'] * 1e3:>10.0f}"
+              f"{row['mfu']:>7.1%}{ratio:>12}")  # fmt: skip
+
+    result = dict(
+        model=args.model, overrides=args.override, batch=args.batch, precision=args.precision,
+        threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.processor() or platform.machine(),
+        flops_per_pair=flops, matmul_peak=peak, matmul_peaks=peaks, hf_best=hf_best, warmup_s=warmup_s,
+        results=rows, step_times={c.name: c.step_times for c in contenders},
+    )  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""The `vlmkit` command. Each subcommand is a thin wrapper over a library function.
+
+    vlmkit quickstart
+    vlmkit data synth --out data/shapes
+    vlmkit train --recipe clip-tiny --train-data data/shapes/train.jsonl --out runs/demo --time-budget 5
+    vlmkit eval zeroshot --model runs/demo --data data/shapes/classification/val --output zs.json
+    vlmkit eval retrieval --model runs/demo --data data/shapes/val.jsonl --output ret.json
+    vlmkit eval linear-probe --model runs/demo --train IMAGEFOLDER --data IMAGEFOLDER
+    vlmkit embed --model runs/demo --image a.png --text "a red circle" --output emb.safetensors
+    vlmkit classify --model runs/demo --image a.png --labels "red circle" "blue square"
+
+User mistakes (a missing file, an unknown key, unusable data) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vlmkit.errors import VlmkitError
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a model folder: a vlmkit training run or checkpoint")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmkit", description="Vision-language models: train, evaluate, embed."
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="synthetic data -> train a small CLIP -> evaluate -> report.html")
+    p.add_argument("--out", default="runs/quickstart", help="folder for data, run and report")
+    p.add_argument("--time-budget", type=float, default=2.5, help="minutes of training (default 2.5)")
+    p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quickstart)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(
+        dest="data_command", required=True, metavar="CMD"
+    )
+    p = data.add_parser("synth", help="write the built-in synthetic 'shapes' dataset")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--num-val", type=int, default=500)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--noise", type=float, default=0.3, help="background noise strength, 0 to 1")
+    p.add_argument("--per-class-train", type=int, default=20, help="classification images per class (train)")
+    p.add_argument("--per-class-val", type=int, default=10, help="classification images per class (val)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser(
+        "train", help="train a CLIP/SigLIP model (torchrun -m vlmkit train ... for several processes)"
+    )
+    p.add_argument("--recipe", default="clip-tiny", help="a named recipe (see --list-recipes)")
+    p.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
+    p.add_argument("--train-data", help="JSONL/CSV manifest of image (relative to the manifest) and caption")
+    p.add_argument("--val-data", help="manifest for periodic validation (retrieval recall)")
+    p.add_argument("--zeroshot-data", help="ImageFolder for periodic and final zero-shot accuracy")
+    p.add_argument(
+        "--templates", action="append", help="zero-shot template with {} or a file of them (repeatable)"
+    )
+    p.add_argument("--out", help="run folder (default runs/<recipe>)")
+    p.add_argument("--time-budget", type=float, help="minutes: stop gracefully then, save and evaluate")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the captions)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float)
+    p.add_argument(
+        "--max-bad-fraction", type=float, help="stop if more than this fraction of rows is bad (0.01)"
+    )
+    p.add_argument("--seed", type=int)
+    p.add_argument("--smoke", action="store_true", help="shrink the recipe to a seconds-long test run")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set lr=1e-3 "
+        "--set model_overrides.vision.layers=6 (repeatable)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(
+        dest="eval_command", required=True, metavar="TASK"
+    )
+    p = ev.add_parser("zeroshot", help="zero-shot classification on an ImageFolder")
+    _add_model_arg(p)
+    p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
+    p.add_argument("--classes", help="class names file (default: classes.txt in --data, else folder names)")
+    p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
+    p.add_argument("--output", help="results JSON (default: print)")
+    p.set_defaults(func=cmd_eval_zeroshot)
+    p = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on a manifest")
+    _add_model_arg(p)
+    p.add_argument("--data", required=True, help="JSONL/CSV manifest of image, caption")
+    p.add_argument("--output", help="results JSON (default: print)")
+    p.set_defaults(func=cmd_eval_retrieval)
+    p = ev.add_parser("linear-probe", help="logistic regression on frozen image features")
+    _add_model_arg(p)
+    p.add_argument("--train", required=True, help="ImageFolder to fit the probe on")
+    p.add_argument("--data", required=True, help="ImageFolder to test the probe on")
+    p.add_argument("--classes", help="class names file")
+    p.add_argument("--output", help="results JSON (default: print)")
+    p.set_defaults(func=cmd_eval_linear_probe)
+
+    p = sub.add_parser("embed", help="embed images and/or texts")
+    _add_model_arg(p)
+    p.add_argument("--image", nargs="*", default=[], help="image files")
+    p.add_argument("--text", nargs="*", default=[], help="texts")
+    p.add_argument("--output", help="a .safetensors or .npy file (default: print a summary)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("classify", help="score one image against labels")
+    _add_model_arg(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--labels", nargs="+", required=True, help="candidate labels")
+    p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("report", help="(re)write report.html for a run folder")
+    p.add_argument("run", help="run folder")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _version() -> str:
+    import vlmkit
+
+    return f"vlmkit {vlmkit.__version__}"
+
+
+def _device(name: str | None):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _emit(results: dict, output: str | None) -> None:
+    from vlmkit.eval.features import save_results
+
+    if output:
+        save_results(results, output)
+        print(f"wrote {output}")
+    metrics = {k: v for k, v in results.get("metrics", results).items() if not isinstance(v, (dict, list))}
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_quickstart(args) -> None:
+    from vlmkit.quickstart import quickstart
+
+    quickstart(out=args.out, time_budget=args.time_budget, recipe=args.recipe, seed=args.seed)
+
+
+def cmd_data_synth(args) -> None:
+    from vlmkit.data.synthetic import generate
+
+    paths = generate(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        image_size=args.image_size,
+        seed=args.seed,
+        background_noise=args.noise,
+        num_per_class_train=args.per_class_train,
+        num_per_class_val=args.per_class_val,
+    )
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+
+
+def cmd_train(args) -> None:
+    from vlmkit.config import override, parse_overrides
+    from vlmkit.recipes import get_recipe, list_recipes, smoke
+    from vlmkit.train.loop import train
+
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return
+    overrides = {
+        "train_data": args.train_data,
+        "val_data": args.val_data,
+        "zeroshot_data": args.zeroshot_data,
+        "zeroshot_templates": args.templates,
+        "time_budget": args.time_budget,
+        "tokenizer": args.tokenizer,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "max_bad_fraction": args.max_bad_fraction,
+        "out": args.out or f"runs/{args.recipe}",
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.resume:
+        overrides["resume"] = True
+    overrides.update(parse_overrides(args.set))
+    cfg = get_recipe(args.recipe)
+    if args.smoke:  # shrink first, so that explicit flags still win
+        cfg = smoke(cfg)
+    summary = train(override(cfg, overrides, where="train"))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2))
+
+
+def cmd_eval_zeroshot(args) -> None:
+    from vlmkit.eval.templates import load_templates
+    from vlmkit.eval.zeroshot import evaluate_zeroshot
+    from vlmkit.models.pretrained import load_pretrained
+
+    pt = load_pretrained(args.model, _device(args.device))
+    out_dir = Path(args.output).parent if args.output else None
+    results = evaluate_zeroshot(
+        pt.model,
+        _require_tokenizer(pt, args.model),
+        pt.preprocess,
+        args.data,
+        templates=load_templates(args.templates),
+        classes_file=args.classes,
+        batch_size=args.batch_size,
+        device=_device(args.device),
+        model_name=args.model,
+        out_dir=out_dir,
+    )
+    _emit(results, args.output)
+
+
+def cmd_eval_retrieval(args) -> None:
+    from vlmkit.eval.retrieval import evaluate_retrieval
+    from vlmkit.models.pretrained import load_pretrained
+
+    pt = load_pretrained(args.model, _device(args.device))
+    out_dir = Path(args.output).parent if args.output else None
+    results = evaluate_retrieval(
+        pt.model,
+        _require_tokenizer(pt, args.model),
+        pt.preprocess,
+        args.data,
+        batch_size=args.batch_size,
+        device=_device(args.device),
+        model_name=args.model,
+        out_dir=out_dir,
+    )
+    _emit(results, args.output)
+
+
+def cmd_eval_linear_probe(args) -> None:
+    from vlmkit.eval.linear_probe import evaluate_linear_probe
+    from vlmkit.models.pretrained import load_pretrained
+
+    pt = load_pretrained(args.model, _device(args.device))
+    results = evaluate_linear_probe(
+        pt.model,
+        pt.preprocess,
+        args.train,
+        args.data,
+        classes_file=args.classes,
+        batch_size=args.batch_size,
+        device=_device(args.device),
+        model_name=args.model,
+    )
+    _emit(results, args.output)
+
+
+def _require_tokenizer(pt, where: str):
+    if pt.tokenizer is None:
+        raise VlmkitError(
+            f"{where} has no tokenizer.json; text needs the tokenizer the model was trained with"
+        )
+    return pt.tokenizer
+
+
+def _load_images(paths: list[str], preprocess):
+    import torch
+
+    from vlmkit.data.transforms import ImageDecodeError, ImageTransform, load_image
+
+    tf = ImageTransform(preprocess, train=False)
+    try:
+        return torch.stack([tf(load_image(p)) for p in paths])
+    except ImageDecodeError as e:
+        raise VlmkitError(str(e)) from e
+
+
+def cmd_embed(args) -> None:
+    import torch
+
+    from vlmkit.models.pretrained import load_pretrained
+
+    if not args.image and not args.text:
+        raise VlmkitError("nothing to embed: pass --image FILE ... and/or --text TEXT ...")
+    device = _device(args.device)
+    pt = load_pretrained(args.model, device)
+    out = {}
+    with torch.no_grad():
+        if args.image:
+            images = _load_images(args.image, pt.preprocess)
+            out["image_embeds"] = torch.cat(
+                [
+                    pt.model.encode_image(images[i : i + args.batch_size].to(device), normalize=True).cpu()
+                    for i in range(0, len(images), args.batch_size)
+                ]
+            )
+        if args.text:
+            tokens = _require_tokenizer(pt, args.model)(args.text)
+            out["text_embeds"] = pt.model.encode_text(tokens.to(device), normalize=True).cpu()
+    if args.output:
+        if args.output.endswith(".npy"):
+            import numpy as np
+
+            np.save(args.output, torch.cat(list(out.values())).numpy())
+        else:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.contiguous() for k, v in out.items()},
+                args.output,
+                metadata={"images": json.dumps(args.image), "texts": json.dumps(args.text)},
+            )
+        print(f"wrote {args.output}")
+    for k, v in out.items():
+        print(f"{k}: {tuple(v.shape)}")
+
+
+def cmd_classify(args) -> None:
+    import torch
+
+    from vlmkit.eval.templates import load_templates
+    from vlmkit.eval.zeroshot import build_zeroshot_classifier
+    from vlmkit.models.pretrained import load_pretrained
+
+    device = _device(args.device)
+    pt = load_pretrained(args.model, device)
+    with torch.no_grad():
+        clf = build_zeroshot_classifier(
+            pt.model, _require_tokenizer(pt, args.model), args.labels, load_templates(args.templates)
+        )
+        feats = pt.model.encode_image(_load_images([args.image], pt.preprocess).to(device), normalize=True)
+        scale, bias = pt.model.scale_and_bias()
+        logits = scale * feats @ clf.to(device)  # (1, C)
+        probs = torch.sigmoid(logits + bias) if bias is not None else logits.softmax(dim=-1)
+    for i in probs[0].argsort(descending=True).tolist():
+        print(f"{probs[0, i].item():.4f}  {args.labels[i]}")
+
+
+def cmd_report(args) -> None:
+    from vlmkit.eval.report import write_report
+
+    if not Path(args.run).is_dir():
+        raise VlmkitError(f"run folder not found: {args.run}")
+    print(f"wrote {write_report(Path(args.run))}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except VlmkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

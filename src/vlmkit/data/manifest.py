@@ -1,0 +1,342 @@
+"""The user's own data: image-caption manifests (JSONL / CSV / TSV) and ImageFolder class trees.
+
+Bad rows never stop a run on their own: each is skipped, logged as `skipped FILE:LINE: reason`, and
+counted; `ImageTextDataset` only refuses the data when too large a fraction of it is bad.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmkit.data.transforms import ImageDecodeError, ImageTransform, check_image_file, load_image
+from vlmkit.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+MANIFEST_DELIMITERS = {".jsonl": None, ".json": None, ".csv": ",", ".tsv": "\t"}  # None: JSON lines
+CLASSES_FILE = "classes.txt"
+REQUIRED_KEYS = ("image", "caption")
+
+
+@dataclass
+class Sample:
+    image: Path  # absolute, or relative to the working directory when the manifest path was
+    caption: str
+    line: int  # 1-based line of the row in its manifest
+
+
+@dataclass
+class BadRow:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+# ----------------------------------------------------------------------------------------------
+# manifests
+
+_Row = tuple[int, dict | None, str]  # (line, fields, reason why fields is None)
+
+
+def _json_rows(text: str, file: Path) -> Iterator[_Row]:
+    if text.lstrip().startswith("["):
+        raise DataError(f"{file} holds a JSON array; write one JSON object per line (JSONL)")
+    # split on "\n" only: str.splitlines would also split on U+2028 etc., which JSON strings may hold
+    for n, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            yield n, None, f"malformed JSON ({e.msg} at column {e.colno})"
+            continue
+        if not isinstance(row, dict):
+            yield n, None, 'expected a JSON object like {"image": ..., "caption": ...}'
+            continue
+        yield n, row, ""
+
+
+def _csv_rows(text: str, file: Path, delimiter: str) -> Iterator[_Row]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header, columns = None, {}
+    while True:
+        start = reader.line_num + 1  # a quoted field may span lines: report where the row starts
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, None, f"malformed row ({e})"
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        if header is None:
+            header = [c.strip().lower() for c in cells]
+            missing = [k for k in REQUIRED_KEYS if k not in header]
+            if missing:
+                raise DataError(
+                    f"{file}:{start}: the header needs columns {list(REQUIRED_KEYS)}, found {cells}; "
+                    "add a header line such as 'image,caption'"
+                )
+            columns = {k: header.index(k) for k in REQUIRED_KEYS}
+            continue
+        yield start, {k: cells[i] for k, i in columns.items() if i < len(cells)}, ""
+
+
+def _check_row(row: dict, root: Path, line: int) -> Sample | str:
+    """A Sample, or the reason the row is bad."""
+    for key in REQUIRED_KEYS:
+        if row.get(key) is None:
+            return f"missing key {key!r}"
+    image, caption = row["image"], row["caption"]
+    if not isinstance(image, str) or not image.strip():
+        return "'image' must be a non-empty path"
+    if not isinstance(caption, str):
+        return "'caption' must be a string"
+    caption = caption.strip()
+    if not caption:
+        return "empty caption"
+    path = root / Path(image.strip()).expanduser()  # an absolute path replaces root
+    try:
+        check_image_file(path)
+    except ImageDecodeError as e:
+        return f"image {path}: {e.reason}"
+    return Sample(image=path, caption=caption, line=line)
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[list[Sample], list[BadRow]]:
+    """Read an image-caption manifest; returns (good samples, bad rows), both in file order.
+
+    Formats, by extension: `.jsonl` / `.json` with one `{"image": ..., "caption": ...}` object per line
+    (other keys ignored), `.csv` / `.tsv` with a header naming `image` and `caption` columns. Image paths
+    are relative to the manifest's folder unless absolute. Blank lines are ignored. A row is bad when it
+    is malformed, lacks a key, has an empty caption, or names a missing or zero-byte image file; images
+    are not decoded here (see `check_images`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path} (expected a .jsonl, .csv or .tsv file)")
+    ext = path.suffix.lower()
+    if ext not in MANIFEST_DELIMITERS:
+        raise DataError(f"{path}: unknown manifest extension {ext!r}; use one of {list(MANIFEST_DELIMITERS)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drop the BOM spreadsheet programs write
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+    delimiter = MANIFEST_DELIMITERS[ext]
+    rows = _json_rows(text, path) if delimiter is None else _csv_rows(text, path, delimiter)
+    root = path.parent
+    samples, bad = [], []
+    for line, row, reason in rows:
+        result = _check_row(row, root, line) if row is not None else reason
+        if isinstance(result, Sample):
+            samples.append(result)
+        else:
+            bad.append(BadRow(str(path), line, result))
+    return samples, bad
+
+
+def _try_load(path: Path, keep: bool) -> tuple[Image.Image | None, str]:
+    try:
+        img = load_image(path)
+    except ImageDecodeError as e:
+        return None, e.reason
+    return (img if keep else None), ""
+
+
+def check_images(
+    samples: list[Sample],
+    file: str | os.PathLike,
+    keep_images: bool = False,
+    num_threads: int = 4,
+) -> tuple[list[Sample], list[BadRow], list[Image.Image] | None]:
+    """Fully decode every image to find truncated or corrupt ones.
+
+    Returns (good samples, bad rows naming `file`, decoded RGB images aligned with the good samples when
+    `keep_images`, else None). An image named by several rows is decoded once and shared. Decoding runs
+    on `num_threads` threads (Pillow releases the GIL while decoding).
+    """
+    unique = list(dict.fromkeys(s.image for s in samples))
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        decoded = dict(zip(unique, pool.map(lambda p: _try_load(p, keep_images), unique)))
+    good, bad, images = [], [], []
+    for s in samples:
+        img, reason = decoded[s.image]
+        if reason:
+            bad.append(BadRow(str(file), s.line, f"image {s.image}: {reason}"))
+            continue
+        good.append(s)
+        images.append(img)
+    return good, bad, (images if keep_images else None)
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """(image tensor, caption) pairs from a manifest, checked up front.
+
+    On construction every row is read and every image decoded once; bad rows are skipped and logged at
+    WARNING as `skipped FILE:LINE: reason`. Raises `DataError` when no usable rows remain or when the bad
+    fraction exceeds `max_bad_fraction`. With `cache_images` the decoded RGB images stay in memory (at
+    full size: meant for datasets that fit in RAM).
+
+    Augmentation is reproducible across resumes: sample i in epoch e is transformed with
+    `np.random.default_rng([seed, e, i])`. Call `set_epoch` before creating each epoch's DataLoader
+    iterator (persistent workers keep the copy of the dataset they started with).
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike,
+        transform: ImageTransform,
+        max_bad_fraction: float = 0.01,
+        cache_images: bool = True,
+        seed: int = 0,
+        log: logging.Logger | None = None,
+    ):
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ConfigError(f"max_bad_fraction must be within [0, 1], got {max_bad_fraction}")
+        log = log if log is not None else logging.getLogger(__name__)
+        self.file = str(manifest)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+        samples, bad = read_manifest(manifest)
+        self.num_total = len(samples) + len(bad)  # every non-blank row
+        samples, bad_images, images = check_images(samples, self.file, keep_images=cache_images)
+        self.bad_rows = sorted(bad + bad_images, key=lambda b: b.line)
+        self.num_bad = len(self.bad_rows)
+        for b in self.bad_rows:
+            log.warning("skipped %s", b)
+
+        if not samples:
+            detail = f"{self.num_bad} bad rows; see the log" if self.num_bad else "the file has no rows"
+            raise DataError(f"no usable rows in {self.file} ({detail})")
+        fraction = self.num_bad / self.num_total
+        if fraction > max_bad_fraction:
+            raise DataError(
+                f"{self.num_bad} of {self.num_total} rows in {self.file} are bad ({100 * fraction:.1f}%), "
+                f"above the limit of {100 * max_bad_fraction:.1f}%; "
+                "see the log, fix them or raise --max-bad-fraction"
+            )
+        if self.num_bad:
+            log.info("using %d of %d rows from %s", len(samples), self.num_total, self.file)
+        self.samples = samples
+        self._images = images
+        self.captions = [s.caption for s in samples]
+        self.image_paths = [s.image for s in samples]  # repeated paths: several captions per image
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        if i < 0:
+            i += len(self.samples)
+        s = self.samples[i]
+        if self._images is not None:
+            img = self._images[i]
+        else:
+            try:
+                img = load_image(s.image)
+            except ImageDecodeError as e:
+                raise DataError(
+                    f"{self.file}:{s.line}: {e} (the file changed after it was checked)"
+                ) from None
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        return self.transform(img, rng), s.caption  # (3, S, S), str
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def _read_class_names(path: Path, root: Path, folders: list[str]) -> list[str]:
+    """Class names in `folders` order from a classes file (names per line, folder<TAB>name, or JSON)."""
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not all(isinstance(v, str) for v in mapping.values()):
+            raise DataError(f'{path}: expected a JSON object {{"folder": "class name", ...}}')
+    else:
+        lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if not any("\t" in line for _, line in lines):
+            if len(lines) != len(folders):
+                raise DataError(
+                    f"{path} has {len(lines)} class names but {root} has {len(folders)} class folders; "
+                    "write one name per folder, in sorted folder order"
+                )
+            return [line for _, line in lines]
+        mapping = {}
+        for n, line in lines:
+            folder, sep, name = line.partition("\t")
+            if not sep or not name.strip():
+                raise DataError(f"{path}:{n}: expected 'folder<TAB>class name'")
+            mapping[folder.strip()] = name.strip()
+    unknown = sorted(set(mapping) - set(folders))
+    if unknown:
+        raise DataError(f"{path} names folder {unknown[0]!r}, which is not a class folder of {root}")
+    missing = [f for f in folders if f not in mapping]
+    if missing:
+        raise DataError(f"{path} gives no name for class folder {missing[0]!r}")
+    return [mapping[f] for f in folders]
+
+
+def read_image_folder(
+    root: str | os.PathLike, classes_file: str | os.PathLike | None = None
+) -> tuple[list[Path], list[int], list[str]]:
+    """List an ImageFolder tree: `root/<class folder>/**/<image>`.
+
+    Returns (image paths, labels, class names); labels index the sorted class folders. Names come from
+    `classes_file`, else `classes.txt` in root or in root's parent, else the folder names with
+    underscores as spaces. A classes file holds one name per line in sorted-folder order, or
+    `folder<TAB>name` lines, or a JSON object `{folder: name}`. Files without an image extension and
+    hidden files are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root} has no class folders; expected one subfolder of images per class")
+    if classes_file is not None:
+        classes_path = Path(classes_file)
+        if not classes_path.is_file():
+            raise DataError(f"classes file not found: {classes_path}")
+    else:
+        found = [p for p in (root / CLASSES_FILE, root.parent / CLASSES_FILE) if p.is_file()]
+        classes_path = found[0] if found else None
+    if classes_path is not None:
+        names = _read_class_names(classes_path, root, folders)
+    else:
+        names = [f.replace("_", " ") for f in folders]
+
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        for p in sorted((root / folder).rglob("*")):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file():
+                paths.append(p)
+                labels.append(label)
+    return paths, labels, names

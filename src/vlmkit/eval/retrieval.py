@@ -1,0 +1,153 @@
+"""Zero-shot image-text retrieval: recall@k in both directions over a captioned image set.
+
+An image may have several captions (COCO has five). Text-to-image is a hit when the caption's own
+image is in the top k; image-to-text is a hit when ANY of the image's captions is. Key names follow
+CLIP_benchmark: "image_retrieval_recall@k" is text->image, "text_retrieval_recall@k" image->text.
+"""
+
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlmkit.data.manifest import read_manifest
+from vlmkit.data.transforms import ImageTransform, PreprocessConfig
+from vlmkit.eval.features import extract_image_features, extract_text_features, result_dict
+from vlmkit.eval.report import new_figure, save_figure, show_image
+
+NUM_EXAMPLES = 4  # caption queries in retrieval_examples.png
+CHUNK_SIZE = 1024  # queries per similarity block, so a (25k x 5k) matrix is never held at once
+
+
+def _topk_indices(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (Nq, k) of the k keys most similar to each query, best first."""
+    return torch.cat(
+        [
+            (queries[start : start + CHUNK_SIZE] @ keys.T).topk(k, dim=1).indices  # (chunk, k)
+            for start in range(0, len(queries), CHUNK_SIZE)
+        ]
+    )
+
+
+def retrieval_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict:
+    """Recall@k for text->image and image->text retrieval.
+
+    image_features (Ni, D) and text_features (Nt, D) need not be normalised; text_to_image (Nt,) is the
+    index of each caption's image. Images without a caption are distractors for text->image and are
+    not used as image->text queries. k larger than the gallery counts as the whole gallery.
+    """
+    image_features = F.normalize(image_features.float(), dim=-1)  # (Ni, D)
+    text_features = F.normalize(text_features.float(), dim=-1)  # (Nt, D)
+    text_to_image = text_to_image.long().to(image_features.device)  # (Nt,)
+    num_images, num_texts = len(image_features), len(text_features)
+    valid_shape = num_texts > 0 and text_to_image.shape == (num_texts,)
+    if not valid_shape or text_to_image.min() < 0 or text_to_image.max() >= num_images:
+        raise ValueError(
+            f"text_to_image must hold one image index in [0, {num_images}) per caption ({num_texts})"
+        )
+    max_k = max(ks)
+
+    top_images = _topk_indices(text_features, image_features, min(max_k, num_images))  # (Nt, k)
+    t2i_hits = top_images == text_to_image[:, None]  # (Nt, k)
+
+    top_texts = _topk_indices(image_features, text_features, min(max_k, num_texts))  # (Ni, k)
+    image_ids = torch.arange(num_images, device=image_features.device)  # (Ni,)
+    i2t_hits = text_to_image[top_texts] == image_ids[:, None]  # (Ni, k)
+    i2t_hits = i2t_hits[torch.bincount(text_to_image, minlength=num_images) > 0]  # (Ni_captioned, k)
+
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = t2i_hits[:, :k].any(dim=1).double().mean().item()
+    for k in ks:
+        metrics[f"text_retrieval_recall@{k}"] = i2t_hits[:, :k].any(dim=1).double().mean().item()
+    return metrics
+
+
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    preprocess_cfg: PreprocessConfig,
+    manifest_path: str | Path,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    model_name: str = "",
+    out_dir: str | Path | None = None,
+    bf16: bool = False,
+    num_workers: int = 0,
+) -> dict:
+    """Retrieval over a caption manifest; rows sharing an image path are one image with several captions.
+
+    `model` must already be on `device`. Captions of undecodable images are dropped. With `out_dir`,
+    also writes retrieval_examples.png. Returns a CLIP_benchmark-style result.
+    """
+    samples, bad_rows = read_manifest(manifest_path)
+    image_index: dict[Path, int] = {}  # image path -> its index, in first-seen order
+    captions, caption_image = [], []
+    for sample in samples:
+        captions.append(sample.caption)
+        caption_image.append(image_index.setdefault(Path(sample.image), len(image_index)))
+    paths = list(image_index)
+
+    transform = ImageTransform(preprocess_cfg, train=False)
+    images = extract_image_features(model, paths, transform, batch_size, device, bf16, num_workers)
+    row_of = {image: row for row, image in enumerate(images.kept)}  # input index -> feature row
+    keep = [j for j, image in enumerate(caption_image) if image in row_of]
+    captions = [captions[j] for j in keep]
+    text_to_image = torch.tensor([row_of[caption_image[j]] for j in keep], dtype=torch.long)  # (Nt,)
+    text_features = extract_text_features(model, tokenizer, captions, device=device, bf16=bf16)  # (Nt, D)
+
+    metrics = retrieval_metrics(images.features, text_features, text_to_image)
+    metrics.update(
+        num_images=len(images.kept),
+        num_captions=len(captions),
+        num_skipped=len(images.skipped),
+        num_bad_rows=len(bad_rows),
+    )
+    if out_dir is not None:
+        kept_paths = [paths[i] for i in images.kept]
+        plot_retrieval_examples(
+            captions,
+            text_features,
+            text_to_image,
+            kept_paths,
+            images.features,
+            Path(out_dir) / "retrieval_examples.png",
+        )
+    return result_dict("zeroshot_retrieval", Path(manifest_path).stem, model_name, metrics)
+
+
+def plot_retrieval_examples(
+    captions: Sequence[str],
+    text_features: torch.Tensor,
+    text_to_image: torch.Tensor,
+    image_paths: Sequence[Path],
+    image_features: torch.Tensor,
+    path: str | Path,
+    num_examples: int = NUM_EXAMPLES,
+) -> Path:
+    """A row per caption query (spread over the set): the caption, then its top-3 images, framed green
+    when the image is the caption's own and red otherwise."""
+    picks = torch.linspace(0, len(captions) - 1, min(num_examples, len(captions))).round().long().unique()
+    queries = F.normalize(text_features[picks].float(), dim=-1)  # (n, D)
+    gallery = F.normalize(image_features.float(), dim=-1)  # (Ni, D)
+    top = (queries @ gallery.T).topk(min(3, len(gallery)), dim=1)  # (n, k)
+    cols = 1 + top.indices.shape[1]
+    fig = new_figure(2.6 * cols + 1.0, 2.6 * len(picks))
+    grid = fig.add_gridspec(len(picks), cols, width_ratios=[1.2] + [1] * (cols - 1))
+    for row, q in enumerate(picks.tolist()):
+        ax = fig.add_subplot(grid[row, 0])
+        ax.axis("off")
+        ax.text(0, 0.5, textwrap.fill(captions[q], 28), va="center", ha="left", fontsize=9, wrap=True)
+        for col, (image, score) in enumerate(zip(top.indices[row].tolist(), top.values[row].tolist())):
+            ax = fig.add_subplot(grid[row, col + 1])
+            color = "tab:green" if image == text_to_image[q].item() else "tab:red"
+            show_image(ax, image_paths[image], border=color)
+            ax.set_title(f"{col + 1}. ({score:.2f})", fontsize=8, color=color)
+    return save_figure(fig, path)

@@ -1,0 +1,115 @@
+"""Save and load a model folder: weights (safetensors), config (JSON), tokenizer and preprocessing.
+
+A vlmkit model folder (a finished training run, or any checkpoint inside one) holds:
+    model.safetensors   weights
+    config.json         {"vlmkit_version", "model_name", "model": <CLIPConfig>}
+    tokenizer.json      the Hugging Face `tokenizers` file the model was trained with
+    preprocess.json     image size, mean/std, resize mode
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlmkit
+from vlmkit.config import atomic_write_text, from_dict, load_json, save_json
+from vlmkit.errors import ConfigError
+from vlmkit.models.clip import CLIP, CLIPConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+PREPROCESS = "preprocess.json"
+
+
+@dataclass
+class Pretrained:
+    model: CLIP
+    tokenizer: object  # vlmkit.data.tokenizer.Tokenizer
+    preprocess: object  # vlmkit.data.transforms.PreprocessConfig
+    name: str
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Atomically write a state dict as safetensors (contiguous, de-duplicated tensors)."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+def save_pretrained(
+    model: CLIP, out_dir: str | Path, tokenizer=None, preprocess=None, name: str = ""
+) -> Path:
+    """Write a loadable model folder (see module docstring). Returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    save_weights(model, out / WEIGHTS)
+    save_json({"vlmkit_version": vlmkit.__version__, "model_name": name, "model": model.cfg}, out / CONFIG)
+    if tokenizer is not None:
+        tokenizer.save(out / TOKENIZER)
+    if preprocess is not None:
+        atomic_write_text(out / PREPROCESS, _json(preprocess.to_dict()))
+    return out
+
+
+def _json(d: dict) -> str:
+    import json
+
+    return json.dumps(d, indent=2) + "\n"
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+    """Load a vlmkit model folder: model (eval mode), tokenizer and preprocessing config."""
+    from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.data.transforms import PreprocessConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"model folder not found: {path}")
+    if not is_model_dir(path):
+        raise ConfigError(f"{path} is not a model folder: expected {WEIGHTS} and {CONFIG} in it")
+    meta = load_json(path / CONFIG)
+    if "model" not in meta:
+        raise ConfigError(f"{path / CONFIG}: no 'model' key; is this a vlmkit model folder?")
+    cfg = from_dict(CLIPConfig, meta["model"], where=str(path / CONFIG))
+    model = CLIP(cfg)
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{path / WEIGHTS} does not fit {path / CONFIG}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    model.to(device).eval()
+    tokenizer = Tokenizer.from_file(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.text.vocab_size:
+        raise ConfigError(
+            f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.text.vocab_size}"
+        )
+    if (path / PREPROCESS).is_file():
+        preprocess = PreprocessConfig.from_dict(load_json(path / PREPROCESS))
+    else:
+        preprocess = PreprocessConfig(image_size=cfg.vision.image_size)
+    return Pretrained(model, tokenizer, preprocess, meta.get("model_name") or path.name)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

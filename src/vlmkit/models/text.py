@@ -1,0 +1,73 @@
+"""Text transformer: tokens -> +positions -> (causal) blocks -> final norm -> pool -> project."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmkit.errors import ConfigError
+from vlmkit.nn.transformer import Transformer, padding_mask
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True  # CLIP's text tower is causal; SigLIP's is bidirectional
+    pool: str = "eot"  # "eot" (first end-of-text token, as CLIP), "last" (SigLIP) or "first"
+    eot_token_id: int = 2
+    pad_token_id: int = 0
+    proj: bool = True
+    proj_bias: bool = False  # SigLIP's text head has a bias
+
+    def __post_init__(self):
+        if self.pool not in ("eot", "last", "first"):
+            raise ConfigError(f"text.pool must be 'eot', 'last' or 'first', not {self.pool!r}")
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, output_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.width, output_dim, bias=cfg.proj_bias) if cfg.proj else None
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def forward_tokens(self, text: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All output tokens after the final norm: (B, T, width)."""
+        B, T = text.shape
+        if T > self.cfg.context_length:
+            raise ValueError(f"text has {T} tokens, more than the context length {self.cfg.context_length}")
+        x = self.token_embedding(text) + self.positional_embedding[:T]  # (B, T, C)
+        if attention_mask is None:
+            # Causal CLIP needs no padding mask: pooling reads the end-of-text token, which never sees padding.
+            x = self.transformer(x, is_causal=self.cfg.causal)
+        else:
+            x = self.transformer(x, attn_mask=padding_mask(attention_mask, self.cfg.causal))
+        return self.ln_final(x)
+
+    def pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pool == "first":
+            return x[:, 0]
+        if self.cfg.pool == "last":
+            return x[:, -1]
+        # Index of the first end-of-text token; rows without one (over-long, truncated badly) use the last.
+        is_eot = text == self.cfg.eot_token_id  # (B, T)
+        idx = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), text.shape[1] - 1)  # (B,)
+        return x[torch.arange(x.shape[0], device=x.device), idx]  # (B, C)
+
+    def forward(self, text: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.forward_tokens(text, attention_mask)
+        pooled = self.pool(x, text)
+        return self.proj(pooled) if self.proj is not None else pooled  # (B, D)

@@ -1,0 +1,87 @@
+"""Vision Transformer image encoder: patches -> (+class token) -> +positions -> blocks -> pool -> project."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmkit.errors import ConfigError
+from vlmkit.nn.patch import AttentionPool, PatchEmbed, resample_pos_embed
+from vlmkit.nn.transformer import Transformer
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    pool: str = "cls"  # "cls" (class token), "mean" (mean of patch tokens) or "attn" (SigLIP's MAP head)
+    class_token: bool = True
+    ln_pre: bool = True  # CLIP normalises the embeddings before the blocks; SigLIP does not
+    proj: bool = True  # a bias-free linear map to the shared embedding; SigLIP's vision tower has none
+    patch_bias: bool = False
+
+    def __post_init__(self):
+        if self.pool not in ("cls", "mean", "attn"):
+            raise ConfigError(f"vision.pool must be 'cls', 'mean' or 'attn', not {self.pool!r}")
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("vision.pool='cls' needs vision.class_token=true")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, output_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.width
+        self.patch_embed = PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias)
+        self.num_prefix_tokens = 1 if cfg.class_token else 0
+        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5) if cfg.class_token else None
+        num_pos = cfg.grid_size**2 + self.num_prefix_tokens
+        self.positional_embedding = nn.Parameter(torch.randn(num_pos, width) * 0.01)
+        self.ln_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.ln_pre else nn.Identity()
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
+        self.ln_post = nn.LayerNorm(width, eps=cfg.norm_eps)
+        self.attn_pool = (
+            AttentionPool(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps) if cfg.pool == "attn" else None
+        )
+        self.proj = nn.Linear(width, output_dim, bias=False) if cfg.proj else None
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position table for a patch grid; resampled on the fly when the input size differs."""
+        return resample_pos_embed(self.positional_embedding, grid, self.num_prefix_tokens)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All output tokens after the final norm: (B, N_prefix + H*W, width)."""
+        B, _, H, W = images.shape
+        p = self.cfg.patch_size
+        x = self.patch_embed(images)  # (B, N, C)
+        if self.class_embedding is not None:
+            cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)  # (B, 1, C)
+            x = torch.cat([cls, x], dim=1)  # (B, 1+N, C)
+        x = x + self.pos_embed_for((H // p, W // p)).to(x.dtype)
+        x = self.ln_pre(x)
+        x = self.transformer(x)
+        return self.ln_post(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.forward_tokens(images)  # (B, T, C)
+        if self.cfg.pool == "cls":
+            pooled = x[:, 0]
+        elif self.cfg.pool == "mean":
+            pooled = x[:, self.num_prefix_tokens :].mean(dim=1)
+        else:
+            pooled = self.attn_pool(x)
+        return self.proj(pooled) if self.proj is not None else pooled  # (B, D)

@@ -1,0 +1,142 @@
+"""Pre-norm transformer blocks shared by every tower: MLP -> Attention -> Block -> Transformer.
+
+Attention is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CPU and GPU).
+q, k and v come from one fused projection: one large matmul is faster than three small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # The sigmoid approximation of GELU that OpenAI's CLIP was trained with.
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,
+}
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        from vlmkit.errors import ConfigError
+
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", out_dim: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
+        self.act_name = act
+        self.act = get_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs) + mask) v for (B, nh, T, hs) inputs; a boolean `attn_mask` is True = attend.
+
+    This is `F.scaled_dot_product_attention`, except when training in bf16/fp16 on CPU: there the backward of
+    its flash kernel is ~4x slower than two batched matmuls and a float32 softmax at CLIP's sequence lengths.
+    """
+    if not (q.device.type == "cpu" and q.dtype != torch.float32 and q.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    T, S = q.shape[-2], k.shape[-2]
+    att = q @ k.transpose(-2, -1)  # (B, nh, T, S)
+    if is_causal:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    att = att.float() * q.shape[-1] ** -0.5  # scaled in float32, like the fused kernels
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
+    return att.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        hs = C // self.num_heads
+        # split (not unbind): its backward writes the three gradients straight into one (B, T, 3C) tensor
+        q, k, v = (t.view(B, T, self.num_heads, hs).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))
+        y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-5):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.ln_2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm blocks. Masks: `is_causal` and/or a boolean `attn_mask` (True = attend)."""
+
+    def __init__(
+        self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-5
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, act, eps) for _ in range(layers)])
+        self.grad_checkpointing = False
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x
+
+
+def padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Turn a (B, T) 1/0 key-padding mask into a boolean (B, 1, T, T) SDPA mask (True = attend).
+
+    Padded queries still attend to themselves so no row is all-False (that would give NaN).
+    """
+    B, T = attention_mask.shape
+    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    mask = keep.expand(B, 1, T, T)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return mask | eye  # (B, 1, T, T)

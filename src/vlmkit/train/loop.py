@@ -1,0 +1,551 @@
+"""The training loop for dual encoders (CLIP, SigLIP): one process or many under `torchrun`.
+
+    cfg = get_recipe("clip-tiny", train_data="train.jsonl", out="runs/demo")
+    train(cfg)
+
+What it does, in order: set up processes, build (or load) the tokenizer, read and check the data,
+build the model, optimizer and schedule, resume if asked, loop (autocast, accumulation, clipping,
+logging, periodic evaluation, checkpoints, time budget, signals), then save the final model,
+evaluate it and write the HTML report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from vlmkit.config import save_json, to_dict
+from vlmkit.data.manifest import ImageTextDataset
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.transforms import ImageTransform, PreprocessConfig
+from vlmkit.errors import ConfigError, DataError, VlmkitError
+from vlmkit.losses import create_loss
+from vlmkit.models.clip import CLIP
+from vlmkit.models.pretrained import save_pretrained
+from vlmkit.models.registry import get_model_config
+from vlmkit.train import distributed as dist
+from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vlmkit.train.optim import WarmupCosine, create_optimizer, create_scheduler
+
+log = logging.getLogger("vlmkit.train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as train_config.json beside every checkpoint."""
+
+    model: str = "clip-tiny"  # a name from `vlmkit.models.list_models()`
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. {"vision.layers": 6}
+    train_data: str = ""  # JSONL/CSV manifest of {"image", "caption"}
+    val_data: str | None = None  # manifest for periodic loss + retrieval evaluation
+    zeroshot_data: str | None = None  # ImageFolder for periodic + final zero-shot evaluation
+    zeroshot_templates: list[str] | None = None  # templates or template files; None = defaults
+    out: str = "runs/clip"
+    tokenizer: str | None = None  # an existing tokenizer.json; None = train byte-level BPE on the captions
+    vocab_size: int = 4096  # upper bound for a trained tokenizer
+    batch_size: int = 128  # global: across processes and accumulation steps
+    grad_accum: int = 1
+    epochs: float = 30
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0
+    precision: str = "bf16"  # "bf16" (autocast, fp32 weights) or "fp32"
+    time_budget: float | None = None  # minutes of training; the schedule is fitted to the budget
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 500  # steps
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    max_bad_fraction: float = 0.01
+    num_workers: int = 0
+    compile: bool = False
+    grad_checkpointing: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be at least 2: contrastive losses need negatives")
+        if self.grad_accum < 1:
+            raise ConfigError("grad_accum must be >= 1")
+
+
+class Trainer:
+    """Holds the state of one run; `fit()` trains. Callbacks `fn(trainer)` run after every step."""
+
+    def __init__(self, cfg: TrainConfig, callbacks: list[Callable[[Trainer], None]] | None = None):
+        self.cfg = cfg
+        self.callbacks = callbacks or []
+        self.stop_requested = False
+        self.step = 0
+        self.out = Path(cfg.out)
+
+    # ---------------------------------------------------------------- setup
+    def request_stop(self, reason: str = "") -> None:
+        """Finish the current step, save a checkpoint and stop (what SIGINT/SIGTERM do)."""
+        if reason and dist.is_main():
+            log.warning(reason)
+        self.stop_requested = True
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self.request_stop(
+            f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping"
+        )
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.info = dist.init_distributed()
+        self.device = self.info.device
+        world = self.info.world_size
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} is not divisible by processes ({world}) x grad_accum ({cfg.grad_accum})"
+            )
+        self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
+        if not cfg.train_data:
+            raise ConfigError("no training data: pass --train-data MANIFEST (JSONL or CSV of image, caption)")
+        torch.manual_seed(cfg.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            _setup_file_log(self.out / "train.log")
+        self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
+        if cfg.resume and self.resume_from is None and dist.is_main():
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.out / "checkpoints")
+
+        # Model config first: it fixes the image size and context length the data needs.
+        overrides = dict(cfg.model_overrides)
+        self.model_cfg = get_model_config(cfg.model, **overrides)
+        self.preprocess = PreprocessConfig(
+            image_size=self.model_cfg.vision.image_size,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+            crop_scale=tuple(cfg.crop_scale),
+        )
+        self.tokenizer = self._build_tokenizer()
+        self.model_cfg = get_model_config(
+            cfg.model,
+            **{
+                "text.vocab_size": self.tokenizer.vocab_size,
+                "text.eot_token_id": self.tokenizer.eot_token_id,
+                "text.pad_token_id": self.tokenizer.pad_token_id,
+                **overrides,
+            },
+        )
+
+        self.train_set = ImageTextDataset(
+            cfg.train_data,
+            ImageTransform(self.preprocess, train=True),
+            max_bad_fraction=cfg.max_bad_fraction,
+            seed=cfg.seed,
+            log=log,
+        )
+        if len(self.train_set) < cfg.batch_size:
+            raise DataError(
+                f"{cfg.train_data}: {len(self.train_set)} usable pairs, fewer than one batch ({cfg.batch_size}); "
+                "lower --set batch_size=N"
+            )
+        self.steps_per_epoch = len(self.train_set) // cfg.batch_size
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.val = self._build_val()
+
+        self.model = CLIP(self.model_cfg).to(self.device)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.optimizer = create_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps)
+        self.schedule = WarmupCosine(
+            min(cfg.warmup_steps, self.total_steps // 2), self.total_steps, cfg.min_lr_ratio
+        )
+        self.scheduler = create_scheduler(self.optimizer, self.schedule)
+        self.loss_fn = create_loss(self.model_cfg.loss)
+        self.elapsed_before = 0.0
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            self.step = state["step"]
+            self.total_steps = state["total_steps"]
+            self.schedule.total = self.total_steps
+            self.elapsed_before = state.get("elapsed_s", 0.0)
+            if dist.is_main():
+                log.info("resumed from %s at step %d", self.resume_from, self.step)
+        self.train_model = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.train_model, device_ids=ids)
+        if dist.is_main():
+            save_json(self.resolved_config(), self.out / "train_config.json")
+
+    def resolved_config(self) -> dict:
+        return {
+            "train": to_dict(self.cfg),
+            "model": to_dict(self.model_cfg),
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+    def _build_tokenizer(self) -> Tokenizer:
+        cfg, ctx = self.cfg, self.model_cfg.text.context_length
+        saved = self.out / "tokenizer.json"
+        if cfg.tokenizer:
+            if not Path(cfg.tokenizer).is_file():
+                raise ConfigError(f"tokenizer file not found: {cfg.tokenizer}")
+            return Tokenizer.from_file(cfg.tokenizer, context_length=ctx)
+        if saved.is_file() and (cfg.resume or not dist.is_main()):
+            return Tokenizer.from_file(saved, context_length=ctx)
+        if dist.is_main():
+            from vlmkit.data.manifest import read_manifest
+
+            samples, _ = read_manifest(cfg.train_data)
+            if not samples:
+                raise DataError(f"no usable rows in {cfg.train_data}")
+            tok = Tokenizer.train((s.caption for s in samples), vocab_size=cfg.vocab_size, context_length=ctx)
+            tok.save(saved)
+        dist.barrier()
+        return Tokenizer.from_file(saved, context_length=ctx)
+
+    def _build_val(self) -> dict | None:
+        """Validation images and captions, preprocessed once and kept in memory."""
+        cfg, val = self.cfg, {}
+        eval_tf = ImageTransform(self.preprocess, train=False)
+        if cfg.val_data:
+            ds = ImageTextDataset(cfg.val_data, eval_tf, max_bad_fraction=cfg.max_bad_fraction, log=log)
+            val["images"] = torch.stack([ds[i][0] for i in range(len(ds))])
+            val["tokens"] = self.tokenizer(ds.captions)
+            # Rows that share an image path are one image with several captions.
+            paths = [str(p) for p in ds.image_paths]
+            first_row: dict[str, int] = {}
+            for row, p in enumerate(paths):
+                first_row.setdefault(p, row)
+            index = {p: i for i, p in enumerate(first_row)}
+            val["image_rows"] = torch.tensor(list(first_row.values()))
+            val["text_to_image"] = torch.tensor([index[p] for p in paths])
+        if cfg.zeroshot_data:
+            from vlmkit.data.manifest import read_image_folder
+            from vlmkit.data.transforms import load_image
+            from vlmkit.eval.templates import load_templates
+
+            paths, labels, classnames = read_image_folder(cfg.zeroshot_data)
+            val["zs_images"] = torch.stack([eval_tf(load_image(p)) for p in paths])
+            val["zs_labels"] = torch.tensor(labels)
+            val["zs_classnames"] = classnames
+            val["zs_templates"] = load_templates(cfg.zeroshot_templates)
+        return val or None
+
+    # ---------------------------------------------------------------- data
+    def _batches(self, epoch: int, start: int):
+        """This process's micro-batches of `epoch`, from global batch `start` on (for exact resumes)."""
+        cfg, world, rank = self.cfg, self.info.world_size, self.info.rank
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.train_set), generator=g).tolist()
+        self.train_set.set_epoch(epoch)
+        order = []
+        for b in range(start, self.steps_per_epoch):
+            batch = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            for m in range(cfg.grad_accum):
+                chunk = m * world + rank
+                order.append(batch[chunk * self.micro_batch : (chunk + 1) * self.micro_batch])
+        tokenizer = self.tokenizer
+
+        def collate(items):
+            images = torch.stack([it[0] for it in items])  # (B, 3, H, W)
+            return images, tokenizer([it[1] for it in items])  # (B, T)
+
+        return DataLoader(
+            self.train_set,
+            batch_sampler=order,
+            collate_fn=collate,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, retrieval recall and zero-shot accuracy on the in-memory validation data."""
+        if not self.val or not dist.is_main():
+            return {}
+        from vlmkit.eval.retrieval import retrieval_metrics
+        from vlmkit.eval.zeroshot import build_zeroshot_classifier
+
+        model, metrics = self.model, {}
+        was_training = model.training
+        model.eval()
+        with self.autocast():
+            if "images" in self.val:
+                img = _encode(model.encode_image, self.val["images"][self.val["image_rows"]], self.device)
+                txt = _encode(model.encode_text, self.val["tokens"], self.device)
+                r = retrieval_metrics(img, txt, self.val["text_to_image"], ks=(1, 5))
+                metrics["val/image_retrieval_recall@1"] = r["image_retrieval_recall@1"]
+                metrics["val/text_retrieval_recall@1"] = r["text_retrieval_recall@1"]
+                metrics["val/text_retrieval_recall@5"] = r["text_retrieval_recall@5"]
+            if "zs_images" in self.val:
+                clf = build_zeroshot_classifier(
+                    model, self.tokenizer, self.val["zs_classnames"], self.val["zs_templates"]
+                )
+                feats = _encode(model.encode_image, self.val["zs_images"], self.device)
+                pred = (feats @ clf.to(feats.dtype)).argmax(dim=1)
+                metrics["val/zeroshot_acc1"] = (pred.cpu() == self.val["zs_labels"]).float().mean().item()
+        model.train(was_training)
+        return metrics
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        """Train until the step budget, the time budget or a signal; then save, evaluate, report."""
+        self.setup()
+        cfg, main = self.cfg, dist.is_main()
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.t0 = time.perf_counter()
+        self.metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, disable=not main, dynamic_ncols=True, desc="train"
+        )
+        step_times: list[float] = []
+        last_saved = self.step
+        try:
+            self.model.train()
+            while self.step < self.total_steps and not self.stop_requested:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                loader = iter(self._batches(epoch, start))
+                for _ in range(start, self.steps_per_epoch):
+                    t_step = time.perf_counter()
+                    loss = self._train_step(loader)
+                    self.step += 1
+                    step_times.append(time.perf_counter() - t_step)
+                    lr = self.scheduler.get_last_lr()[0]
+                    pairs_s = cfg.batch_size / step_times[-1]
+                    self._maybe_fit_budget(step_times)
+                    if main:
+                        bar.total = self.total_steps
+                        bar.set_postfix(
+                            loss=f"{loss:.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_s:.0f}", refresh=False
+                        )
+                        bar.update(1)
+                        if self.step % cfg.log_every == 0 or self.step == 1:
+                            self.log_metrics(
+                                {
+                                    "epoch": self.step / self.steps_per_epoch,
+                                    "train/loss": loss,
+                                    "train/lr": lr,
+                                    "train/pairs_per_s": pairs_s,
+                                }
+                            )
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self.log_metrics(self.evaluate())
+                    for cb in self.callbacks:
+                        cb(self)
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save()
+                        last_saved = self.step
+                    if self._should_stop():
+                        break
+            bar.close()
+            if self.step != last_saved:
+                self.save()
+        except BaseException:
+            bar.close()
+            # Keep the progress made: the model is between steps unless the optimizer itself failed.
+            if self.step > last_saved and not getattr(self, "_in_update", False):
+                try:
+                    self.save()
+                    if main:
+                        log.error(
+                            "training failed at step %d; progress saved, continue with --resume", self.step
+                        )
+                except Exception:  # the save itself failed; surface the original error
+                    pass
+            raise
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return self.finish()
+
+    def _train_step(self, loader) -> float:
+        cfg, total = self.cfg, 0.0
+        for micro in range(cfg.grad_accum):
+            images, tokens = next(loader)
+            images = images.to(self.device, non_blocking=True)
+            tokens = tokens.to(self.device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1 or not isinstance(self.train_model, DDP)
+            ctx = self.train_model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with self.autocast():
+                    out = self.train_model(images, tokens)
+                loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+                if not torch.isfinite(loss):
+                    raise VlmkitError(
+                        f"loss is {loss.item()} at step {self.step + 1}; lower the learning rate (--set lr=...) "
+                        "and continue with --resume from the last checkpoint"
+                    )
+                (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self._in_update = True
+        self.optimizer.step()
+        self.scheduler.step()
+        self._in_update = False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.info.world_size > 1:
+            total = dist.all_reduce_mean(torch.tensor(total, device=self.device)).item()
+        return total
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def _maybe_fit_budget(self, step_times: list[float]) -> None:
+        """Fit the cosine schedule to the steps that the time budget leaves (re-estimated as it goes)."""
+        budget = self.cfg.time_budget
+        if not budget or len(step_times) < 3 or (len(step_times) > 3 and self.step % 10):
+            return  # first estimate after 3 steps, then every 10
+        per_step = float(np.median(step_times[-50:]))
+        left = budget * 60 - self.elapsed()
+        fit = self.step + max(1, int(left / per_step * 0.98))
+        configured = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
+        total = torch.tensor(float(min(configured, fit)))
+        if self.info.world_size > 1:  # every process must follow rank 0's estimate
+            total = dist.broadcast_object(total)
+        self.total_steps = max(self.step + 1, int(total))
+        self.schedule.total = self.total_steps
+
+    def _should_stop(self) -> bool:
+        if self.step >= self.total_steps:
+            return True
+        stop = self.stop_requested
+        if self.cfg.time_budget and self.elapsed() >= self.cfg.time_budget * 60:
+            stop = True
+        if self.info.world_size > 1:  # stop together, or the others would wait forever in all-reduce
+            stop = bool(dist.broadcast_object(stop))
+        if stop and self.cfg.time_budget and not self.stop_requested and dist.is_main():
+            log.info("time budget of %.1f min reached at step %d", self.cfg.time_budget, self.step)
+        self.stop_requested = self.stop_requested or stop
+        return stop
+
+    def log_metrics(self, metrics: dict) -> None:
+        if not metrics or self.metrics_file is None:
+            return
+        row = {"step": self.step, "time_s": round(self.elapsed(), 2), **metrics}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if any(k.startswith("val/") for k in metrics):
+            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def trainer_state(self) -> dict:
+        return {
+            "total_steps": self.total_steps,
+            "elapsed_s": self.elapsed(),
+            "epoch": self.step // self.steps_per_epoch,
+        }
+
+    def save(self) -> None:
+        if dist.is_main():
+            save_checkpoint(
+                self.out,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.trainer_state(),
+                self.resolved_config(),
+                tokenizer=self.tokenizer,
+                preprocess=self.preprocess,
+                keep_last=self.cfg.keep_last,
+                model_name=self.cfg.model,
+            )
+        dist.barrier()
+
+    def finish(self) -> dict:
+        """Save the final model to the run folder, evaluate it, write the report."""
+        results: dict = {"step": self.step, "stopped_early": self.step < self.total_steps}
+        if dist.is_main():
+            save_pretrained(self.model, self.out, self.tokenizer, self.preprocess, name=self.cfg.model)
+            final = self.evaluate()
+            self.log_metrics(final)
+            results.update(final)
+            self.metrics_file.close()
+            self.run_final_evals()
+            from vlmkit.eval.report import write_report
+
+            results["report"] = str(write_report(self.out))
+            save_json(results, self.out / "summary.json")
+        dist.barrier()
+        dist.cleanup()
+        return results
+
+    def run_final_evals(self) -> None:
+        """CLIP_benchmark-style JSON results (and plots) in <run>/eval/."""
+        from vlmkit.eval.features import save_results
+        from vlmkit.eval.retrieval import evaluate_retrieval
+        from vlmkit.eval.zeroshot import evaluate_zeroshot
+
+        cfg, ev = self.cfg, self.out / "eval"
+        ev.mkdir(exist_ok=True)
+        self.model.eval()
+        common = dict(device=self.device, model_name=str(self.out))
+        if cfg.val_data:
+            r = evaluate_retrieval(
+                self.model, self.tokenizer, self.preprocess, cfg.val_data, out_dir=ev, **common
+            )
+            save_results(r, ev / "retrieval.json")
+        if cfg.zeroshot_data:
+            r = evaluate_zeroshot(
+                self.model,
+                self.tokenizer,
+                self.preprocess,
+                cfg.zeroshot_data,
+                templates=self.val["zs_templates"],
+                out_dir=ev,
+                **common,
+            )
+            save_results(r, ev / "zeroshot.json")
+
+
+def _encode(fn, x: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:
+    out = [
+        torch.nn.functional.normalize(fn(x[i : i + batch].to(device)).float(), dim=-1)
+        for i in range(0, len(x), batch)
+    ]
+    return torch.cat(out).cpu()
+
+
+def _setup_file_log(path: Path) -> None:
+    """Everything the trainer logs (skipped rows, evaluations) also goes to <run>/train.log."""
+    logger = logging.getLogger("vlmkit")
+    if not any(
+        isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in logger.handlers
+    ):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def train(cfg: TrainConfig, callbacks: list[Callable[[Trainer], None]] | None = None) -> dict:
+    """Train a dual encoder as `cfg` says; returns a summary (final step, validation metrics, report path)."""
+    return Trainer(cfg, callbacks).fit()

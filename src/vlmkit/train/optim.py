@@ -1,0 +1,76 @@
+"""AdamW with parameter groups, and a warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from vlmkit.models.clip import no_weight_decay_names
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, lr_scale: dict[str, float] | None = None
+) -> list[dict]:
+    """Split parameters into groups: no weight decay on gains, biases, embeddings and the logit scale.
+
+    `lr_scale` maps regular expressions over parameter names to learning-rate multipliers
+    (the first match wins; a multiplier of 0 freezes the parameter).
+    """
+    no_decay = no_weight_decay_names(model)
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        for pattern, s in (lr_scale or {}).items():
+            if re.search(pattern, name):
+                scale = s
+                break
+        if scale == 0:
+            p.requires_grad_(False)
+            continue
+        wd = 0.0 if name in no_decay else weight_decay
+        groups.setdefault((wd, scale), []).append(p)
+    return [
+        {"params": ps, "weight_decay": wd, "lr": lr * scale, "lr_scale": scale}
+        for (wd, scale), ps in groups.items()
+    ]
+
+
+def create_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+    lr_scale: dict[str, float] | None = None,
+) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay, lr, lr_scale)
+    # The foreach implementation batches the per-parameter updates into a few large kernels.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+class WarmupCosine:
+    """lr multiplier: linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio`.
+
+    `total` may be changed while training (the time budget re-estimates how many steps fit);
+    the multiplier is a pure function of (step, warmup, total), so resuming reproduces it exactly.
+    """
+
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: WarmupCosine
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,192 @@
+"""The `vlmkit` command end to end on a tiny configuration, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vlmkit.cli import build_parser, main
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vlmkit", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    main(
+        [
+            "train",
+            "--recipe",
+            "clip-tiny",
+            "--smoke",
+            "--train-data",
+            str(shapes_dir / "train.jsonl"),
+            "--val-data",
+            str(shapes_dir / "val.jsonl"),
+            "--out",
+            str(out),
+            "--set",
+            "max_steps=3",
+        ]
+    )
+    return out
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    for cmd in (
+        ["quickstart"],
+        ["data", "synth"],
+        ["train"],
+        ["eval", "zeroshot"],
+        ["eval", "retrieval"],
+        ["eval", "linear-probe"],
+        ["embed"],
+        ["classify"],
+        ["report"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([*cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: vlmkit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--recipe", "--train-data", "--val-data", "--out", "--time-budget", "--resume"):
+        assert flag in help_text
+
+
+def test_data_synth_writes_manifest_and_imagefolder(tmp_path, capsys):
+    main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "d"),
+            "--num-train",
+            "8",
+            "--num-val",
+            "4",
+            "--image-size",
+            "32",
+            "--per-class-train",
+            "1",
+            "--per-class-val",
+            "1",
+        ]
+    )
+    assert len((tmp_path / "d" / "train.jsonl").read_text().splitlines()) == 8
+    assert len(list((tmp_path / "d" / "classification" / "val").iterdir())) == 30
+
+
+def test_eval_commands_write_clip_benchmark_json(trained, shapes_dir, tmp_path, capsys):
+    zs = tmp_path / "zs.json"
+    main(
+        [
+            "eval",
+            "zeroshot",
+            "--model",
+            str(trained),
+            "--data",
+            str(shapes_dir / "classification" / "val"),
+            "--templates",
+            "a {}.",
+            "--templates",
+            "a picture of a {}.",
+            "--output",
+            str(zs),
+        ]
+    )
+    r = json.loads(zs.read_text())
+    assert r["task"] == "zeroshot_classification" and 0 <= r["metrics"]["acc1"] <= 1
+    assert r["metrics"]["num_images"] == 30
+    ret = tmp_path / "ret.json"
+    main(
+        [
+            "eval",
+            "retrieval",
+            "--model",
+            str(trained),
+            "--data",
+            str(shapes_dir / "val.jsonl"),
+            "--output",
+            str(ret),
+        ]
+    )
+    r = json.loads(ret.read_text())
+    assert r["task"] == "zeroshot_retrieval" and "image_retrieval_recall@5" in r["metrics"]
+    lp = tmp_path / "lp.json"
+    main(
+        [
+            "eval",
+            "linear-probe",
+            "--model",
+            str(trained),
+            "--train",
+            str(shapes_dir / "classification" / "train"),
+            "--data",
+            str(shapes_dir / "classification" / "val"),
+            "--output",
+            str(lp),
+        ]
+    )
+    assert json.loads(lp.read_text())["task"] == "linear_probe"
+
+
+def test_embed_and_classify(trained, shapes_dir, tmp_path, capsys):
+    img = next((shapes_dir / "classification" / "val" / "red_circle").iterdir())
+    out = tmp_path / "emb.safetensors"
+    main(
+        [
+            "embed",
+            "--model",
+            str(trained),
+            "--image",
+            str(img),
+            "--text",
+            "a red circle",
+            "a blue square",
+            "--output",
+            str(out),
+        ]
+    )
+    from safetensors.torch import load_file
+
+    emb = load_file(str(out))
+    assert emb["image_embeds"].shape[0] == 1 and emb["text_embeds"].shape[0] == 2
+    assert emb["text_embeds"].norm(dim=-1).sub(1).abs().max() < 1e-4
+    capsys.readouterr()
+    main(["classify", "--model", str(trained), "--image", str(img), "--labels", "red circle", "blue square"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    probs = [float(line.split()[0]) for line in lines]
+    assert len(lines) == 2 and sum(probs) == pytest.approx(1.0, abs=1e-3) and probs[0] >= probs[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--train-data", "no/such/manifest.jsonl", "--out", "{tmp}/r"], "manifest not found"),
+        (["train", "--recipe", "no-such-recipe", "--train-data", "x.jsonl"], "unknown recipe"),
+        (["train", "--train-data", "{empty}", "--out", "{tmp}/r"], "no usable rows"),
+        (["train", "--train-data", "x.jsonl", "--set", "no_such_key=1"], "unknown key 'no_such_key'"),
+        (["eval", "zeroshot", "--model", "{tmp}/nope", "--data", "{tmp}"], "model folder not found"),
+        (["eval", "zeroshot", "--model", "{trained}", "--data", "{tmp}/missing"], "missing"),
+        (["classify", "--model", "{trained}", "--image", "{tmp}/none.png", "--labels", "a"], "none.png"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_2(args, message, tmp_path, trained):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"image": "gone.png", "caption": "nothing here"}\n')
+    args = [a.format(tmp=tmp_path, empty=empty, trained=trained) for a in args]
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], r.stderr

@@ -1,0 +1,228 @@
+"""The trainer: exact resume, bad data, time budget, checkpoints, one process vs two (torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.errors import DataError
+from vlmkit.recipes import get_recipe, smoke
+from vlmkit.train.checkpoint import list_checkpoints
+from vlmkit.train.loop import train
+
+
+def tiny_cfg(shapes_dir: Path, out: Path, **kw):
+    cfg = smoke(get_recipe("clip-tiny", train_data=str(shapes_dir / "train.jsonl"), out=str(out)))
+    kw = {"precision": "fp32", "eval_every": 0, **kw}
+    from vlmkit.config import override
+
+    return override(cfg, kw)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_resume_is_exact(shapes_dir, tmp_path):
+    n = 4
+    # 2N steps without a break (8 pairs a step, 64 pairs: an epoch boundary falls inside, at step 8).
+    full = tiny_cfg(shapes_dir, tmp_path / "full", max_steps=2 * n + 2, save_every=0)
+    train(full)
+    # N steps, an interruption (the same path SIGINT takes), then a resume and the rest.
+    part = tiny_cfg(shapes_dir, tmp_path / "part", max_steps=2 * n + 2, save_every=0)
+
+    def interrupt(trainer):
+        if trainer.step == n:
+            trainer.request_stop("test interruption")
+
+    summary = train(part, callbacks=[interrupt])
+    assert summary["step"] == n and summary["stopped_early"]
+    assert [p.name for p in list_checkpoints(part.out)] == [f"step_{n:08d}"]
+    from vlmkit.config import override
+
+    train(override(part, {"resume": True}))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(1, 2 * n + 3))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6), f"step {step}: {a[step]} != {b[step]}"
+    # The final weights agree too.
+    from safetensors.torch import load_file
+
+    wa, wb = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "part" / "model.safetensors")),
+    )
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_run_folder_is_a_model_and_keeps_last_checkpoints(shapes_dir, tmp_path):
+    cfg = tiny_cfg(
+        shapes_dir,
+        tmp_path / "run",
+        max_steps=6,
+        save_every=2,
+        keep_last=2,
+        val_data=str(shapes_dir / "val.jsonl"),
+        zeroshot_data=str(shapes_dir / "classification" / "val"),
+    )
+    summary = train(cfg)
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000004", "step_00000006"]
+    for f in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "preprocess.json",
+        "train_config.json",
+        "report.html",
+        "eval/zeroshot.json",
+        "eval/retrieval.json",
+    ):
+        assert (run / f).is_file(), f
+    ckpt = list_checkpoints(run)[-1]
+    for f in (
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "trainer_state.json",
+        "train_config.json",
+        "config.json",
+    ):
+        assert (ckpt / f).is_file(), f
+    cfg_json = json.loads((ckpt / "train_config.json").read_text())
+    assert cfg_json["model"]["text"]["vocab_size"] > 0 and cfg_json["train"]["max_steps"] == 6
+    assert 0.0 <= summary["val/zeroshot_acc1"] <= 1.0
+    from vlmkit.models.pretrained import load_pretrained
+
+    pt = load_pretrained(run)
+    img = torch.randn(2, 3, 32, 32)
+    assert pt.model.encode_image(img).shape == (2, 32)
+    assert pt.tokenizer(["a red circle"]).shape == (1, 16)
+
+
+def test_interrupted_checkpoint_write_is_ignored(shapes_dir, tmp_path):
+    cfg = tiny_cfg(shapes_dir, tmp_path / "run", max_steps=2, save_every=0)
+    train(cfg)
+    # A half-written checkpoint (as if the machine died mid-save) must not be picked up.
+    junk = tmp_path / "run" / "checkpoints" / ".step_00000009.tmp"
+    junk.mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def _bad_manifest(shapes_dir: Path, tmp_path: Path, n_bad: int) -> Path:
+    rows = [json.loads(line) for line in (shapes_dir / "train.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(shapes_dir / r["image"])
+    (tmp_path / "empty.png").write_bytes(b"")
+    for i in range(n_bad):
+        rows[i]["image"] = str(tmp_path / "empty.png")
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_too_many_bad_rows_stop_training_with_a_clear_message(shapes_dir, tmp_path):
+    manifest = _bad_manifest(shapes_dir, tmp_path, n_bad=4)  # 4 of 64 = 6% > 1%
+    cfg = tiny_cfg(shapes_dir, tmp_path / "run", train_data=str(manifest))
+    with pytest.raises(DataError, match=r"4 of 64 rows"):
+        train(cfg)
+
+
+def test_a_few_bad_rows_are_skipped_and_logged(shapes_dir, tmp_path):
+    manifest = _bad_manifest(shapes_dir, tmp_path, n_bad=2)
+    cfg = tiny_cfg(shapes_dir, tmp_path / "run", train_data=str(manifest), max_bad_fraction=0.05, max_steps=1)
+    train(cfg)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"{manifest}:1" in log and f"{manifest}:2" in log and "skipped" in log
+
+
+def test_time_budget_stops_and_still_saves_and_evaluates(shapes_dir, tmp_path):
+    cfg = tiny_cfg(
+        shapes_dir,
+        tmp_path / "run",
+        max_steps=100_000,
+        save_every=0,
+        time_budget=0.1,
+        val_data=str(shapes_dir / "val.jsonl"),
+    )
+    summary = train(cfg)
+    assert 0 < summary["step"] < 100_000
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert "val/text_retrieval_recall@1" in summary
+    state = json.loads((list_checkpoints(tmp_path / "run")[-1] / "trainer_state.json").read_text())
+    assert state["total_steps"] < 100_000  # the schedule was fitted to the budget
+
+
+@pytest.mark.parametrize("recipe", ["clip-tiny", "siglip-tiny"])
+def test_torchrun_two_processes_match_one(shapes_dir, tmp_path, recipe):
+    """`torchrun --nproc_per_node 2 -m vlmkit train` on CPU (gloo) follows the one-process loss curve."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun not installed beside python"
+    args = [
+        "-m",
+        "vlmkit",
+        "train",
+        "--recipe",
+        recipe,
+        "--smoke",
+        "--train-data",
+        str(shapes_dir / "train.jsonl"),
+        "--set",
+        "precision=fp32",
+        "--set",
+        "max_steps=4",
+        "--set",
+        "eval_every=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", *args, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5), f"step {step}"
+
+
+def test_grayscale_and_rgba_training_images_work(tmp_path):
+    """Every image mode goes through the same pipeline (L, RGBA, P, CMYK, I;16)."""
+    modes = ["L", "RGBA", "P", "CMYK", "I;16", "LA", "RGB", "1"]
+    rows = []
+    for i in range(16):
+        mode = modes[i % len(modes)]
+        img = (
+            Image.new("RGB", (40, 30), (i * 10, 100, 200))
+            .convert(mode if mode != "I;16" else "I")
+            .convert(mode)
+        )
+        path = tmp_path / f"{i}.png" if mode != "CMYK" else tmp_path / f"{i}.jpg"
+        img.save(path)
+        rows.append({"image": path.name, "caption": f"picture number {i} in mode {mode}"})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = smoke(get_recipe("clip-tiny", train_data=str(tmp_path / "m.jsonl"), out=str(tmp_path / "run")))
+    from vlmkit.config import override
+
+    summary = train(override(cfg, {"max_steps": 2, "eval_every": 0}))
+    assert summary["step"] == 2
