@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="synthetic data -> train a small CLIP -> evaluate -> report.html")
     p.add_argument("--out", default="runs/quickstart", help="folder for data, run and report")
-    p.add_argument("--time-budget", type=float, default=2.5, help="minutes of training (default 2.5)")
+    p.add_argument("--time-budget", type=float, default=3.0, help="minutes of training (default 3)")
     p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quickstart)
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class-train", type=int, default=20, help="classification images per class (train)")
     p.add_argument("--per-class-val", type=int, default=10, help="classification images per class (val)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--object-weights",
+        help="relative odds of scenes with 1,2,3,4 objects, e.g. 4,2,1,1 (default uniform)",
+    )
     p.set_defaults(func=cmd_data_synth)
 
     p = sub.add_parser(
@@ -173,9 +177,19 @@ def cmd_data_synth(args) -> None:
         background_noise=args.noise,
         num_per_class_train=args.per_class_train,
         num_per_class_val=args.per_class_val,
+        object_weights=_floats(args.object_weights, "--object-weights"),
     )
     for k, v in paths.items():
         print(f"{k}: {v}")
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise VlmkitError(f"{flag} takes comma-separated numbers, e.g. 4,2,1,1 (got {text!r})") from None
 
 
 def cmd_train(args) -> None:

@@ -313,3 +313,17 @@ def test_image_folder_errors(folder, tmp_path):
         read_image_folder(folder)
     with pytest.raises(DataError, match="classes file not found"):
         read_image_folder(folder, classes_file=tmp_path / "missing.txt")
+
+
+def test_cached_images_are_downscaled_to_the_short_side(tmp_path):
+    from vlmkit.data.manifest import ImageTextDataset
+    from vlmkit.data.transforms import ImageTransform, PreprocessConfig
+
+    Image.new("RGB", (200, 100), (10, 200, 30)).save(tmp_path / "big.png")
+    (tmp_path / "m.jsonl").write_text('{"image": "big.png", "caption": "a green field"}\n')
+    ds = ImageTextDataset(
+        tmp_path / "m.jsonl", ImageTransform(PreprocessConfig(image_size=16)), cache_short_side=32
+    )
+    assert ds._images[0].size == (64, 32)
+    x, caption = ds[0]
+    assert x.shape == (3, 16, 16) and caption == "a green field"

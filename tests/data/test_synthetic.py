@@ -163,7 +163,7 @@ def test_classification_images_hold_one_object_of_their_class(dataset):
         assert components == 1, path
         votes = Counter(nearest_colour(pixels[spread(pixels) > 80]))
         assert votes.most_common(1)[0][0] == colour, path
-        # the outline: a star is concave, a triangle fills half its bounding box, the rest fill more
+        # the outline: a star is concave, a triangle and a diamond fill half their box, the rest fill more
         ys, xs = np.nonzero(mask)
         fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
         corners = np.concatenate([np.stack([xs, ys], 1) + d for d in ([0, 0], [1, 0], [0, 1], [1, 1])])
@@ -172,7 +172,7 @@ def test_classification_images_hold_one_object_of_their_class(dataset):
             assert solidity < 0.75, path
         else:
             assert solidity > 0.78, path
-            assert (fill < 0.62) == (shape == "triangle"), path
+            assert (fill < 0.62) == (shape in ("triangle", "diamond")), path
 
 
 def test_every_caption_names_and_counts_every_object():
@@ -220,12 +220,12 @@ def test_caption_grammar_on_a_hand_built_scene():
     assert "two small red circles on the left" in " | ".join(captions)
     assert any("on a" in c and "background" in c for c in captions)
 
-    single = {"objects": [obj("green", "hexagon", "small", "centre", "top")]}
+    single = {"objects": [obj("green", "diamond", "small", "centre", "top")]}
     captions = {caption_scene(single, np.random.default_rng(seed)) for seed in range(200)}
     assert any(c.startswith("there is a ") for c in captions)
     assert any(c.startswith("one shape: ") for c in captions)
-    assert any(c.endswith("green hexagon at the top") for c in captions)
-    assert not any("hexagons" in c or "shapes" in c for c in captions)
+    assert any(c.endswith("green diamond at the top") for c in captions)
+    assert not any("diamonds" in c or "shapes" in c for c in captions)
 
 
 def test_count_words_and_plurals():
@@ -281,3 +281,12 @@ def test_regenerating_replaces_an_earlier_output(tmp_path):
     assert len(list((tmp_path / "images" / "train").glob("*.png"))) == 3
     assert len(read_jsonl(paths["train"])) == 3
     assert len(list(paths["classification_train"].rglob("*.png"))) == 30
+
+
+def test_object_weights_set_the_number_of_objects(tmp_path):
+    paths = generate(tmp_path / "one", num_train=20, num_val=0, image_size=32, num_per_class_train=0,
+                     num_per_class_val=0, progress=False, object_weights=(1, 0, 0, 0))  # fmt: skip
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert len(rows) == 20 and all(len(r["objects"]) == 1 for r in rows)
+    with pytest.raises(ConfigError, match="object_weights"):
+        generate(tmp_path / "bad", num_train=1, object_weights=(1, 1), progress=False)

@@ -154,11 +154,16 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[Sample], list[BadRow]]:
     return samples, bad
 
 
-def _try_load(path: Path, keep: bool) -> tuple[Image.Image | None, str]:
+def _try_load(path: Path, keep: bool, max_short_side: int | None = None) -> tuple[Image.Image | None, str]:
     try:
         img = load_image(path)
     except ImageDecodeError as e:
         return None, e.reason
+    if keep and max_short_side and min(img.size) > max_short_side:
+        # Cache a smaller copy: every epoch then crops and resizes from it instead of the full photo.
+        scale = max_short_side / min(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return (img if keep else None), ""
 
 
@@ -167,16 +172,18 @@ def check_images(
     file: str | os.PathLike,
     keep_images: bool = False,
     num_threads: int = 4,
+    max_short_side: int | None = None,
 ) -> tuple[list[Sample], list[BadRow], list[Image.Image] | None]:
     """Fully decode every image to find truncated or corrupt ones.
 
     Returns (good samples, bad rows naming `file`, decoded RGB images aligned with the good samples when
-    `keep_images`, else None). An image named by several rows is decoded once and shared. Decoding runs
+    `keep_images`, else None; downscaled so the shorter side is at most `max_short_side` when given).
+    An image named by several rows is decoded once and shared. Decoding runs
     on `num_threads` threads (Pillow releases the GIL while decoding).
     """
     unique = list(dict.fromkeys(s.image for s in samples))
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        decoded = dict(zip(unique, pool.map(lambda p: _try_load(p, keep_images), unique)))
+        decoded = dict(zip(unique, pool.map(lambda p: _try_load(p, keep_images, max_short_side), unique)))
     good, bad, images = [], [], []
     for s in samples:
         img, reason = decoded[s.image]
@@ -193,8 +200,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     On construction every row is read and every image decoded once; bad rows are skipped and logged at
     WARNING as `skipped FILE:LINE: reason`. Raises `DataError` when no usable rows remain or when the bad
-    fraction exceeds `max_bad_fraction`. With `cache_images` the decoded RGB images stay in memory (at
-    full size: meant for datasets that fit in RAM).
+    fraction exceeds `max_bad_fraction`. With `cache_images` the decoded RGB images stay in memory (meant
+    for datasets that fit in RAM), downscaled to `cache_short_side` on their shorter side when given
+    (twice the training resolution keeps every detail a random resized crop can use).
 
     Augmentation is reproducible across resumes: sample i in epoch e is transformed with
     `np.random.default_rng([seed, e, i])`. Call `set_epoch` before creating each epoch's DataLoader
@@ -209,6 +217,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         cache_images: bool = True,
         seed: int = 0,
         log: logging.Logger | None = None,
+        cache_short_side: int | None = None,
     ):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be within [0, 1], got {max_bad_fraction}")
@@ -220,7 +229,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
         samples, bad = read_manifest(manifest)
         self.num_total = len(samples) + len(bad)  # every non-blank row
-        samples, bad_images, images = check_images(samples, self.file, keep_images=cache_images)
+        samples, bad_images, images = check_images(
+            samples, self.file, keep_images=cache_images, max_short_side=cache_short_side
+        )
         self.bad_rows = sorted(bad + bad_images, key=lambda b: b.line)
         self.num_bad = len(self.bad_rows)
         for b in self.bad_rows:

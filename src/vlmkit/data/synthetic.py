@@ -41,19 +41,19 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (145, 55, 195),
     "orange": (245, 125, 25),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond")
 SIZES: tuple[str, ...] = ("small", "large")
 MAX_OBJECTS = 4
-MIN_IMAGE_SIZE = 32  # below this the star and the hexagon are no longer recognisable
+MIN_IMAGE_SIZE = 32  # below this the star and the diamond are no longer recognisable
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 _GENERATOR = "vlmkit.data.synthetic"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _STREAMS = {"train": 0, "val": 1, "classification/train": 2, "classification/val": 3}
-_SCALE = {"small": 0.11, "large": 0.17}  # nominal radius as a fraction of the image side
+_SCALE = {"small": 0.13, "large": 0.2}  # nominal radius as a fraction of the image side
 _SIZE_JITTER = 0.1  # +-10% on the radius, so sizes vary within a class but never cross over
-_MAX_ROTATION = math.radians(15)  # small enough that a square never reads as a diamond
+_MAX_ROTATION = math.radians(10)  # small enough that a square never reads as a diamond
 _COLOUR_JITTER = 12  # per channel, far below the distance between palette colours
 _SUPERSAMPLE = 4
 _GAP = 1.5  # pixels kept free between two objects' bounding circles
@@ -75,7 +75,7 @@ _OUTLINES = {
     "square": _Outline(4, (1.1,), math.pi / 4),
     "triangle": _Outline(3, (1.15,), -math.pi / 2),
     "star": _Outline(10, (1.2, 0.55), -math.pi / 2),
-    "hexagon": _Outline(6, (1.0,), 0.0),
+    "diamond": _Outline(4, (1.2,), 0.0),  # a square on its corner: at 64 px a hexagon looked like a circle
 }
 
 
@@ -366,6 +366,7 @@ class _Task:
     image_size: int
     background_noise: float
     num_per_class: int  # classification splits only
+    object_weights: tuple[float, ...] | None = None  # relative odds of 1..4 objects; None = uniform
 
 
 def _class_folders() -> list[str]:
@@ -385,7 +386,11 @@ def _run_task(task: _Task) -> list[dict]:
             image, _ = _render(rng, objects, task.image_size, task.background_noise)
             path = root / task.split / folder / f"{index % task.num_per_class:06d}.png"
         else:
-            image, meta = render_scene(rng, task.image_size, None, task.background_noise)
+            num = None
+            if task.object_weights is not None:
+                p = np.asarray(task.object_weights, dtype=float)
+                num = int(rng.choice(len(p), p=p / p.sum())) + 1
+            image, meta = render_scene(rng, task.image_size, num, task.background_noise)
             path = root / "images" / task.split / f"{index:06d}.png"
             relative = path.relative_to(root).as_posix()
             rows.append({"image": relative, "caption": caption_scene(meta, rng), "objects": meta["objects"]})
@@ -435,6 +440,7 @@ def generate(
     num_per_class_val: int = 10,
     progress: bool = True,
     num_workers: int | None = None,
+    object_weights: tuple[float, ...] | None = None,
 ) -> dict[str, Path]:
     """Write the shapes dataset (scenes with captions, plus a one-object classification split) to `out`.
 
@@ -447,6 +453,8 @@ def generate(
         num_per_class_train, num_per_class_val: classification images per "<colour> <shape>" class
             (len(COLOURS) * len(SHAPES) classes).
         num_workers: processes that render; None uses up to 8 of the available CPUs, 0 renders here.
+        object_weights: relative odds of scenes with 1, 2, 3 and 4 objects (None: uniform). Scenes
+            with few objects make colour alone ambiguous within a batch, so a model must learn shape.
 
     Returns:
         Paths written: "train" and "val" manifests (JSONL), "classification_train" and
@@ -462,6 +470,12 @@ def generate(
     }.items():
         if not isinstance(value, Integral) or value < 0:
             raise ConfigError(f"{key} must be an integer >= 0 (got {value!r})")
+    if object_weights is not None:
+        object_weights = tuple(float(w) for w in object_weights)
+        if len(object_weights) != MAX_OBJECTS or min(object_weights) < 0 or sum(object_weights) <= 0:
+            raise ConfigError(
+                f"object_weights needs {MAX_OBJECTS} non-negative odds, not all 0 (got {object_weights})"
+            )
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0 or None (got {num_workers!r})")
 
@@ -491,6 +505,7 @@ def generate(
             image_size,
             background_noise,
             per_class.get(split, 1),
+            object_weights,
         )
         for split, count in counts.items()
         for start in range(0, count, _CHUNK)
@@ -536,6 +551,7 @@ def generate(
         "background_noise": background_noise,
         "num_per_class_train": num_per_class_train,
         "num_per_class_val": num_per_class_val,
+        "object_weights": list(object_weights) if object_weights else None,
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
         "shapes": list(SHAPES),
         "sizes": list(SIZES),

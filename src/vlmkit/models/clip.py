@@ -55,7 +55,9 @@ class CLIP(nn.Module):
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (
-            nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
+            nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+            if cfg.init_logit_bias is not None
+            else None
         )
         self.init_weights()
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vlmkit.errors import ConfigError
-from vlmkit.nn.patch import AttentionPool, PatchEmbed, resample_pos_embed
+from vlmkit.nn.patch import AttentionPool, ConvStem, PatchEmbed, resample_pos_embed
 from vlmkit.nn.transformer import Transformer
 
 
@@ -27,14 +27,21 @@ class VisionConfig:
     ln_pre: bool = True  # CLIP normalises the embeddings before the blocks; SigLIP does not
     proj: bool = True  # a bias-free linear map to the shared embedding; SigLIP's vision tower has none
     patch_bias: bool = False
+    stem: str = "patch"  # "patch" (one linear projection per patch, as CLIP) or "conv" (see ConvStem)
 
     def __post_init__(self):
         if self.pool not in ("cls", "mean", "attn"):
             raise ConfigError(f"vision.pool must be 'cls', 'mean' or 'attn', not {self.pool!r}")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("vision.pool='cls' needs vision.class_token=true")
+        if self.stem not in ("patch", "conv"):
+            raise ConfigError(f"vision.stem must be 'patch' or 'conv', not {self.stem!r}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"vision.stem='conv' needs a power-of-two patch_size, not {self.patch_size}")
         if self.image_size % self.patch_size:
-            raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(
+                f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
     @property
     def grid_size(self) -> int:
@@ -46,7 +53,10 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         width = cfg.width
-        self.patch_embed = PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.patch_size, width)
+        else:
+            self.patch_embed = PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias)
         self.num_prefix_tokens = 1 if cfg.class_token else 0
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5) if cfg.class_token else None
         num_pos = cfg.grid_size**2 + self.num_prefix_tokens
@@ -55,7 +65,9 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
         self.ln_post = nn.LayerNorm(width, eps=cfg.norm_eps)
         self.attn_pool = (
-            AttentionPool(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps) if cfg.pool == "attn" else None
+            AttentionPool(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
+            if cfg.pool == "attn"
+            else None
         )
         self.proj = nn.Linear(width, output_dim, bias=False) if cfg.proj else None
 

@@ -8,16 +8,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.nn.transformer import MLP
+from vlmkit.nn.transformer import MLP, attention
 
 
 class PatchEmbed(nn.Module):
-    """Split an image into non-overlapping patches and project each to `width` (a strided conv)."""
+    """Split an image into non-overlapping patches and project each to `width`.
+
+    The weight is a strided conv's, (width, in_chans, p, p), but the forward is a reshape and one matmul:
+    on CPU that is faster than the convolution forward and backward, and it gives the same result.
+    """
 
     def __init__(self, patch_size: int, width: int, in_chans: int = 3, bias: bool = False):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        B, C, H, W = x.shape
+        gh, gw = H // p, W // p  # like the conv, drop edge pixels that do not fill a patch
+        x = x[:, :, : gh * p, : gw * p].reshape(B, C, gh, p, gw, p)  # (B, C, gh, p, gw, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)  # (B, N, C*p*p), row-major patches
+        return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)  # (B, N, width)
+
+
+class ConvStem(nn.Module):
+    """Stride-2 3x3 convolutions down to the patch grid, then a 1x1 projection: a drop-in PatchEmbed.
+
+    Early convolutions give the transformer local edges and corners to start from, which makes it learn
+    far faster from little data than a single linear patch projection (Xiao et al., 2021). The patch size
+    must be a power of two; each stage halves the resolution and doubles the channels up to `width`.
+    """
+
+    def __init__(self, patch_size: int, width: int, in_chans: int = 3):
+        super().__init__()
+        stages = patch_size.bit_length() - 1
+        assert 2**stages == patch_size, f"a conv stem needs a power-of-two patch size, not {patch_size}"
+        self.patch_size = patch_size
+        layers, chans = [], in_chans
+        for i in range(stages):
+            out = width // 2 ** (stages - i)  # width/8, width/4, width/2 for patch 8
+            layers += [
+                nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(1, out),
+                nn.GELU(),
+            ]
+            chans = out
+        layers.append(nn.Conv2d(chans, width, 1))
+        self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, C, H/p, W/p)
@@ -46,7 +84,9 @@ def resample_pos_embed(
 class AttentionPool(nn.Module):
     """Multi-head attention pooling (SigLIP's MAP head): a learned probe attends over all tokens."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu_tanh", eps: float = 1e-6):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu_tanh", eps: float = 1e-6
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.probe = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -58,10 +98,10 @@ class AttentionPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        hs = C // self.num_heads
-        q = self.q(self.probe.expand(B, -1, -1)).view(B, 1, self.num_heads, hs).transpose(1, 2)  # (B, nh, 1, hs)
-        k, v = self.kv(x).view(B, T, 2, self.num_heads, hs).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
+        nh, hs = self.num_heads, C // self.num_heads
+        q = self.q(self.probe).view(1, 1, nh, hs).transpose(1, 2).expand(B, -1, -1, -1)  # (B, nh, 1, hs)
+        k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in self.kv(x).split(C, dim=-1))  # (B, nh, T, hs)
+        y = attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
         y = self.proj(y)
         y = y + self.mlp(self.norm(y))
         return y[:, 0]  # (B, C)

@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_fraction: float = 0.01
     num_workers: int = 0
+    cache_images: bool = True  # decode once and keep (downscaled) in memory; off for data larger than RAM
     compile: bool = False
     grad_checkpointing: bool = False
     resume: bool = False
@@ -163,6 +164,8 @@ class Trainer:
             max_bad_fraction=cfg.max_bad_fraction,
             seed=cfg.seed,
             log=log,
+            cache_images=cfg.cache_images,
+            cache_short_side=2 * self.preprocess.image_size,
         )
         if len(self.train_set) < cfg.batch_size:
             raise DataError(
@@ -177,9 +180,7 @@ class Trainer:
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.optimizer = create_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps)
-        self.schedule = WarmupCosine(
-            min(cfg.warmup_steps, self.total_steps // 2), self.total_steps, cfg.min_lr_ratio
-        )
+        self.schedule = WarmupCosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
         self.scheduler = create_scheduler(self.optimizer, self.schedule)
         self.loss_fn = create_loss(self.model_cfg.loss)
         self.elapsed_before = 0.0
@@ -323,6 +324,7 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.t0 = time.perf_counter()
         self.metrics_file = open(self.out / "metrics.jsonl", "a") if main else None
+        self.tensorboard = _tensorboard_writer(self.out) if main else None
         bar = tqdm(
             total=self.total_steps, initial=self.step, disable=not main, dynamic_ncols=True, desc="train"
         )
@@ -453,6 +455,9 @@ class Trainer:
         row = {"step": self.step, "time_s": round(self.elapsed(), 2), **metrics}
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, self.step)
         if any(k.startswith("val/") for k in metrics):
             log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
@@ -489,6 +494,8 @@ class Trainer:
             self.log_metrics(final)
             results.update(final)
             self.metrics_file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             self.run_final_evals()
             from vlmkit.eval.report import write_report
 
@@ -532,6 +539,15 @@ def _encode(fn, x: torch.Tensor, device: torch.device, batch: int = 256) -> torc
         for i in range(0, len(x), batch)
     ]
     return torch.cat(out).cpu()
+
+
+def _tensorboard_writer(out: Path):
+    """A TensorBoard writer in <run>/tensorboard when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _setup_file_log(path: Path) -> None:

@@ -64,9 +64,11 @@ class WarmupCosine:
         self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        # A time budget can shrink `total` far below the configured warmup: keep warmup <= 20% of it.
+        warmup = max(1, min(self.warmup, self.total // 5))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, self.total - warmup))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
