@@ -43,7 +43,7 @@ def _data_is_current(data_dir: Path, seed: int) -> bool:
 
 
 def quickstart(
-    out: str | Path = "runs/quickstart", time_budget: float = 3.0, recipe: str = "clip-tiny", seed: int = 0
+    out: str | Path = "runs/quickstart", time_budget: float = 3.9, recipe: str = "clip-tiny", seed: int = 0
 ) -> dict:
     """Run the quickstart; returns the headline metrics. Prints a summary and the report's path."""
     from vlmkit.data.synthetic import generate
