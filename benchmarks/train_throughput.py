@@ -35,8 +35,11 @@ def hf_clip(cfg: CLIPConfig, attn_implementation: str) -> nn.Module:
     from transformers import CLIPModel
 
     v, t = cfg.vision, cfg.text
-    if cfg.loss != "clip" or v.pool != "cls" or not (v.class_token and v.ln_pre and v.proj) or not t.causal:
-        raise SystemExit(f"only CLIP-style models have a transformers CLIPModel twin; {cfg.loss!r} does not")
+    clip_like = v.pool == "cls" and v.class_token and v.ln_pre and v.proj and v.stem == "patch" and t.causal
+    if cfg.loss != "clip" or not clip_like:
+        raise SystemExit(
+            "only CLIP-style models (patch stem, class token, causal text) have a CLIPModel twin"
+        )
     text_config = dict(
         vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
         num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,

@@ -88,7 +88,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         hs = C // self.num_heads
-        # split (not unbind): its backward writes the three gradients straight into one (B, T, 3C) tensor
+        # Three views of one matmul's output; in bf16 training split's backward beat unbind's on the text tower.
         q, k, v = (t.view(B, T, self.num_heads, hs).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))
         y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
