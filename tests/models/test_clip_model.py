@@ -8,7 +8,7 @@ import torch
 
 from vlmkit.config import from_dict, to_dict
 from vlmkit.errors import ConfigError
-from vlmkit.models import CLIPConfig, create_model, get_model_config, list_models
+from vlmkit.models import SIZES, CLIPConfig, create_model, get_model_config, list_models
 
 # A fast stand-in for the tiny models wherever the test is about behaviour, not the real sizes.
 SMALL = {
@@ -143,7 +143,7 @@ def test_get_model_config_overrides():
     )
     assert (cfg.vision.layers, cfg.embed_dim, cfg.text.width, cfg.text.heads) == (2, 128, 64, 2)
     assert cfg.vision.width == base.vision.width and cfg.text.layers == base.text.layers  # untouched
-    assert base.vision.layers == 4  # the base table is not mutated
+    assert base.vision.layers == SIZES["tiny"]["v"][1]  # the base table is not mutated
     model = create_model("clip-tiny", **{"vision.layers": 1, "text.layers": 1, "text.vocab_size": 100})
     assert len(model.visual.transformer.blocks) == 1 and model.text.token_embedding.num_embeddings == 100
 

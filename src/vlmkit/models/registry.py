@@ -17,7 +17,7 @@ from vlmkit.models.vit import VisionConfig
 
 # size -> (image_size, patch, vision width/layers/heads, text width/layers/heads, embed_dim, context_length)
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(image=64, patch=8, v=(192, 4, 3), t=(192, 3, 3), embed=192, ctx=32),
+    "tiny": dict(image=64, patch=8, v=(192, 3, 3), t=(192, 2, 3), embed=192, ctx=32),
     "small": dict(image=96, patch=8, v=(384, 8, 6), t=(384, 6, 6), embed=384, ctx=48),
     "B-32": dict(image=224, patch=32, v=(768, 12, 12), t=(512, 12, 8), embed=512, ctx=77),
     "B-16": dict(image=224, patch=16, v=(768, 12, 12), t=(512, 12, 8), embed=512, ctx=77),
