@@ -308,3 +308,42 @@ def test_long_sequences_keep_the_fused_kernel():
     q.requires_grad_()
     out = attention(q, k, v, is_causal=True)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_conv_stem_matches_a_functional_float64_recomputation():
+    from vlmkit.nn.patch import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(patch_size=8, width=32).double()
+    for m in stem.modules():  # non-trivial norm affine parameters, so they are checked too
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    h = x
+    convs = [m for m in stem.proj if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in stem.proj if isinstance(m, torch.nn.GroupNorm)]
+    for conv, norm in zip(convs[:-1], norms):
+        h = F.conv2d(h, conv.weight, stride=2, padding=1)
+        mean = h.mean(dim=(1, 2, 3), keepdim=True)
+        var = h.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
+        h = 0.5 * h * (1 + torch.erf(h / 2**0.5))
+    h = F.conv2d(h, convs[-1].weight, convs[-1].bias)  # (B, width, 4, 6)
+    expected = h.flatten(2).transpose(1, 2)  # (B, 24, width), row-major like PatchEmbed
+    out = stem(x)
+    assert out.shape == (2, 4 * 6, 32)
+    torch.testing.assert_close(out, expected)
+
+
+def test_conv_stem_in_a_vit_and_its_config_check():
+    from vlmkit.models import create_model
+
+    model = create_model("clip-tiny", **{"vision.stem": "conv", "text.vocab_size": 50, "vision.layers": 1})
+    model.encode_image(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.visual.patch_embed.parameters())
+    with pytest.raises(ConfigError, match="power-of-two"):
+        create_model(
+            "clip-tiny",
+            **{"vision.stem": "conv", "vision.patch_size": 6, "vision.image_size": 48, "text.vocab_size": 50},
+        )
