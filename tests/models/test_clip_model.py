@@ -101,6 +101,39 @@ def test_siglip_text_pools_last_token():
 
 
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
+def test_pooled_fast_path_equals_full_towers_in_float64(name):
+    """encode_* run the last block for the pooled token only: same features and gradients as all tokens."""
+    model = small_model(name).double()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    text = random_tokens(3, 12)
+    text[0, 5] = EOT
+    text[1, 11] = EOT
+
+    def full(model):
+        tokens = model.visual.forward_tokens(images)
+        if model.visual.cfg.pool == "cls":
+            img = tokens[:, 0]
+        else:
+            img = model.visual.attn_pool(tokens)
+        img = model.visual.proj(img) if model.visual.proj is not None else img
+        txt = model.text.proj(model.text.pool(model.text.forward_tokens(text), text))
+        return img, txt
+
+    outs, grads = [], []
+    for forward in (lambda m: (m.visual(images), m.text(text)), full):
+        model.zero_grad()
+        img, txt = forward(model)
+        (img.pow(2).sum() + (txt * torch.linspace(-1, 1, txt.shape[-1], dtype=txt.dtype)).sum()).backward()
+        outs.append((img.detach(), txt.detach()))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for a, b in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(a, b)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
 def test_position_embeddings_resampled_for_other_image_sizes(name):
     model = small_model(name)
     visual = model.visual

@@ -1,5 +1,6 @@
 """The shared blocks against float64 re-computations written out by hand from their definitions."""
 
+import copy
 import math
 
 import pytest
@@ -221,6 +222,56 @@ def test_grad_checkpointing_changes_nothing(masking):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+INDEX = torch.tensor([0, 4, 2])  # one read-out token per row (the 2 of row 3 is its last real token)
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "padding"])
+def test_block_forward_one_is_the_full_block_at_one_token(mask):
+    """The pooled-token fast path of the last block: the float64 reference at `index`, values and gradients."""
+    block = randomise(Block(C, NH, mlp_ratio=2.0, act="quick_gelu"))
+    is_causal = mask == "causal"
+    key_mask = KEY_MASK if mask == "padding" else None
+    kwargs = dict(attn_mask=padding_mask(KEY_MASK, causal=False)) if key_mask is not None else {}
+    rows = torch.arange(B)
+
+    x = randn(B, T, C, seed=1).requires_grad_()
+    out = block.forward_one(x, INDEX, is_causal=is_causal, **kwargs)  # (B, C)
+    out.pow(2).sum().backward()
+    got = [x.grad] + [p.grad for p in block.parameters()]
+    block.zero_grad()
+
+    x_ref = x.detach().clone().requires_grad_()
+    h = x_ref + ref_attention(ref_layer_norm(x_ref, block.ln_1), block.attn, ref_allowed(key_mask, is_causal))
+    ref = (h + ref_mlp(ref_layer_norm(h, block.ln_2), block.mlp))[rows, INDEX]
+    ref.pow(2).sum().backward()
+    want = [x_ref.grad] + [p.grad for p in block.parameters()]
+
+    assert out.shape == (B, C)
+    torch.testing.assert_close(out, ref.detach())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_forward_one_bf16_training_matches_float64():
+    block = randomise(Block(C, NH, mlp_ratio=2.0))
+    x = randn(B, T, C, seed=1)
+    want = block(x, is_causal=True)[torch.arange(B), INDEX]
+    block32 = copy.deepcopy(block).float()  # autocast leaves float64 alone
+    with torch.autocast("cpu", torch.bfloat16):
+        got = block32.forward_one(x.float().requires_grad_(), INDEX, is_causal=True)  # explicit attention
+    got.float().sum().backward()  # and the bf16 path trains
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block32.parameters())
+    torch.testing.assert_close(got.double(), want, atol=0.15, rtol=5e-2)
+
+
+@pytest.mark.parametrize("layers", [0, 1, 3])
+def test_transformer_with_index_returns_the_full_output_at_index(layers):
+    model = randomise(Transformer(C, layers=layers, heads=NH, mlp_ratio=2.0))
+    x = randn(B, T, C, seed=1)
+    full = model(x, is_causal=True)[torch.arange(B), INDEX]
+    torch.testing.assert_close(model(x, is_causal=True, index=INDEX), full)
 
 
 def test_transformer_stacks_its_blocks_in_order():

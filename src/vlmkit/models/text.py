@@ -44,30 +44,40 @@ class TextTransformer(nn.Module):
         self.proj = nn.Linear(cfg.width, output_dim, bias=cfg.proj_bias) if cfg.proj else None
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def forward_tokens(self, text: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """All output tokens after the final norm: (B, T, width)."""
-        B, T = text.shape
+    def embed(self, text: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings: the blocks' input (B, T, width)."""
+        T = text.shape[1]
         if T > self.cfg.context_length:
             raise ValueError(f"text has {T} tokens, more than the context length {self.cfg.context_length}")
-        x = self.token_embedding(text) + self.positional_embedding[:T]  # (B, T, C)
+        return self.token_embedding(text) + self.positional_embedding[:T]  # (B, T, C)
+
+    def _mask(self, attention_mask: torch.Tensor | None) -> dict:
         if attention_mask is None:
             # Causal CLIP needs no padding mask: pooling reads the end-of-text token, which never sees padding.
-            x = self.transformer(x, is_causal=self.cfg.causal)
-        else:
-            x = self.transformer(x, attn_mask=padding_mask(attention_mask, self.cfg.causal))
-        return self.ln_final(x)
+            return {"is_causal": self.cfg.causal}
+        return {"attn_mask": padding_mask(attention_mask, self.cfg.causal)}
 
-    def pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, text: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All output tokens after the final norm: (B, T, width)."""
+        return self.ln_final(self.transformer(self.embed(text), **self._mask(attention_mask)))
+
+    def pool_index(self, text: torch.Tensor) -> torch.Tensor:
+        """The token each row is pooled at: (B,) indices."""
+        B, T = text.shape
         if self.cfg.pool == "first":
-            return x[:, 0]
+            return torch.zeros(B, dtype=torch.long, device=text.device)
         if self.cfg.pool == "last":
-            return x[:, -1]
+            return torch.full((B,), T - 1, dtype=torch.long, device=text.device)
         # Index of the first end-of-text token; rows without one (over-long, truncated badly) use the last.
         is_eot = text == self.cfg.eot_token_id  # (B, T)
-        idx = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), text.shape[1] - 1)  # (B,)
-        return x[torch.arange(x.shape[0], device=x.device), idx]  # (B, C)
+        return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), T - 1)  # (B,)
+
+    def pool(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Read the pooled token out of all output tokens `x` (B, T, C): (B, C)."""
+        return x[torch.arange(x.shape[0], device=x.device), self.pool_index(text)]
 
     def forward(self, text: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.forward_tokens(text, attention_mask)
-        pooled = self.pool(x, text)
+        # Only one token per row is read out, so the last block runs its query and MLP for it alone.
+        x = self.transformer(self.embed(text), index=self.pool_index(text), **self._mask(attention_mask))
+        pooled = self.ln_final(x)  # (B, C)
         return self.proj(pooled) if self.proj is not None else pooled  # (B, D)

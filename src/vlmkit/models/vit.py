@@ -75,8 +75,8 @@ class VisionTransformer(nn.Module):
         """Position table for a patch grid; resampled on the fly when the input size differs."""
         return resample_pos_embed(self.positional_embedding, grid, self.num_prefix_tokens)
 
-    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """All output tokens after the final norm: (B, N_prefix + H*W, width)."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (+ class token) + positions, normalised: the blocks' input (B, T, width)."""
         B, _, H, W = images.shape
         p = self.cfg.patch_size
         x = self.patch_embed(images)  # (B, N, C)
@@ -84,16 +84,20 @@ class VisionTransformer(nn.Module):
             cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)  # (B, 1, C)
             x = torch.cat([cls, x], dim=1)  # (B, 1+N, C)
         x = x + self.pos_embed_for((H // p, W // p)).to(x.dtype)
-        x = self.ln_pre(x)
-        x = self.transformer(x)
-        return self.ln_post(x)
+        return self.ln_pre(x)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All output tokens after the final norm: (B, N_prefix + H*W, width)."""
+        return self.ln_post(self.transformer(self.embed(images)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.forward_tokens(images)  # (B, T, C)
         if self.cfg.pool == "cls":
-            pooled = x[:, 0]
+            # Only the class token is read out, so the last block runs its query and MLP for it alone.
+            x = self.embed(images)
+            index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            pooled = self.ln_post(self.transformer(x, index=index))  # (B, C)
         elif self.cfg.pool == "mean":
-            pooled = x[:, self.num_prefix_tokens :].mean(dim=1)
+            pooled = self.forward_tokens(images)[:, self.num_prefix_tokens :].mean(dim=1)
         else:
-            pooled = self.attn_pool(x)
+            pooled = self.attn_pool(self.forward_tokens(images))
         return self.proj(pooled) if self.proj is not None else pooled  # (B, D)
