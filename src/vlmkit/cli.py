@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--object-weights",
         help="relative odds of scenes with 1,2,3,4 objects, e.g. 4,2,1,1 (default uniform)",
     )
+    noise = p.add_argument_group("web-scrape noise in the train split (each row records its 'corruption')")
+    noise.add_argument("--mismatch-fraction", type=float, default=0.0, help="captions of other scenes")
+    noise.add_argument("--duplicate-fraction", type=float, default=0.0, help="copies of a few popular images")
+    noise.add_argument("--tiny-fraction", type=float, default=0.0, help="images shrunk to 8x8 px")
+    noise.add_argument("--blank-fraction", type=float, default=0.0, help="flat grey images")
     p.set_defaults(func=cmd_data_synth)
 
     p = sub.add_parser(
@@ -178,6 +183,10 @@ def cmd_data_synth(args) -> None:
         num_per_class_train=args.per_class_train,
         num_per_class_val=args.per_class_val,
         object_weights=_floats(args.object_weights, "--object-weights"),
+        mismatch_fraction=args.mismatch_fraction,
+        duplicate_fraction=args.duplicate_fraction,
+        tiny_fraction=args.tiny_fraction,
+        blank_fraction=args.blank_fraction,
     )
     for k, v in paths.items():
         print(f"{k}: {v}")

@@ -418,6 +418,78 @@ def _prepare_output(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+# ---- web-scrape noise ---------------------------------------------------------------------------------
+
+NOISE_KINDS = ("mismatched", "duplicate", "tiny", "blank")
+TINY_SIZE = 8  # pixels per side of a "tiny" image: an icon or a thumbnail, below any sane minimum side
+DUPLICATES_PER_SOURCE = 10  # on average; web duplicates are few images copied many times
+
+
+def _check_noise(noise: dict[str, float]) -> None:
+    for kind, fraction in noise.items():
+        if not 0 <= fraction < 1:
+            raise ConfigError(
+                f"--{kind.replace('mismatched', 'mismatch')}-fraction must be in [0, 1) (got {fraction})"
+            )
+    if sum(noise.values()) > 0.9:
+        raise ConfigError(
+            f"the noise fractions add up to {sum(noise.values()):.2f}; keep them at most 0.9 in all"
+        )
+
+
+def corrupt_pool(root: Path, rows: list[dict], noise: dict[str, float], seed: int) -> None:
+    """Turn a clean train split into a realistic noisy pool, in place; each row records its `corruption`.
+
+    Disjoint random sets of rows get one kind each:
+    - "mismatched": the caption of another scene (alt-text that does not describe the image);
+    - "duplicate": a byte-identical copy of a popular image, with that image's caption (about
+      `DUPLICATES_PER_SOURCE` copies of each popular image, like banners and stock photos);
+    - "tiny": the image shrunk to `TINY_SIZE` px a side (icons, spacers), caption unchanged;
+    - "blank": one flat colour, the same for all of them (failed renders, placeholders), caption unchanged.
+    The other rows get `"corruption": None`. The same seed gives the same pool.
+    """
+    rng = np.random.default_rng([seed, 7919])
+    n = len(rows)
+    order = rng.permutation(n)
+    counts = {kind: int(round(noise.get(kind, 0.0) * n)) for kind in NOISE_KINDS}
+    chosen, start = {}, 0
+    for kind in NOISE_KINDS:
+        chosen[kind] = sorted(order[start : start + counts[kind]].tolist())
+        start += counts[kind]
+    clean = sorted(order[start:].tolist())
+    for row in rows:
+        row["corruption"] = None
+    captions = [row["caption"] for row in rows]
+    for i in chosen["mismatched"]:
+        j = i
+        for _ in range(100):  # another scene, not a twin of this one
+            if rows[j]["objects"] != rows[i]["objects"]:
+                break
+            j = int(rng.integers(n))
+        rows[i]["caption"] = captions[j]
+        rows[i]["corruption"] = "mismatched"
+    if chosen["duplicate"] and clean:
+        num_sources = max(1, len(chosen["duplicate"]) // DUPLICATES_PER_SOURCE)
+        sources = rng.choice(clean, size=min(num_sources, len(clean)), replace=False)
+        for i in chosen["duplicate"]:
+            src = int(sources[rng.integers(len(sources))])
+            shutil.copyfile(root / rows[src]["image"], root / rows[i]["image"])
+            rows[i].update(caption=rows[src]["caption"], objects=rows[src]["objects"], corruption="duplicate")
+    for i in chosen["tiny"]:
+        path = root / rows[i]["image"]
+        with Image.open(path) as img:
+            small = img.convert("RGB").resize((TINY_SIZE, TINY_SIZE), Image.Resampling.BOX)
+        small.save(path, format="PNG")
+        rows[i]["corruption"] = "tiny"
+    if chosen["blank"]:
+        with Image.open(root / rows[chosen["blank"][0]]["image"]) as img:
+            size = img.size
+        blank = Image.new("RGB", size, (128, 128, 128))
+        for i in chosen["blank"]:
+            blank.save(root / rows[i]["image"], format="PNG", compress_level=1)
+            rows[i]["corruption"] = "blank"
+
+
 def _default_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(cpus, 8)
@@ -441,6 +513,10 @@ def generate(
     progress: bool = True,
     num_workers: int | None = None,
     object_weights: tuple[float, ...] | None = None,
+    mismatch_fraction: float = 0.0,
+    duplicate_fraction: float = 0.0,
+    tiny_fraction: float = 0.0,
+    blank_fraction: float = 0.0,
 ) -> dict[str, Path]:
     """Write the shapes dataset (scenes with captions, plus a one-object classification split) to `out`.
 
@@ -455,6 +531,8 @@ def generate(
         num_workers: processes that render; None uses up to 8 of the available CPUs, 0 renders here.
         object_weights: relative odds of scenes with 1, 2, 3 and 4 objects (None: uniform). Scenes
             with few objects make colour alone ambiguous within a batch, so a model must learn shape.
+        mismatch_fraction, duplicate_fraction, tiny_fraction, blank_fraction: the web-scrape noise
+            `corrupt_pool` injects into the train split (disjoint fractions of its rows; see there).
 
     Returns:
         Paths written: "train" and "val" manifests (JSONL), "classification_train" and
@@ -478,6 +556,13 @@ def generate(
             )
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0 or None (got {num_workers!r})")
+    noise = {
+        "mismatched": mismatch_fraction,
+        "duplicate": duplicate_fraction,
+        "tiny": tiny_fraction,
+        "blank": blank_fraction,
+    }
+    _check_noise(noise)
 
     out = Path(out)
     _prepare_output(out)
@@ -537,6 +622,8 @@ def generate(
         "classes": out / "classification" / "classes.txt",
         "dataset": out / "dataset.json",
     }
+    if any(noise.values()):
+        corrupt_pool(out, rows["train"], noise, seed)
     _write_jsonl(paths["train"], rows["train"])
     _write_jsonl(paths["val"], rows["val"])
     paths["classes"].write_text("".join(folder.replace("_", " ") + "\n" for folder in folders))
@@ -552,6 +639,7 @@ def generate(
         "num_per_class_train": num_per_class_train,
         "num_per_class_val": num_per_class_val,
         "object_weights": list(object_weights) if object_weights else None,
+        "noise": {k: v for k, v in noise.items() if v},
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
         "shapes": list(SHAPES),
         "sizes": list(SIZES),
