@@ -2,12 +2,19 @@
 
     vlmkit quickstart
     vlmkit data synth --out data/shapes
+    vlmkit data shard --input data/shapes/train.jsonl --out data/shards --shard-size 1000 --image-size 64
+    vlmkit data filter --input data/shards --out data/curated --min-side 16 --dedup-images
+    vlmkit data curation-demo --out runs/curation
     vlmkit train --recipe clip-tiny --train-data data/shapes/train.jsonl --out runs/demo --time-budget 5
     vlmkit eval zeroshot --model runs/demo --data data/shapes/classification/val --output zs.json
     vlmkit eval retrieval --model runs/demo --data data/shapes/val.jsonl --output ret.json
     vlmkit eval linear-probe --model runs/demo --train IMAGEFOLDER --data IMAGEFOLDER
     vlmkit embed --model runs/demo --image a.png --text "a red circle" --output emb.safetensors
     vlmkit classify --model runs/demo --image a.png --labels "red circle" "blue square"
+    vlmkit export --model runs/demo --out hf/demo
+    vlmkit train --init-from runs/demo --train-data ft.jsonl --out runs/ft --lora-rank 8
+    vlmkit wise-ft --zeroshot runs/demo --finetuned runs/ft --alpha 0.5 --out runs/wise
+    vlmkit transfer-demo --out runs/transfer
 
 User mistakes (a missing file, an unknown key, unusable data) print one line and exit with 2.
 """
@@ -25,7 +32,11 @@ from vlmkit.errors import VlmkitError
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a model folder: a vlmkit training run or checkpoint")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a model folder: a vlmkit training run or checkpoint, or a Hugging Face CLIP/SigLIP folder",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64)
 
@@ -66,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--tiny-fraction", type=float, default=0.0, help="images shrunk to 8x8 px")
     noise.add_argument("--blank-fraction", type=float, default=0.0, help="flat grey images")
     p.set_defaults(func=cmd_data_synth)
+    from vlmkit.data.shard_writer import register_cli as register_shard
+
+    register_shard(data)
+    from vlmkit.train.transfer import register_manifest_cli
+
+    register_manifest_cli(data)
+    from vlmkit.data.curation import register_cli as register_filter
+
+    register_filter(data)
+    p = data.add_parser(
+        "curation-demo",
+        help="train on a noisy synthetic pool and on its curated subset at equal compute; compare",
+    )
+    p.add_argument("--out", default="runs/curation", help="folder for the pool, shards, runs and plot")
+    p.add_argument("--time-budget", type=float, default=3.0, help="minutes for the noisy run (default 3)")
+    p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
+    p.add_argument("--top-fraction", type=float, default=0.6, help="model-score filter: fraction kept")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_curation_demo)
 
     p = sub.add_parser(
         "train", help="train a CLIP/SigLIP model (torchrun -m vlmkit train ... for several processes)"
@@ -97,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config field, e.g. --set lr=1e-3 "
         "--set model_overrides.vision.layers=6 (repeatable)",
     )
+    from vlmkit.train.transfer import add_transfer_args
+
+    add_transfer_args(p)
     p.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(
@@ -136,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
     p.set_defaults(func=cmd_classify)
 
+    from vlmkit.models.hf import register_export_cli
+
+    register_export_cli(sub)
+    from vlmkit.train.transfer import register_wise_ft_cli
+    from vlmkit.transfer_demo import register_transfer_demo_cli
+
+    register_wise_ft_cli(sub)
+    register_transfer_demo_cli(sub)
+
     p = sub.add_parser("report", help="(re)write report.html for a run folder")
     p.add_argument("run", help="run folder")
     p.set_defaults(func=cmd_report)
@@ -168,6 +210,12 @@ def cmd_quickstart(args) -> None:
     from vlmkit.quickstart import quickstart
 
     quickstart(out=args.out, time_budget=args.time_budget, recipe=args.recipe, seed=args.seed)
+
+
+def cmd_curation_demo(args) -> None:
+    from vlmkit.curation_demo import curation_demo
+
+    curation_demo(args.out, args.time_budget, args.recipe, args.seed, top_fraction=args.top_fraction)
 
 
 def cmd_data_synth(args) -> None:
@@ -226,6 +274,9 @@ def cmd_train(args) -> None:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.resume:
         overrides["resume"] = True
+    from vlmkit.train.transfer import transfer_overrides
+
+    overrides.update(transfer_overrides(args))
     overrides.update(parse_overrides(args.set))
     cfg = get_recipe(args.recipe)
     if args.smoke:  # shrink first, so that explicit flags still win

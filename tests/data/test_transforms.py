@@ -216,10 +216,21 @@ def test_train_transform_is_seeded_crop_of_the_image():
     x3 = t(img, np.random.default_rng(8))
     assert torch.equal(x1, x2)
     assert not torch.allclose(x1, x3)
-    # the output is exactly the crop the rng picks, resized (checked against the float64 resize)
-    box = random_resized_crop_box(64, 48, cfg.crop_scale, cfg.crop_ratio, np.random.default_rng(7))
-    ref = _normalise64(_resize64(a, 16, 16, box), cfg.mean, cfg.std)
+    # the output is exactly the crop the rng picks, cut out then resized (as torchvision's
+    # RandomResizedCrop does), checked against the float64 resize of the cut-out
+    left, top, right, bottom = random_resized_crop_box(
+        64, 48, cfg.crop_scale, cfg.crop_ratio, np.random.default_rng(7)
+    )
+    ref = _normalise64(_resize64(a[top:bottom, left:right], 16, 16), cfg.mean, cfg.std)
     np.testing.assert_allclose(x1.numpy(), ref, rtol=0, atol=_tol(cfg.std))
+    # uint8 output is the same image before normalisation; `normalize` finishes it
+    u = ImageTransform(cfg, train=True, uint8=True)(img, np.random.default_rng(7))
+    assert u.dtype == torch.uint8 and u.shape == (3, 16, 16)
+    torch.testing.assert_close(t.normalize(u), x1, rtol=0, atol=1e-6)
+    # every interpolation works, the Pillow-only ones too
+    for interpolation in ("nearest", "bilinear", "lanczos", "box"):
+        cfg_i = PreprocessConfig(image_size=16, interpolation=interpolation)
+        assert ImageTransform(cfg_i, train=True)(img, np.random.default_rng(7)).shape == (3, 16, 16)
     # no rng: a fresh generator each call
     assert t(img).shape == (3, 16, 16)
 

@@ -112,8 +112,18 @@ def _pick(rng: np.random.Generator, names: tuple[str, ...] | list[str]) -> str:
     return names[int(rng.integers(len(names)))]
 
 
-def _sample_objects(rng: np.random.Generator, num_objects: int) -> list[tuple[str, str, str]]:
-    """(colour, shape, size) per object. Some repeat an earlier colour and shape, so counting occurs."""
+def _sample_objects(
+    rng: np.random.Generator,
+    num_objects: int,
+    colours: tuple[str, ...] | None = None,
+    shapes: tuple[str, ...] | None = None,
+) -> list[tuple[str, str, str]]:
+    """(colour, shape, size) per object. Some repeat an earlier colour and shape, so counting occurs.
+
+    `colours` and `shapes` restrict the choice (None: all of them).
+    """
+    colours = list(COLOURS) if colours is None else list(colours)
+    shapes = SHAPES if shapes is None else tuple(shapes)
     objects = []
     for _ in range(num_objects):
         if objects and rng.random() < 0.25:
@@ -121,7 +131,7 @@ def _sample_objects(rng: np.random.Generator, num_objects: int) -> list[tuple[st
             if rng.random() < 0.3:
                 size = _pick(rng, SIZES)
         else:
-            colour, shape, size = _pick(rng, list(COLOURS)), _pick(rng, SHAPES), _pick(rng, SIZES)
+            colour, shape, size = _pick(rng, colours), _pick(rng, shapes), _pick(rng, SIZES)
         objects.append((colour, shape, size))
     return objects
 
@@ -221,6 +231,8 @@ def render_scene(
     image_size: int = 64,
     num_objects: int | None = None,
     background_noise: float = 0.0,
+    colours: tuple[str, ...] | None = None,
+    shapes: tuple[str, ...] | None = None,
 ) -> tuple[Image.Image, dict]:
     """Draw 1 to 4 non-overlapping coloured shapes on a light background.
 
@@ -229,6 +241,7 @@ def render_scene(
         image_size: side of the square RGB image in pixels (>= 32).
         num_objects: 1..4, or None for a uniform draw.
         background_noise: 0 (plain tint) to 1 (strong grey texture and speckle).
+        colours, shapes: the colours and shapes to draw from (None: all of COLOURS / SHAPES).
 
     Returns:
         The image and its metadata `{"objects": [...], "image_size": S, "background_noise": x}`.
@@ -241,7 +254,7 @@ def render_scene(
     _check_scene_args(image_size, num_objects, background_noise)
     if num_objects is None:
         num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
-    return _render(rng, _sample_objects(rng, num_objects), image_size, background_noise)
+    return _render(rng, _sample_objects(rng, num_objects, colours, shapes), image_size, background_noise)
 
 
 # ----------------------------------------------------------------------------- captions
@@ -367,6 +380,8 @@ class _Task:
     background_noise: float
     num_per_class: int  # classification splits only
     object_weights: tuple[float, ...] | None = None  # relative odds of 1..4 objects; None = uniform
+    colours: tuple[str, ...] | None = None  # scene splits: colours to draw from; None = all
+    shapes: tuple[str, ...] | None = None  # scene splits: shapes to draw from; None = all
 
 
 def _class_folders() -> list[str]:
@@ -390,7 +405,9 @@ def _run_task(task: _Task) -> list[dict]:
             if task.object_weights is not None:
                 p = np.asarray(task.object_weights, dtype=float)
                 num = int(rng.choice(len(p), p=p / p.sum())) + 1
-            image, meta = render_scene(rng, task.image_size, num, task.background_noise)
+            image, meta = render_scene(
+                rng, task.image_size, num, task.background_noise, task.colours, task.shapes
+            )
             path = root / "images" / task.split / f"{index:06d}.png"
             relative = path.relative_to(root).as_posix()
             rows.append({"image": relative, "caption": caption_scene(meta, rng), "objects": meta["objects"]})
@@ -490,6 +507,19 @@ def corrupt_pool(root: Path, rows: list[dict], noise: dict[str, float], seed: in
             rows[i]["corruption"] = "blank"
 
 
+def _allowed(key: str, excluded, names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The names left after excluding `excluded` (None when nothing is excluded); ConfigError for unknown names."""
+    if isinstance(excluded, str):
+        excluded = [excluded]
+    unknown = sorted(set(excluded) - set(names))
+    if unknown:
+        raise ConfigError(f"{key}: unknown name {unknown[0]!r}; choose from {', '.join(names)}")
+    left = tuple(n for n in names if n not in set(excluded))
+    if not left:
+        raise ConfigError(f"{key} excludes every one of {', '.join(names)}; keep at least one")
+    return left if excluded else None
+
+
 def _default_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(cpus, 8)
@@ -517,6 +547,8 @@ def generate(
     duplicate_fraction: float = 0.0,
     tiny_fraction: float = 0.0,
     blank_fraction: float = 0.0,
+    exclude_colours: tuple[str, ...] | list[str] = (),
+    exclude_shapes: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Path]:
     """Write the shapes dataset (scenes with captions, plus a one-object classification split) to `out`.
 
@@ -533,6 +565,9 @@ def generate(
             with few objects make colour alone ambiguous within a batch, so a model must learn shape.
         mismatch_fraction, duplicate_fraction, tiny_fraction, blank_fraction: the web-scrape noise
             `corrupt_pool` injects into the train split (disjoint fractions of its rows; see there).
+        exclude_colours, exclude_shapes: colours and shapes that never occur in the train and val scenes
+            (so their captions never name them), while the classification splits keep every class: held-out
+            classes for transfer experiments.
 
     Returns:
         Paths written: "train" and "val" manifests (JSONL), "classification_train" and
@@ -563,6 +598,8 @@ def generate(
         "blank": blank_fraction,
     }
     _check_noise(noise)
+    colours = _allowed("exclude_colours", exclude_colours, tuple(COLOURS))
+    shapes = _allowed("exclude_shapes", exclude_shapes, SHAPES)
 
     out = Path(out)
     _prepare_output(out)
@@ -591,6 +628,8 @@ def generate(
             background_noise,
             per_class.get(split, 1),
             object_weights,
+            colours,
+            shapes,
         )
         for split, count in counts.items()
         for start in range(0, count, _CHUNK)
@@ -646,5 +685,8 @@ def generate(
         "classes": [folder.replace("_", " ") for folder in folders],
         "files": {key: path.relative_to(out).as_posix() for key, path in paths.items() if key != "dataset"},
     }
+    if colours is not None or shapes is not None:  # recorded only when used: other outputs stay as they were
+        record["exclude_colours"] = [c for c in COLOURS if colours is not None and c not in colours]
+        record["exclude_shapes"] = [s for s in SHAPES if shapes is not None and s not in shapes]
     paths["dataset"].write_text(json.dumps(record, indent=2) + "\n")
     return paths

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
+from vlmkit.data.shards import (
+    SKIP_REASONS,
+    SkipStats,
+    count_samples,
+    decode_sample,
+    iter_samples,
+    sample_group,
+)
 from vlmkit.data.transforms import ImageDecodeError, load_image
 from vlmkit.errors import DataError
 
@@ -108,6 +117,92 @@ def extract_image_features(
         path, reason = skipped[0]
         raise DataError(f"none of the {len(paths)} images could be decoded (first: {path}: {reason})")
     return ImageFeatures(torch.cat(chunks), kept, skipped)  # (N_kept, D)
+
+
+class _ShardImages(IterableDataset):
+    """Transformed images of shard samples; DataLoader workers read disjoint shards. Items are
+    ((shard index, sample index), image or None, caption, group, key); each worker ends with
+    (None, its skip counts in SKIP_REASONS order)."""
+
+    def __init__(self, urls: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]):
+        self.urls = list(urls)
+        self.transform = transform
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stats = SkipStats(log=log)
+        for u in range(worker, len(self.urls), num_workers):
+            for i, sample in enumerate(iter_samples([self.urls[u]], stats=stats)):
+                img = decode_sample(sample, stats)
+                image = self.transform(img) if img is not None else None
+                yield (u, i), image, sample.caption, sample_group(sample), sample.key
+        yield None, stats.as_vector()
+
+
+@dataclass
+class ShardFeatures:
+    features: torch.Tensor  # (N_kept, D) float32 on CPU, L2-normalised, in shard order
+    captions: list[str]  # caption of each row
+    groups: list[str]  # the image each row shows (meta "source", else shard:key; see sample_group)
+    names: list[tuple[str, str]]  # (shard, key) of each row
+    skipped: dict[str, int]  # samples skipped, by reason (decode_error, missing_caption, ...)
+
+
+@torch.no_grad()
+def extract_shard_features(
+    model: torch.nn.Module,
+    urls: Sequence[str],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    num_workers: int = 0,
+) -> ShardFeatures:
+    """Encode the images of every usable sample in the shards at `urls`, streaming (one pass).
+
+    Features are L2-normalised and returned in shard order whatever the number of workers. Bad samples
+    are skipped, logged and counted. Raises DataError if no sample at all is usable.
+    """
+    urls = list(urls)
+    try:
+        total = count_samples(urls)
+    except DataError:  # the stats files only size the progress bar
+        total = None
+    loader = DataLoader(
+        _ShardImages(urls, transform),
+        batch_size=batch_size,
+        num_workers=min(num_workers, len(urls)),
+        collate_fn=list,
+    )
+    chunks, rows, skipped = [], [], Counter()
+    bar = tqdm(total=total, desc="images", unit="img", disable=(total or 0) < PROGRESS_MIN_ITEMS)
+    with eval_mode(model), bar:
+        for batch in loader:
+            good = []
+            for item in batch:
+                if item[0] is None:  # a worker's final skip counts
+                    skipped.update(dict(zip(SKIP_REASONS, item[1])))
+                elif item[1] is not None:
+                    good.append(item)
+            if good:
+                images = torch.stack([item[1] for item in good]).to(device)  # (B, 3, S, S)
+                with _autocast(device, bf16):
+                    features = model.encode_image(images)  # (B, D)
+                chunks.append(F.normalize(features.float(), dim=-1).cpu())
+                rows.extend((order, caption, group, key) for order, _, caption, group, key in good)
+            bar.update(len(batch))
+    skipped = {k: v for k, v in skipped.items() if v}
+    if not rows:
+        raise DataError(f"no usable sample in the {len(urls)} shards (skipped: {skipped or 'none'})")
+    order = sorted(range(len(rows)), key=lambda r: rows[r][0])
+    return ShardFeatures(
+        features=torch.cat(chunks)[order],  # (N_kept, D)
+        captions=[rows[r][1] for r in order],
+        groups=[rows[r][2] for r in order],
+        names=[(urls[rows[r][0][0]], rows[r][3]) for r in order],
+        skipped=skipped,
+    )
 
 
 @torch.no_grad()

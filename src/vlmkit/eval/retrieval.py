@@ -5,6 +5,7 @@ image is in the top k; image-to-text is a hit when ANY of the image's captions i
 CLIP_benchmark: "image_retrieval_recall@k" is text->image, "text_retrieval_recall@k" image->text.
 """
 
+import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,9 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from vlmkit.data.manifest import read_manifest
+from vlmkit.data.shards import expand_shards, fetch_images, is_shard_spec
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
-from vlmkit.eval.features import extract_image_features, extract_text_features, result_dict
+from vlmkit.eval.features import (
+    extract_image_features,
+    extract_shard_features,
+    extract_text_features,
+    result_dict,
+)
 from vlmkit.eval.report import new_figure, save_figure, show_image
+
+IMAGE_SKIPS = ("decode_error", "decompression_bomb")  # shard skips counted as num_skipped (images)
 
 NUM_EXAMPLES = 4  # caption queries in retrieval_examples.png
 CHUNK_SIZE = 1024  # queries per similarity block, so a (25k x 5k) matrix is never held at once
@@ -74,7 +83,7 @@ def evaluate_retrieval(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
     preprocess_cfg: PreprocessConfig,
-    manifest_path: str | Path,
+    data: str | Path,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     model_name: str = "",
@@ -82,45 +91,84 @@ def evaluate_retrieval(
     bf16: bool = False,
     num_workers: int = 0,
 ) -> dict:
-    """Retrieval over a caption manifest; rows sharing an image path are one image with several captions.
+    """Retrieval over a caption manifest or shards (see `vlmkit.data.shards.expand_shards`).
 
-    `model` must already be on `device`. Captions of undecodable images are dropped. With `out_dir`,
-    also writes retrieval_examples.png. Returns a CLIP_benchmark-style result.
+    In a manifest, rows sharing an image path are one image with several captions; in shards, samples
+    sharing a "source" in their metadata are. `model` must already be on `device`. Captions of
+    undecodable images are dropped (`num_skipped` counts those images; `num_bad_rows` the rows or
+    samples skipped for other reasons). With `out_dir`, also writes retrieval_examples.png. Returns a
+    CLIP_benchmark-style result.
     """
-    samples, bad_rows = read_manifest(manifest_path)
-    image_index: dict[Path, int] = {}  # image path -> its index, in first-seen order
-    captions, caption_image = [], []
-    for sample in samples:
-        captions.append(sample.caption)
-        caption_image.append(image_index.setdefault(Path(sample.image), len(image_index)))
-    paths = list(image_index)
-
     transform = ImageTransform(preprocess_cfg, train=False)
-    images = extract_image_features(model, paths, transform, batch_size, device, bf16, num_workers)
-    row_of = {image: row for row, image in enumerate(images.kept)}  # input index -> feature row
-    keep = [j for j, image in enumerate(caption_image) if image in row_of]
-    captions = [captions[j] for j in keep]
-    text_to_image = torch.tensor([row_of[caption_image[j]] for j in keep], dtype=torch.long)  # (Nt,)
+    if is_shard_spec(data):
+        urls = expand_shards(data)
+        shards = extract_shard_features(model, urls, transform, batch_size, device, bf16, num_workers)
+        first_row: dict[str, int] = {}  # group -> the row of its first caption, which gives its image
+        for row, group in enumerate(shards.groups):
+            first_row.setdefault(group, row)
+        image_index = {group: i for i, group in enumerate(first_row)}
+        image_features = shards.features[list(first_row.values())]  # (Ni, D)
+        captions = shards.captions
+        text_to_image = torch.tensor([image_index[g] for g in shards.groups], dtype=torch.long)  # (Nt,)
+        image_names = [shards.names[row] for row in first_row.values()]
+        num_skipped = sum(shards.skipped.get(r, 0) for r in IMAGE_SKIPS)
+        num_bad_rows = sum(shards.skipped.values()) - num_skipped
+        dataset = Path(urls[0]).parent.name
+    else:
+        samples, bad_rows = read_manifest(data)
+        path_index: dict[Path, int] = {}  # image path -> its index, in first-seen order
+        captions, caption_image = [], []
+        for sample in samples:
+            captions.append(sample.caption)
+            caption_image.append(path_index.setdefault(Path(sample.image), len(path_index)))
+        paths = list(path_index)
+        images = extract_image_features(model, paths, transform, batch_size, device, bf16, num_workers)
+        row_of = {image: row for row, image in enumerate(images.kept)}  # input index -> feature row
+        keep = [j for j, image in enumerate(caption_image) if image in row_of]
+        captions = [captions[j] for j in keep]
+        text_to_image = torch.tensor([row_of[caption_image[j]] for j in keep], dtype=torch.long)  # (Nt,)
+        image_features = images.features
+        image_paths = [paths[i] for i in images.kept]
+        num_skipped, num_bad_rows = len(images.skipped), len(bad_rows)
+        dataset = Path(data).stem
     text_features = extract_text_features(model, tokenizer, captions, device=device, bf16=bf16)  # (Nt, D)
 
-    metrics = retrieval_metrics(images.features, text_features, text_to_image)
+    metrics = retrieval_metrics(image_features, text_features, text_to_image)
     metrics.update(
-        num_images=len(images.kept),
+        num_images=len(image_features),
         num_captions=len(captions),
-        num_skipped=len(images.skipped),
-        num_bad_rows=len(bad_rows),
+        num_skipped=num_skipped,
+        num_bad_rows=num_bad_rows,
     )
     if out_dir is not None:
-        kept_paths = [paths[i] for i in images.kept]
-        plot_retrieval_examples(
-            captions,
-            text_features,
-            text_to_image,
-            kept_paths,
-            images.features,
-            Path(out_dir) / "retrieval_examples.png",
-        )
-    return result_dict("zeroshot_retrieval", Path(manifest_path).stem, model_name, metrics)
+        plot = Path(out_dir) / "retrieval_examples.png"
+        if is_shard_spec(data):
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = _ShardImageFiles(image_names, Path(tmp))
+                plot_retrieval_examples(captions, text_features, text_to_image, paths, image_features, plot)
+        else:
+            plot_retrieval_examples(captions, text_features, text_to_image, image_paths, image_features, plot)
+    return result_dict("zeroshot_retrieval", dataset, model_name, metrics)
+
+
+class _ShardImageFiles(Sequence):
+    """Image i of a shard gallery as a file, fetched from its shard when first asked for (the plot
+    shows a dozen images of a gallery that may hold thousands)."""
+
+    def __init__(self, names: list[tuple[str, str]], folder: Path):
+        self.names, self.folder = names, folder
+        self.files: dict[int, Path] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        if i not in self.files:
+            shard, key = self.names[i]
+            ext, data = fetch_images(shard, {key})[key]
+            self.files[i] = self.folder / f"{i}.{ext}"
+            self.files[i].write_bytes(data)
+        return self.files[i]
 
 
 def plot_retrieval_examples(

@@ -5,6 +5,9 @@ A vlmkit model folder (a finished training run, or any checkpoint inside one) ho
     config.json         {"vlmkit_version", "model_name", "model": <CLIPConfig>}
     tokenizer.json      the Hugging Face `tokenizers` file the model was trained with
     preprocess.json     image size, mean/std, resize mode
+
+`load_pretrained` also reads Hugging Face CLIP / SigLIP folders (a `config.json` with "model_type"; see
+`vlmkit.models.hf`), so every command that takes `--model` accepts either kind.
 """
 
 from __future__ import annotations
@@ -66,22 +69,30 @@ def _json(d: dict) -> str:
 
 
 def is_model_dir(path: str | Path) -> bool:
+    """True for a vlmkit model folder or a Hugging Face CLIP/SigLIP-style folder (config.json + weights)."""
+    from vlmkit.models.hf import is_hf_dir
+
     path = Path(path)
-    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+    return ((path / WEIGHTS).is_file() and (path / CONFIG).is_file()) or is_hf_dir(path)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a vlmkit model folder: model (eval mode), tokenizer and preprocessing config."""
+    """Load a model folder, vlmkit's or Hugging Face's: model (eval mode), tokenizer and preprocessing config."""
     from vlmkit.data.tokenizer import Tokenizer
     from vlmkit.data.transforms import PreprocessConfig
+    from vlmkit.models.hf import load_hf
 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"model folder not found: {path}")
+    if not (path / CONFIG).is_file():
+        raise ConfigError(f"{path} is not a model folder: expected {CONFIG} and {WEIGHTS} in it")
+    meta = load_json(path / CONFIG)
+    if isinstance(meta, dict) and "model_type" in meta and "model" not in meta:
+        return load_hf(path, device)  # a Hugging Face folder
     if not is_model_dir(path):
         raise ConfigError(f"{path} is not a model folder: expected {WEIGHTS} and {CONFIG} in it")
-    meta = load_json(path / CONFIG)
-    if "model" not in meta:
+    if not isinstance(meta, dict) or "model" not in meta:
         raise ConfigError(f"{path / CONFIG}: no 'model' key; is this a vlmkit model folder?")
     cfg = from_dict(CLIPConfig, meta["model"], where=str(path / CONFIG))
     model = CLIP(cfg)

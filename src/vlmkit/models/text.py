@@ -22,15 +22,17 @@ class TextConfig:
     act: str = "gelu"
     norm_eps: float = 1e-5
     causal: bool = True  # CLIP's text tower is causal; SigLIP's is bidirectional
-    pool: str = "eot"  # "eot" (first end-of-text token, as CLIP), "last" (SigLIP) or "first"
+    # "eot" (first end-of-text token, as CLIP), "last" (SigLIP), "first", or "argmax": the largest id, which
+    # is the end token in OpenAI's vocabulary; Hugging Face pools legacy CLIP configs (eos_token_id 2) this way
+    pool: str = "eot"
     eot_token_id: int = 2
     pad_token_id: int = 0
     proj: bool = True
     proj_bias: bool = False  # SigLIP's text head has a bias
 
     def __post_init__(self):
-        if self.pool not in ("eot", "last", "first"):
-            raise ConfigError(f"text.pool must be 'eot', 'last' or 'first', not {self.pool!r}")
+        if self.pool not in ("eot", "last", "first", "argmax"):
+            raise ConfigError(f"text.pool must be 'eot', 'last', 'first' or 'argmax', not {self.pool!r}")
 
 
 class TextTransformer(nn.Module):
@@ -68,6 +70,8 @@ class TextTransformer(nn.Module):
             return torch.zeros(B, dtype=torch.long, device=text.device)
         if self.cfg.pool == "last":
             return torch.full((B,), T - 1, dtype=torch.long, device=text.device)
+        if self.cfg.pool == "argmax":
+            return text.argmax(dim=1)  # (B,), the first of equal maxima
         # Index of the first end-of-text token; rows without one (over-long, truncated badly) use the last.
         is_eot = text == self.cfg.eot_token_id  # (B, T)
         return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), T - 1)  # (B,)

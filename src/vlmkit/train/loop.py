@@ -17,8 +17,9 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,17 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import save_json, to_dict
 from vlmkit.data.manifest import ImageTextDataset
+from vlmkit.data.shards import (
+    SKIP_REASONS,
+    ShardStream,
+    SkipStats,
+    StreamPosition,
+    count_samples,
+    expand_shards,
+    is_shard_spec,
+    iter_captions,
+    load_pairs,
+)
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import ConfigError, DataError, VlmkitError
@@ -37,6 +49,7 @@ from vlmkit.losses import create_loss
 from vlmkit.models.clip import CLIP
 from vlmkit.models.pretrained import save_pretrained
 from vlmkit.models.registry import get_model_config
+from vlmkit.nn.lora import DEFAULT_TARGETS, has_lora, merged_copy
 from vlmkit.train import distributed as dist
 from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vlmkit.train.optim import WarmupCosine, create_optimizer, create_scheduler
@@ -50,8 +63,8 @@ class TrainConfig:
 
     model: str = "clip-tiny"  # a name from `vlmkit.models.list_models()`
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. {"vision.layers": 6}
-    train_data: str = ""  # JSONL/CSV manifest of {"image", "caption"}
-    val_data: str | None = None  # manifest for periodic loss + retrieval evaluation
+    train_data: str = ""  # JSONL/CSV manifest of {"image", "caption"}, or shards (dir/{00000..00127}.tar)
+    val_data: str | None = None  # manifest or shards for periodic loss + retrieval evaluation
     zeroshot_data: str | None = None  # ImageFolder for periodic + final zero-shot evaluation
     zeroshot_templates: list[str] | None = None  # templates or template files; None = defaults
     out: str = "runs/clip"
@@ -81,9 +94,23 @@ class TrainConfig:
     max_bad_fraction: float = 0.01
     num_workers: int = 0
     cache_images: bool = True  # decode once and keep (downscaled) in memory; off for data larger than RAM
+    shuffle_buffer: int = 1000  # shards: samples in each reader's shuffle buffer
+    resampled: bool = False  # shards: every reader draws shards with replacement (infinite) instead of
+    # reading its own disjoint share of them
     compile: bool = False
     grad_checkpointing: bool = False
     resume: bool = False
+    # Transfer learning (see vlmkit.train.transfer). `init_from` is a model folder (a vlmkit run or a Hugging
+    # Face CLIP/SigLIP folder): its config, tokenizer and preprocessing replace model, model_overrides,
+    # tokenizer, vocab_size, mean and std.
+    init_from: str | None = None
+    lock_image: bool = False  # LiT: freeze the image tower and keep it in eval mode
+    freeze: list[str] = field(default_factory=list)  # regexes over parameter names: frozen, not optimised
+    lr_scale: dict[str, float] = field(default_factory=dict)  # regex -> lr multiplier; 0 freezes
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the weights; merged when saved
+    lora_alpha: float | None = None  # LoRA scaling is lora_alpha / lora_rank; None = lora_rank
+    lora_targets: str = DEFAULT_TARGETS  # regex over module names of the Linears to adapt
+    lora_also_train: list[str] = field(default_factory=list)  # with LoRA: regexes of params that train too
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp32"):
@@ -92,6 +119,27 @@ class TrainConfig:
             raise ConfigError("batch_size must be at least 2: contrastive losses need negatives")
         if self.grad_accum < 1:
             raise ConfigError("grad_accum must be >= 1")
+        # `--set freeze=REGEX` gives a string, `--set lr_scale.REGEX=0.1` a string factor
+        self.freeze = [self.freeze] if isinstance(self.freeze, str) else list(self.freeze)
+        if isinstance(self.lora_also_train, str):
+            self.lora_also_train = [self.lora_also_train]
+        scales = {}
+        for pattern, factor in self.lr_scale.items():
+            try:
+                scales[pattern] = float(factor)
+            except (TypeError, ValueError):
+                scales[pattern] = -1.0
+            if not scales[pattern] >= 0:
+                raise ConfigError(f"lr_scale {pattern!r}: the factor must be a number >= 0, not {factor!r}")
+        self.lr_scale = scales
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be an integer >= 0 (0 = no LoRA), not {self.lora_rank!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0, not {self.lora_alpha!r}")
+        if self.lora_also_train and not self.lora_rank:
+            raise ConfigError(
+                "lora_also_train needs lora_rank > 0; without LoRA everything not frozen trains"
+            )
 
 
 class Trainer:
@@ -129,7 +177,13 @@ class Trainer:
             )
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
         if not cfg.train_data:
-            raise ConfigError("no training data: pass --train-data MANIFEST (JSONL or CSV of image, caption)")
+            raise ConfigError(
+                "no training data: pass --train-data MANIFEST (JSONL or CSV of image, caption) or SHARDS"
+            )
+        self.train_urls = None
+        if is_shard_spec(cfg.train_data):
+            self.train_urls = expand_shards(cfg.train_data)
+            num_pairs = count_samples(self.train_urls)  # from the stats files: fail before any work
         torch.manual_seed(cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
@@ -140,56 +194,78 @@ class Trainer:
 
         # Model config first: it fixes the image size and context length the data needs.
         overrides = dict(cfg.model_overrides)
-        self.model_cfg = get_model_config(cfg.model, **overrides)
-        self.preprocess = PreprocessConfig(
-            image_size=self.model_cfg.vision.image_size,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-            crop_scale=tuple(cfg.crop_scale),
-        )
-        self.tokenizer = self._build_tokenizer()
-        self.model_cfg = get_model_config(
-            cfg.model,
-            **{
-                "text.vocab_size": self.tokenizer.vocab_size,
-                "text.eot_token_id": self.tokenizer.eot_token_id,
-                "text.pad_token_id": self.tokenizer.pad_token_id,
-                **overrides,
-            },
-        )
+        pretrained = self._load_init_from() if cfg.init_from else None
+        self.model_name = pretrained.name if pretrained is not None else cfg.model
+        if pretrained is not None:
+            self.model_cfg = pretrained.model.cfg
+            self.preprocess = replace(pretrained.preprocess, crop_scale=tuple(cfg.crop_scale))
+        else:
+            self.model_cfg = get_model_config(cfg.model, **overrides)
+            self.preprocess = PreprocessConfig(
+                image_size=self.model_cfg.vision.image_size,
+                mean=tuple(cfg.mean),
+                std=tuple(cfg.std),
+                crop_scale=tuple(cfg.crop_scale),
+            )
+        # Training images travel as uint8 and are normalised on the device (see _train_step).
+        self.train_transform = ImageTransform(self.preprocess, train=True, uint8=True)
+        if pretrained is not None:
+            self.tokenizer = pretrained.tokenizer  # a pretrained text tower needs its own tokenizer
+        else:
+            self.tokenizer = self._build_tokenizer()
+            self.model_cfg = get_model_config(
+                cfg.model,
+                **{
+                    "text.vocab_size": self.tokenizer.vocab_size,
+                    "text.eot_token_id": self.tokenizer.eot_token_id,
+                    "text.pad_token_id": self.tokenizer.pad_token_id,
+                    **overrides,
+                },
+            )
 
-        self.train_set = ImageTextDataset(
-            cfg.train_data,
-            ImageTransform(self.preprocess, train=True),
-            max_bad_fraction=cfg.max_bad_fraction,
-            seed=cfg.seed,
-            log=log,
-            cache_images=cfg.cache_images,
-            cache_short_side=2 * self.preprocess.image_size,
-        )
-        if len(self.train_set) < cfg.batch_size:
+        if self.train_urls is not None:
+            self.train_set = None
+            self._setup_shard_state()
+        else:
+            self.train_set = ImageTextDataset(
+                cfg.train_data,
+                self.train_transform,
+                max_bad_fraction=cfg.max_bad_fraction,
+                seed=cfg.seed,
+                log=log,
+                cache_images=cfg.cache_images,
+                cache_short_side=2 * self.preprocess.image_size,
+            )
+            num_pairs = len(self.train_set)
+        if num_pairs < cfg.batch_size:
             raise DataError(
-                f"{cfg.train_data}: {len(self.train_set)} usable pairs, fewer than one batch ({cfg.batch_size}); "
+                f"{cfg.train_data}: {num_pairs} usable pairs, fewer than one batch ({cfg.batch_size}); "
                 "lower --set batch_size=N"
             )
-        self.steps_per_epoch = len(self.train_set) // cfg.batch_size
+        self.steps_per_epoch = num_pairs // cfg.batch_size
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.val = self._build_val()
 
-        self.model = CLIP(self.model_cfg).to(self.device)
+        self.model = (pretrained.model if pretrained is not None else CLIP(self.model_cfg)).to(self.device)
+        del pretrained
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.optimizer = create_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps)
+        self._prepare_transfer()
+        self.optimizer = create_optimizer(
+            self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps, lr_scale=cfg.lr_scale
+        )
         self.schedule = WarmupCosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
         self.scheduler = create_scheduler(self.optimizer, self.schedule)
         self.loss_fn = create_loss(self.model_cfg.loss)
         self.elapsed_before = 0.0
         if self.resume_from is not None:
-            state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            state = self._load_checkpoint(self.resume_from)
             self.step = state["step"]
             self.total_steps = state["total_steps"]
             self.schedule.total = self.total_steps
             self.elapsed_before = state.get("elapsed_s", 0.0)
+            if self.train_urls is not None:
+                self._restore_shard_state(state.get("data"))
             if dist.is_main():
                 log.info("resumed from %s at step %d", self.resume_from, self.step)
         self.train_model = self.model
@@ -200,6 +276,78 @@ class Trainer:
             self.train_model = DDP(self.train_model, device_ids=ids)
         if dist.is_main():
             save_json(self.resolved_config(), self.out / "train_config.json")
+
+    def _load_init_from(self):
+        """The `init_from` model folder, loaded (vlmkit run or Hugging Face folder) on this process's device."""
+        from vlmkit.models.pretrained import load_pretrained
+
+        cfg = self.cfg
+        if cfg.tokenizer:
+            raise ConfigError(
+                f"tokenizer and init_from are both set; a model from {cfg.init_from} keeps its own tokenizer: "
+                "drop --tokenizer"
+            )
+        pretrained = load_pretrained(cfg.init_from, self.device)
+        if pretrained.tokenizer is None:
+            raise ConfigError(
+                f"{cfg.init_from} has no tokenizer.json; fine-tuning the text tower needs the tokenizer it was "
+                "trained with"
+            )
+        if dist.is_main():
+            log.info(
+                "init_from %s: model config, tokenizer and preprocessing come from it "
+                "(model=%r, model_overrides=%r, vocab_size, mean and std are ignored)",
+                cfg.init_from,
+                cfg.model,
+                cfg.model_overrides,
+            )
+        return pretrained
+
+    def _prepare_transfer(self) -> None:
+        """Freeze (`freeze`, `lock_image`) and add LoRA adapters as the config says; log what trains."""
+        from vlmkit.train.transfer import prepare_model
+
+        cfg = self.cfg
+        self.transfer = prepare_model(
+            self.model,
+            freeze=cfg.freeze,
+            lock_image=cfg.lock_image,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_targets=cfg.lora_targets,
+            lora_also_train=cfg.lora_also_train,
+        )
+        t = self.transfer
+        if dist.is_main() and t.trainable < t.total:
+            log.info(
+                "training %d of %d parameters (%.2f%%)%s",
+                t.trainable,
+                t.total,
+                100 * t.trainable / t.total,
+                f"; LoRA rank {cfg.lora_rank} on {len(t.lora)} Linears" if t.lora else "",
+            )
+
+    def _train_mode(self) -> None:
+        """Training mode, except a locked image tower (LiT), which stays in eval mode."""
+        self.model.train()
+        if self.cfg.lock_image:
+            self.model.visual.eval()
+
+    def _plain_model(self) -> torch.nn.Module:
+        """The model to save: LoRA adapters merged into plain weights (the run itself keeps them)."""
+        return merged_copy(self.model) if has_lora(self.model) else self.model
+
+    def _load_checkpoint(self, ckpt: Path) -> dict:
+        if not has_lora(self.model):
+            return load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        from vlmkit.train.transfer import LORA_FILE, restore_lora
+
+        # model.safetensors holds merged weights: read them into a plain copy, then put the adapters
+        # (lora.safetensors) back on the base weights this run starts from (init_from, or the seeded init).
+        plain = merged_copy(self.model)
+        state = load_checkpoint(ckpt, plain, self.optimizer, self.scheduler)
+        restore_lora(self.model, plain.state_dict(), ckpt / LORA_FILE)
+        return state
 
     def resolved_config(self) -> dict:
         return {
@@ -218,12 +366,15 @@ class Trainer:
         if saved.is_file() and (cfg.resume or not dist.is_main()):
             return Tokenizer.from_file(saved, context_length=ctx)
         if dist.is_main():
-            from vlmkit.data.manifest import read_manifest
+            if self.train_urls is not None:
+                captions = list(iter_captions(self.train_urls))
+            else:
+                from vlmkit.data.manifest import read_manifest
 
-            samples, _ = read_manifest(cfg.train_data)
-            if not samples:
+                captions = [s.caption for s in read_manifest(cfg.train_data)[0]]
+            if not captions:
                 raise DataError(f"no usable rows in {cfg.train_data}")
-            tok = Tokenizer.train((s.caption for s in samples), vocab_size=cfg.vocab_size, context_length=ctx)
+            tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=ctx)
             tok.save(saved)
         dist.barrier()
         return Tokenizer.from_file(saved, context_length=ctx)
@@ -233,11 +384,16 @@ class Trainer:
         cfg, val = self.cfg, {}
         eval_tf = ImageTransform(self.preprocess, train=False)
         if cfg.val_data:
-            ds = ImageTextDataset(cfg.val_data, eval_tf, max_bad_fraction=cfg.max_bad_fraction, log=log)
-            val["images"] = torch.stack([ds[i][0] for i in range(len(ds))])
-            val["tokens"] = self.tokenizer(ds.captions)
-            # Rows that share an image path are one image with several captions.
-            paths = [str(p) for p in ds.image_paths]
+            if is_shard_spec(cfg.val_data):
+                images, captions, paths = load_pairs(cfg.val_data, eval_tf, SkipStats(log=log))
+            else:
+                ds = ImageTextDataset(cfg.val_data, eval_tf, max_bad_fraction=cfg.max_bad_fraction, log=log)
+                images = [ds[i][0] for i in range(len(ds))]
+                captions, paths = ds.captions, [str(p) for p in ds.image_paths]
+            val["images"] = torch.stack(images)
+            val["tokens"] = self.tokenizer(captions)
+            # Rows that share an image path (shard samples that share a source) are one image with
+            # several captions.
             first_row: dict[str, int] = {}
             for row, p in enumerate(paths):
                 first_row.setdefault(p, row)
@@ -259,6 +415,8 @@ class Trainer:
     # ---------------------------------------------------------------- data
     def _batches(self, epoch: int, start: int):
         """This process's micro-batches of `epoch`, from global batch `start` on (for exact resumes)."""
+        if self.train_urls is not None:
+            return self._shard_batches(epoch, start)
         cfg, world, rank = self.cfg, self.info.world_size, self.info.rank
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         perm = torch.randperm(len(self.train_set), generator=g).tolist()
@@ -282,6 +440,134 @@ class Trainer:
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
         )
+
+    # ---------------------------------------------------------------- shard data
+    def _setup_shard_state(self) -> None:
+        cfg, world = self.cfg, self.info.world_size
+        self.num_workers = cfg.num_workers
+        per_rank = len(self.train_urls) // world  # the smallest share of shards a process gets
+        if not cfg.resampled and 0 < per_rank < cfg.num_workers:
+            self.num_workers = per_rank
+            if dist.is_main():
+                log.warning(
+                    "%d shards per process: using %d DataLoader workers instead of %d "
+                    "(each worker reads its own shards)",
+                    per_rank,
+                    per_rank,
+                    cfg.num_workers,
+                )
+        self.skipped_before = Counter()  # this process's skips before the current epoch's stream
+        self.stream_epoch = -1
+        self.stream_workers: dict[int, tuple[int, tuple[int, ...]]] = {}  # worker -> (consumed, skips)
+        self.resume_position: tuple[int, StreamPosition] | None = None
+
+    def _restore_shard_state(self, data: dict | None) -> None:
+        """Take this process's data position and skip counts from a checkpoint's trainer state."""
+        rank, workers = self.info.rank, max(1, self.num_workers)
+        epoch, start = divmod(self.step, self.steps_per_epoch)
+        if data is None:
+            return
+        self.skipped_before = Counter(dict(zip(SKIP_REASONS, data["skipped"][rank])))
+        same = data["world_size"] == self.info.world_size and data["num_workers"] == workers
+        if start and data["epoch"] == epoch and same:
+            next_worker = start * self.cfg.grad_accum % workers
+            self.resume_position = (epoch, StreamPosition(list(data["consumed"][rank]), next_worker))
+        elif start and dist.is_main():
+            log.warning(
+                "the checkpoint's data position is for %d processes x %d workers, this run has %d x %d: "
+                "resuming at about the same place in the epoch, not exactly",
+                data["world_size"],
+                data["num_workers"],
+                self.info.world_size,
+                workers,
+            )
+
+    def _shard_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cfg, workers = self.cfg, max(1, self.num_workers)
+        self.skipped_before += self._stream_skips()  # close the previous epoch's stream
+        position = None
+        if start:
+            if self.resume_position is not None and self.resume_position[0] == epoch:
+                position = self.resume_position[1]
+            else:  # no exact position: skip about as many samples as were used
+                used = start * cfg.grad_accum * self.micro_batch // workers
+                position = StreamPosition([used] * workers)
+        self.resume_position = None
+        self.stream_epoch = epoch
+        self.stream_workers = (
+            {w: (c, (0,) * len(SKIP_REASONS)) for w, c in enumerate(position.consumed)} if position else {}
+        )
+        stream = ShardStream(
+            self.train_urls,
+            self.train_transform,
+            seed=cfg.seed,
+            epoch=epoch,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            shuffle_buffer=cfg.shuffle_buffer,
+            repeat=True,
+            resampled=cfg.resampled,
+            position=position,
+            track_position=True,
+            log=log,
+        )
+        tokenizer = self.tokenizer
+
+        def collate(items):
+            images = torch.stack([it[0] for it in items])  # (B, 3, H, W)
+            return images, tokenizer([it[1] for it in items]), items[-1][2]  # (B, T), position
+
+        loader = DataLoader(
+            stream,
+            batch_size=self.micro_batch,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+        def batches():
+            for images, tokens, (worker, consumed, skips) in loader:
+                self.stream_workers[worker] = (consumed, skips)
+                yield images, tokens
+            raise DataError(
+                f"the shards of process {self.info.rank} gave no usable samples at all "
+                f"(skipped: {dict(self._skip_counts())}); see train.log"
+            )
+
+        return batches()
+
+    def _stream_skips(self) -> Counter:
+        """Skips counted by the current epoch's stream (each worker's latest count)."""
+        total = Counter()
+        for _, skips in self.stream_workers.values():
+            total.update(dict(zip(SKIP_REASONS, skips)))
+        return total
+
+    def _skip_counts(self) -> Counter:
+        """This process's skipped samples so far, by reason."""
+        return self.skipped_before + self._stream_skips()
+
+    def _gather(self, values: list[int]) -> list[list[int]]:
+        """Each process's `values` (as long on every process), on every process: a collective."""
+        world = self.info.world_size
+        if world == 1:
+            return [list(values)]
+        full = torch.zeros(world, len(values), dtype=torch.float64, device=self.device)  # exact < 2**53
+        full[self.info.rank] = torch.tensor(values, dtype=torch.float64, device=self.device)
+        full = dist.all_reduce_mean(full) * world
+        return full.round().long().cpu().tolist()
+
+    def _data_state(self) -> dict:
+        """Every process's data position and skip counts, for the checkpoint (a collective)."""
+        workers = max(1, self.num_workers)
+        skips = self._skip_counts()
+        return {
+            "epoch": self.stream_epoch,
+            "world_size": self.info.world_size,
+            "num_workers": workers,
+            "consumed": self._gather([self.stream_workers.get(w, (0,))[0] for w in range(workers)]),
+            "skipped": self._gather([skips[r] for r in SKIP_REASONS]),
+        }
 
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
@@ -310,7 +596,8 @@ class Trainer:
                 feats = _encode(model.encode_image, self.val["zs_images"], self.device)
                 pred = (feats @ clf.to(feats.dtype)).argmax(dim=1)
                 metrics["val/zeroshot_acc1"] = (pred.cpu() == self.val["zs_labels"]).float().mean().item()
-        model.train(was_training)
+        if was_training:
+            self._train_mode()
         return metrics
 
     def autocast(self):
@@ -331,7 +618,7 @@ class Trainer:
         step_times: list[float] = []
         last_saved = self.step
         try:
-            self.model.train()
+            self._train_mode()
             while self.step < self.total_steps and not self.stop_requested:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 loader = iter(self._batches(epoch, start))
@@ -392,7 +679,8 @@ class Trainer:
         cfg, total = self.cfg, 0.0
         for micro in range(cfg.grad_accum):
             images, tokens = next(loader)
-            images = images.to(self.device, non_blocking=True)
+            # uint8 from the loader (a quarter of the bytes to ship), normalised here on the device
+            images = self.train_transform.normalize(images.to(self.device, non_blocking=True))
             tokens = tokens.to(self.device, non_blocking=True)
             sync = micro == cfg.grad_accum - 1 or not isinstance(self.train_model, DDP)
             ctx = self.train_model.no_sync() if not sync else contextlib.nullcontext()
@@ -469,27 +757,42 @@ class Trainer:
         }
 
     def save(self) -> None:
+        state = self.trainer_state()
+        if self.train_urls is not None:
+            state["data"] = self._data_state()  # every process takes part
         if dist.is_main():
-            save_checkpoint(
+            path = save_checkpoint(
                 self.out,
                 self.step,
-                self.model,
+                self._plain_model(),
                 self.optimizer,
                 self.scheduler,
-                self.trainer_state(),
+                state,
                 self.resolved_config(),
                 tokenizer=self.tokenizer,
                 preprocess=self.preprocess,
                 keep_last=self.cfg.keep_last,
-                model_name=self.cfg.model,
+                model_name=self.model_name,
             )
+            if has_lora(self.model):  # the unmerged adapters, for --resume
+                from vlmkit.train.transfer import save_lora
+
+                save_lora(self.model, path)
         dist.barrier()
 
     def finish(self) -> dict:
         """Save the final model to the run folder, evaluate it, write the report."""
         results: dict = {"step": self.step, "stopped_early": self.step < self.total_steps}
+        if self.train_urls is not None:
+            skips = self._skip_counts()
+            totals = np.sum(self._gather([skips[r] for r in SKIP_REASONS]), axis=0).tolist()
+            results["data_skipped"] = {r: n for r, n in zip(SKIP_REASONS, totals) if n}
+            if dist.is_main() and results["data_skipped"]:
+                log.info("samples skipped during training: %s", results["data_skipped"])
         if dist.is_main():
-            save_pretrained(self.model, self.out, self.tokenizer, self.preprocess, name=self.cfg.model)
+            save_pretrained(
+                self._plain_model(), self.out, self.tokenizer, self.preprocess, name=self.model_name
+            )
             final = self.evaluate()
             self.log_metrics(final)
             results.update(final)
@@ -551,13 +854,20 @@ def _tensorboard_writer(out: Path):
 
 
 def _setup_file_log(path: Path) -> None:
-    """Everything the trainer logs (skipped rows, evaluations) also goes to <run>/train.log."""
+    """Everything the trainer logs (skipped rows, evaluations) also goes to <run>/train.log.
+
+    A later run in the same process (the demos train several) takes over: earlier runs' logs are closed.
+    """
     logger = logging.getLogger("vlmkit")
-    if not any(
-        isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in logger.handlers
-    ):
+    target = str(path.resolve())
+    for h in list(logger.handlers):
+        if getattr(h, "vlmkit_run_log", False) and h.baseFilename != target:
+            logger.removeHandler(h)
+            h.close()
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.vlmkit_run_log = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
 
+from vlmkit.errors import ConfigError
 from vlmkit.models.clip import no_weight_decay_names
+from vlmkit.nn.lora import compile_regex
 
 
 def param_groups(
@@ -16,19 +17,25 @@ def param_groups(
 ) -> list[dict]:
     """Split parameters into groups: no weight decay on gains, biases, embeddings and the logit scale.
 
-    `lr_scale` maps regular expressions over parameter names to learning-rate multipliers
-    (the first match wins; a multiplier of 0 freezes the parameter).
+    `lr_scale` maps regular expressions over parameter names (re.search) to learning-rate multipliers
+    (the first match wins; a multiplier of 0 freezes the parameter). A pattern that matches no
+    parameter name at all is a ConfigError: it is almost always a typo. Parameters with
+    requires_grad False are left out of every group.
     """
     no_decay = no_weight_decay_names(model)
+    scales = [(compile_regex(pattern, "lr_scale"), float(s)) for pattern, s in (lr_scale or {}).items()]
+    names = [name for name, _ in model.named_parameters()]
+    for (regex, _), pattern in zip(scales, lr_scale or {}):
+        if not any(regex.search(name) for name in names):
+            raise ConfigError(
+                f"lr_scale {pattern!r} matches no parameter name; names look like "
+                f"{names[0]!r} (see model.named_parameters())"
+            )
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = 1.0
-        for pattern, s in (lr_scale or {}).items():
-            if re.search(pattern, name):
-                scale = s
-                break
+        scale = next((s for regex, s in scales if regex.search(name)), 1.0)
         if scale == 0:
             p.requires_grad_(False)
             continue
@@ -49,6 +56,10 @@ def create_optimizer(
     lr_scale: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay, lr, lr_scale)
+    if not groups:
+        raise ConfigError(
+            "nothing left to train: every parameter is frozen (freeze, lock_image or lr_scale 0)"
+        )
     # The fused implementation updates every parameter in one kernel per group (about 9x faster on CPU).
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
