@@ -133,6 +133,31 @@ def test_pooled_fast_path_equals_full_towers_in_float64(name):
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
 
 
+@pytest.mark.parametrize("pool", ["eot", "argmax"])
+def test_causal_text_drops_padding_after_the_last_pooled_token(pool):
+    """Short captions padded to the context length: the same features and gradients as all tokens."""
+    model = small_model("clip-tiny", **{"text.pool": pool}).double()
+    text = torch.zeros(3, 16, dtype=torch.long)  # pad id 0 after each caption
+    for row, n in enumerate([4, 7, 5]):
+        text[row, : n - 1] = random_tokens(1, n - 1, seed=row)[0]
+        text[row, n - 1] = EOT if pool == "eot" else 49  # argmax pooling reads the largest id
+    outs, grads = [], []
+    for fast in (True, False):
+        model.zero_grad()
+        if fast:
+            feats = model.text(text)
+        else:  # every token through every block, then the pooled one
+            feats = model.text.proj(model.text.pool(model.text.forward_tokens(text), text))
+        (feats * torch.linspace(-1, 1, feats.shape[-1], dtype=feats.dtype)).sum().backward()
+        outs.append(feats.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[0], outs[1])
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+    # the positions after the longest caption carry no gradient: they were never computed
+    assert (grads[0]["text.positional_embedding"][7:] == 0).all()
+
+
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])
 def test_position_embeddings_resampled_for_other_image_sizes(name):
     model = small_model(name)

@@ -81,7 +81,15 @@ class TextTransformer(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), self.pool_index(text)]
 
     def forward(self, text: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        index = self.pool_index(text)
+        if self.cfg.causal and text.shape[1] > 1:
+            # A causal tower's token i sees only tokens 0..i, so nothing after the last pooled position can
+            # change the result: drop that padding. Captions padded to the context length get much cheaper.
+            keep = int(index.max()) + 1
+            if keep < text.shape[1]:
+                text = text[:, :keep]
+                attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
         # Only one token per row is read out, so the last block runs its query and MLP for it alone.
-        x = self.transformer(self.embed(text), index=self.pool_index(text), **self._mask(attention_mask))
+        x = self.transformer(self.embed(text), index=index, **self._mask(attention_mask))
         pooled = self.ln_final(x)  # (B, C)
         return self.proj(pooled) if self.proj is not None else pooled  # (B, D)
