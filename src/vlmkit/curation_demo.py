@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -33,17 +34,6 @@ METRICS = {
     "text_retrieval_recall@5": ("retrieval", "text_retrieval_recall@5"),
     "image_retrieval_recall@5": ("retrieval", "image_retrieval_recall@5"),
 }
-
-
-def _data_is_current(data: Path, seed: int, data_args: dict) -> bool:
-    meta = data / "dataset.json"
-    if not meta.is_file() or not (data / "train.jsonl").is_file():
-        return False
-    saved = load_json(meta)
-    want = json.loads(json.dumps({"seed": seed, **data_args}))
-    noise = {"mismatched": NOISE["mismatch_fraction"], "duplicate": NOISE["duplicate_fraction"]}
-    noise |= {"tiny": NOISE["tiny_fraction"], "blank": NOISE["blank_fraction"]}
-    return all(saved.get(k) == v for k, v in want.items()) and saved.get("noise") == noise
 
 
 def _metrics(run: Path) -> dict[str, float]:
@@ -90,7 +80,7 @@ def curation_demo(
     """
     from vlmkit.data.curation import DedupImages, ImageSize, ModelScore, curate, load_pool
     from vlmkit.data.shard_writer import write_shards
-    from vlmkit.data.synthetic import generate
+    from vlmkit.data.synthetic import generate, is_current
     from vlmkit.recipes import get_recipe
     from vlmkit.train.loop import train
 
@@ -98,7 +88,7 @@ def curation_demo(
     out = Path(out)
     data_args = dict(DATA_ARGS if data_args is None else data_args)
     data, noisy_shards = out / "data", out / "shards" / "noisy"
-    if _data_is_current(data, seed, data_args) and (noisy_shards / "00000_stats.json").is_file():
+    if is_current(data, seed=seed, **data_args, **NOISE) and (noisy_shards / "00000_stats.json").is_file():
         print(f"[1/5] using the noisy pool in {data} and its shards in {noisy_shards}")
     else:
         print(f"[1/5] writing a noisy 'shapes' pool to {data}, sharding it into {noisy_shards}")
@@ -143,8 +133,6 @@ def curation_demo(
     ]
     curated_dir = out / "shards" / "curated"
     if curated_dir.exists():
-        import shutil
-
         shutil.rmtree(curated_dir)
     with load_pool(noisy_shards) as pool:
         truth = [s.meta.get("extra", {}).get("corruption") for s in pool.samples]

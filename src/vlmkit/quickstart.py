@@ -13,8 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-from vlmkit.config import load_json
-
 log = logging.getLogger("vlmkit.quickstart")
 
 # Prompts in the captions' own register: the captions say "a small red circle", "there is ...".
@@ -33,20 +31,11 @@ DATA_ARGS = dict(
 )
 
 
-def _data_is_current(data_dir: Path, seed: int) -> bool:
-    meta = data_dir / "dataset.json"
-    if not meta.is_file() or not (data_dir / "train.jsonl").is_file():
-        return False
-    saved = load_json(meta)
-    want = json.loads(json.dumps({"seed": seed, **DATA_ARGS}))  # tuples as JSON lists, as saved
-    return all(saved.get(k) == v for k, v in want.items())
-
-
 def quickstart(
     out: str | Path = "runs/quickstart", time_budget: float = 3.9, recipe: str = "clip-tiny", seed: int = 0
 ) -> dict:
     """Run the quickstart; returns the headline metrics. Prints a summary and the report's path."""
-    from vlmkit.data.synthetic import generate
+    from vlmkit.data.synthetic import generate, is_current
     from vlmkit.eval.features import save_results
     from vlmkit.eval.linear_probe import evaluate_linear_probe
     from vlmkit.eval.report import write_report
@@ -56,7 +45,7 @@ def quickstart(
     t0 = time.perf_counter()
     out = Path(out)
     data = out / "data"
-    if _data_is_current(data, seed):
+    if is_current(data, seed=seed, **DATA_ARGS):
         print(f"[1/4] using the synthetic data in {data}")
     else:
         print(f"[1/4] writing the synthetic 'shapes' dataset to {data}")

@@ -21,7 +21,6 @@ import shutil
 import time
 from pathlib import Path
 
-from vlmkit.config import load_json
 from vlmkit.quickstart import SHAPES_TEMPLATES
 
 HELD_OUT_SHAPES = ("star", "diamond")
@@ -45,18 +44,6 @@ METHODS = {
     "lora": (dict(lr=3e-3, lora_rank=8), "LoRA r=8"),  # a low-rank update wants a larger step
 }
 WISE_ALPHA = 0.5
-
-
-def _data_is_current(data: Path, seed: int, data_args: dict) -> bool:
-    meta = data / "dataset.json"
-    if not meta.is_file() or not (data / "train.jsonl").is_file():
-        return False
-    saved = load_json(meta)
-    want = json.loads(json.dumps({"seed": seed, **data_args}))  # tuples as JSON lists, as saved
-    for key in ("exclude_colours", "exclude_shapes"):  # saved in palette order, only when used
-        if sorted(want.pop(key, [])) != sorted(saved.get(key, [])):
-            return False
-    return all(saved.get(k) == v for k, v in want.items())
 
 
 def _split_classes(data: Path, held_out_shapes: tuple[str, ...]) -> dict[str, Path]:
@@ -111,7 +98,7 @@ def transfer_demo(
     `time_budget` is minutes of pretraining (None: the recipe's step budget). `data_args`,
     `recipe_overrides` (pretraining) and `finetune` (every fine-tuning run) exist to make tests tiny.
     """
-    from vlmkit.data.synthetic import generate
+    from vlmkit.data.synthetic import generate, is_current
     from vlmkit.eval.linear_probe import evaluate_linear_probe
     from vlmkit.models.pretrained import load_pretrained
     from vlmkit.recipes import get_recipe
@@ -125,7 +112,7 @@ def transfer_demo(
     held_out = tuple(data_args.get("exclude_shapes", HELD_OUT_SHAPES))
     data_args["exclude_shapes"] = held_out
     data = out / "data"
-    if _data_is_current(data, seed, data_args):
+    if is_current(data, seed=seed, **data_args):
         print(f"[1/5] using the synthetic data in {data}")
     else:
         print(f"[1/5] writing 'shapes' data without {' or '.join(held_out)} in any caption to {data}")

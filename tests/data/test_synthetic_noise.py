@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmkit.data.synthetic import TINY_SIZE, generate
+from vlmkit.data.synthetic import TINY_SIZE, generate, is_current
 from vlmkit.errors import ConfigError
 
 FRACTIONS = dict(mismatch_fraction=0.2, duplicate_fraction=0.2, tiny_fraction=0.1, blank_fraction=0.1)
@@ -98,3 +98,14 @@ def test_same_seed_same_pool(pools, tmp_path):
 def test_bad_fractions_are_config_errors(tmp_path, bad):
     with pytest.raises(ConfigError, match="fraction"):
         generate(tmp_path / "x", num_train=10, num_val=0, num_per_class_train=0, num_per_class_val=0, **bad)
+
+
+def test_is_current_compares_the_recorded_settings(pools):
+    root, clean, noisy = pools
+    args = dict(num_train=100, num_val=10, num_per_class_train=0, num_per_class_val=0, image_size=32)
+    assert is_current(root / "noisy", seed=0, **args, **FRACTIONS)
+    assert is_current(root / "clean", seed=0, **args)
+    assert not is_current(root / "clean", seed=0, **args, **FRACTIONS)
+    assert not is_current(root / "noisy", seed=0, **args, **{**FRACTIONS, "tiny_fraction": 0.2})
+    assert not is_current(root / "noisy", seed=1, **args, **FRACTIONS)
+    assert not is_current(root / "missing", seed=0)

@@ -23,7 +23,6 @@ import re
 import tarfile
 import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -38,24 +37,15 @@ from PIL import Image, ImageColor
 from tqdm import tqdm
 
 from vlmkit.data.ingest import Chunk, InputRecord, InputSource, open_input
-from vlmkit.data.transforms import center_crop_box, to_rgb
+from vlmkit.data.shards import SKIP_REASONS
+from vlmkit.data.transforms import DecodeFailure, center_crop_box, decode
 from vlmkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "no")
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-FAILURE_REASONS = (
-    "missing_image",
-    "decode_error",
-    "decompression_bomb",
-    "missing_caption",
-    "empty_caption",
-    "caption_not_utf8",
-    "bad_row",
-    "truncated_tar",
-    "shard_unreadable",
-)
+FAILURE_REASONS = SKIP_REASONS  # the readers' vocabulary: a failure here is a skip there
 PILLOW_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)  # Pillow's own default
 PARQUET_SCHEMA = pa.schema(
     [
@@ -369,30 +359,24 @@ def resize_image(
 
 
 def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
-    """Encoded bytes -> upright RGB image (`to_rgb`), or `SampleError` decode_error / decompression_bomb.
-
-    Pillow's guard is applied with `max_image_pixels`, its warning (between 1x and 2x the limit) turned
-    into an error. (Changing the global limit and the warning filter is safe here: each process
-    decodes on one thread.)
+    """Encoded bytes -> upright RGB image (`transforms.decode`), or `SampleError` decode_error /
+    decompression_bomb, with Pillow's guard at `max_image_pixels`. (Setting the global limit for the
+    call is safe here: each process decodes on one thread.)
     """
     if not data:
         raise SampleError("decode_error", "empty image data")
     old = Image.MAX_IMAGE_PIXELS
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        Image.MAX_IMAGE_PIXELS = max_image_pixels
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()  # truncated files fail here
-            return to_rgb(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise SampleError("decompression_bomb", f"{e} (limit: --max-image-pixels)") from None
-        except Image.UnidentifiedImageError:
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    try:
+        return decode(io.BytesIO(data))
+    except DecodeFailure as e:
+        if e.kind == "too_large":
+            raise SampleError("decompression_bomb", f"{e.detail} (limit: --max-image-pixels)") from None
+        if e.kind == "unrecognised":
             raise SampleError("decode_error", "not an image (format not recognised)") from None
-        except Exception as e:  # decoders raise many exception types on corrupt bytes
-            raise SampleError("decode_error", f"truncated or corrupt image: {e}") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+        raise SampleError("decode_error", f"truncated or corrupt image: {e.detail}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def encode_image(img: Image.Image, encode_format: str, quality: int) -> bytes:

@@ -690,3 +690,23 @@ def generate(
         record["exclude_shapes"] = [s for s in SHAPES if shapes is not None and s not in shapes]
     paths["dataset"].write_text(json.dumps(record, indent=2) + "\n")
     return paths
+
+
+def is_current(out: str | Path, **generate_args) -> bool:
+    """Whether `out` holds a complete output of `generate(out, **generate_args)`, as its dataset.json
+    records it: demos call this to reuse their data rather than write it again. Arguments left out are
+    not compared."""
+    out = Path(out)
+    meta = out / "dataset.json"
+    if not meta.is_file() or not (out / "train.jsonl").is_file():
+        return False
+    saved = json.loads(meta.read_text())
+    want = json.loads(json.dumps(generate_args))  # tuples as JSON lists, as saved
+    fractions = {f"{'mismatch' if k == 'mismatched' else k}_fraction": k for k in NOISE_KINDS}
+    noise = {kind: want.pop(arg) for arg, kind in fractions.items() if arg in want}
+    if noise and saved.get("noise", {}) != {k: v for k, v in noise.items() if v}:
+        return False
+    for key in ("exclude_colours", "exclude_shapes"):  # saved in palette order, and only when used
+        if key in want and sorted(want.pop(key)) != sorted(saved.get(key, [])):
+            return False
+    return all(saved.get(k) == v for k, v in want.items())
