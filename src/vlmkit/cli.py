@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_curation_demo)
 
     p = sub.add_parser(
-        "train", help="train a CLIP/SigLIP model (torchrun -m vlmkit train ... for several processes)"
+        "train",
+        help="train a model: CLIP/SigLIP, or CoCa/LLaVA recipes (torchrun -m vlmkit train ... for several processes)",
     )
     p.add_argument("--recipe", default="clip-tiny", help="a named recipe (see --list-recipes)")
     p.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
     p.set_defaults(func=cmd_classify)
 
+    from vlmkit.generate_cli import register as register_generative
+
+    register_generative(sub, ev, data)
     from vlmkit.models.hf import register_export_cli
 
     register_export_cli(sub)
@@ -281,7 +285,10 @@ def cmd_train(args) -> None:
     cfg = get_recipe(args.recipe)
     if args.smoke:  # shrink first, so that explicit flags still win
         cfg = smoke(cfg)
-    summary = train(override(cfg, overrides, where="train"))
+    cfg = override(cfg, overrides, where="train")
+    from vlmkit.train.generative import GenerativeTrainConfig, train_generative
+
+    summary = train_generative(cfg) if isinstance(cfg, GenerativeTrainConfig) else train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
 

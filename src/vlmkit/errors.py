@@ -11,3 +11,8 @@ class DataError(VlmkitError):
 
 class ConfigError(VlmkitError):
     """An unknown model or recipe name, or an override key that does not exist."""
+
+
+class NoSupervisedTokensError(DataError):
+    """A training batch in which no token is supervised: usually a chat template that does not match the
+    data, so the loss would silently train on nothing."""

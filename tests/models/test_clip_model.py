@@ -8,7 +8,7 @@ import torch
 
 from vlmkit.config import from_dict, to_dict
 from vlmkit.errors import ConfigError
-from vlmkit.models import SIZES, CLIPConfig, create_model, get_model_config, list_models
+from vlmkit.models import SIZES, create_model, get_model_config, list_models
 
 # A fast stand-in for the tiny models wherever the test is about behaviour, not the real sizes.
 SMALL = {
@@ -225,14 +225,14 @@ def test_bad_names_and_overrides_raise_config_error(name, overrides, message):
 @pytest.mark.parametrize("name", list_models())
 def test_config_round_trips_through_json(name):
     cfg = get_model_config(name)
-    restored = from_dict(CLIPConfig, json.loads(json.dumps(to_dict(cfg))))
+    restored = from_dict(type(cfg), json.loads(json.dumps(to_dict(cfg))))
     assert restored == cfg
     assert restored.vision.image_size % restored.vision.patch_size == 0
 
 
 def test_every_named_model_builds():
     counts = {}
-    for name in list_models():
+    for name in [n for n in list_models() if n.split("-")[0] in ("clip", "siglip")]:
         # Only the tiny models allocate real weights; the rest are built on the meta device (shapes only).
         device = "cpu" if name.endswith("-tiny") else "meta"
         with torch.device(device):

@@ -96,6 +96,7 @@ class Tokenizer:
             self._pad, pad_token = self._eot, eot_token  # the convention of OpenAI's CLIP files
         self._pad_token = pad_token
         self.hf_tokenizer_class: str | None = None  # set by from_file from a tokenizer_config.json
+        self._plain: _HFTokenizer | None = None  # built by `encode` on first use
         self._configure(context_length, pad_token)
         # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets we never use
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -121,12 +122,18 @@ class Tokenizer:
         vocab_size: int = 8192,
         context_length: int = 77,
         min_frequency: int = 2,
+        extra_special_tokens: Sequence[str] = (),
     ) -> Tokenizer:
-        """Learn a byte-level BPE vocabulary of at most `vocab_size` ids (specials and bytes included)."""
-        if vocab_size < _NUM_BYTES + len(SPECIAL_TOKENS):
+        """Learn a byte-level BPE vocabulary of at most `vocab_size` ids (specials and bytes included).
+
+        `extra_special_tokens` (e.g. `["<image>"]` for LLaVA's placeholder) get the ids after the pad, start
+        and end tokens (3, 4, ...), are never split or normalised, and are dropped by `decode`.
+        """
+        specials = SPECIAL_TOKENS + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS]
+        if vocab_size < _NUM_BYTES + len(specials):
             raise ConfigError(
-                f"vocab_size must be at least {_NUM_BYTES + len(SPECIAL_TOKENS)} "
-                f"(every byte plus {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+                f"vocab_size must be at least {_NUM_BYTES + len(specials)} "
+                f"(every byte plus {len(specials)} special tokens), got {vocab_size}"
             )
         backend = _HFTokenizer(models.BPE())
         backend.normalizer = normalizers.Sequence(
@@ -143,7 +150,7 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=SPECIAL_TOKENS,
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -151,11 +158,15 @@ class Tokenizer:
         return cls(backend, context_length)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, context_length: int | None = None) -> Tokenizer:
+    def from_file(
+        cls, path: str | os.PathLike, context_length: int | None = None, *, for_generation: bool = False
+    ) -> Tokenizer:
         """Load a `tokenizer.json` (or the one in a directory). `context_length` defaults to the file's.
 
         A Hugging Face `tokenizer_config.json` / `special_tokens_map.json` beside the file gives the special
-        tokens (bos, eos, pad) and, as `model_max_length`, the default context length.
+        tokens (bos, eos, pad) and, as `model_max_length`, the default context length. `for_generation`
+        accepts a folder that pads on the left (as generative models' folders do): chat prompts are built
+        with `encode` and padded by vlmkit.data.chat, never by `__call__`.
         """
         path = _json_path(path)
         if not path.is_file():
@@ -177,7 +188,7 @@ class Tokenizer:
         if not hf:
             return cls(backend, context_length)
         where = path.parent / HF_TOKENIZER_CONFIG
-        if hf.get("padding_side", "right") != "right":
+        if hf.get("padding_side", "right") != "right" and not for_generation:
             raise ConfigError(f"{where}: padding_side {hf['padding_side']!r} is not supported; use 'right'")
         if hf.get("eos_token") is None:
             raise ConfigError(f'{where} names no eos_token; add the end-of-text token as "eos_token"')
@@ -276,6 +287,18 @@ class Tokenizer:
             return torch.empty(0, self._context_length, dtype=torch.long)
         # via NumPy: several times faster than torch.tensor on nested lists
         return torch.from_numpy(np.array([e.ids for e in encodings], dtype=np.int64))  # (B, L)
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text` alone: no start/end tokens, no padding, no truncation (for chat templates)."""
+        if self._plain is None:  # a copy without the framing, truncation and padding set on `backend`
+            self._plain = _HFTokenizer.from_str(self.backend.to_str())
+            self._plain.no_truncation()
+            self._plain.no_padding()
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token (e.g. "<image>"), or None when the vocabulary does not have it."""
+        return self.backend.token_to_id(token)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Ids of one sequence -> text, up to the first EOT; special tokens dropped."""

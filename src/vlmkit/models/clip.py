@@ -64,26 +64,8 @@ class CLIP(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Scaled normal init: residual output projections shrink with depth so deep stacks start stable."""
-        for tower in (self.visual, self.text):
-            width = tower.cfg.width
-            depth = max(tower.cfg.layers, 1)
-            for m in tower.modules():
-                if isinstance(m, Block):
-                    nn.init.normal_(m.attn.qkv.weight, std=width**-0.5)
-                    nn.init.normal_(m.attn.proj.weight, std=width**-0.5 * (2 * depth) ** -0.5)
-                    nn.init.normal_(m.mlp.fc1.weight, std=(2 * width) ** -0.5)
-                    nn.init.normal_(m.mlp.fc2.weight, std=width**-0.5 * (2 * depth) ** -0.5)
-                    for lin in (m.attn.qkv, m.attn.proj, m.mlp.fc1, m.mlp.fc2):
-                        nn.init.zeros_(lin.bias)
-            if tower.proj is not None:
-                nn.init.normal_(tower.proj.weight, std=width**-0.5)
-                if tower.proj.bias is not None:
-                    nn.init.zeros_(tower.proj.bias)
-        if self.visual.attn_pool is not None:
-            for m in self.visual.attn_pool.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=self.cfg.vision.width**-0.5)
-                    nn.init.zeros_(m.bias)
+        init_tower(self.visual)
+        init_tower(self.text)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, embed_dim) image embeddings."""
@@ -120,13 +102,45 @@ class CLIP(nn.Module):
         self.text.transformer.grad_checkpointing = enable
 
 
+@torch.no_grad()
+def init_tower(tower: nn.Module) -> None:
+    """CLIP's init of one tower (VisionTransformer or TextTransformer): normal weights, std width**-0.5,
+    residual output projections scaled down by sqrt(2 * depth), zero biases; also the tower's projection
+    and attention-pooling head."""
+    width = tower.cfg.width
+    depth = max(tower.cfg.layers, 1)
+    for m in tower.modules():
+        if isinstance(m, Block):
+            nn.init.normal_(m.attn.qkv.weight, std=width**-0.5)
+            nn.init.normal_(m.attn.proj.weight, std=width**-0.5 * (2 * depth) ** -0.5)
+            nn.init.normal_(m.mlp.fc1.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(m.mlp.fc2.weight, std=width**-0.5 * (2 * depth) ** -0.5)
+            for lin in (m.attn.qkv, m.attn.proj, m.mlp.fc1, m.mlp.fc2):
+                nn.init.zeros_(lin.bias)
+    if tower.proj is not None:
+        nn.init.normal_(tower.proj.weight, std=width**-0.5)
+        if tower.proj.bias is not None:
+            nn.init.zeros_(tower.proj.bias)
+    if getattr(tower, "attn_pool", None) is not None:
+        for m in tower.attn_pool.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=width**-0.5)
+                nn.init.zeros_(m.bias)
+
+
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Gains, biases, embeddings, tokens and the logit scale/bias: decaying them hurts (CLIP, ViT practice)."""
     names = set()
     for name, p in model.named_parameters():
-        if p.ndim < 2 or "embedding" in name or "logit_" in name or name.endswith("probe"):
+        if (
+            p.ndim < 2
+            or "embedding" in name
+            or "embed_tokens" in name
+            or "logit_" in name
+            or name.endswith(("probe", "image_pool.query"))  # learned attention-pooling queries
+        ):
             names.add(name)
     return names
 
 
-__all__ = ["CLIP", "CLIPConfig", "CLIPOutput", "Attention", "no_weight_decay_names"]
+__all__ = ["CLIP", "CLIPConfig", "CLIPOutput", "Attention", "init_tower", "no_weight_decay_names"]

@@ -218,6 +218,34 @@ def _float(d: dict, key: str, where: str) -> float:
     return float(value)
 
 
+def _vision_fields(v: dict, where: str) -> dict:
+    """VisionConfig fields shared by CLIP and SigLIP vision towers, from a `vision_config` section."""
+    if _int(v, "num_channels", where) != 3:
+        raise ConfigError(f"{where}: num_channels must be 3 (RGB), got {v['num_channels']}")
+    return dict(
+        image_size=_int(v, "image_size", where), patch_size=_int(v, "patch_size", where), **_tower(v, where)
+    )
+
+
+def vision_config_from_hf(v: dict, model_type: str, where: str) -> VisionConfig:
+    """A vision tower alone (as LLaVA holds one) from a CLIP / SigLIP `vision_config` dict; transformers'
+    defaults fill what it leaves out. CLIPVisionModel has no projection; a SigLIP tower without its
+    attention-pooling head (vision_use_head false) gets mean pooling, which has no weights."""
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"{where}: unknown vision model_type {model_type!r}; vlmkit reads clip and siglip towers"
+        )
+    v = {**_DEFAULTS[model_type]["vision_config"], **v}
+    fields = _vision_fields(v, where)
+    try:
+        if model_type == "clip":
+            return VisionConfig(**fields, proj=False)
+        pool = "attn" if v.get("vision_use_head", True) else "mean"
+        return VisionConfig(**fields, pool=pool, class_token=False, ln_pre=False, proj=False, patch_bias=True)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def config_from_hf(meta: dict, where: str, logit_scale: float, logit_bias: float | None) -> CLIPConfig:
     """A vlmkit CLIPConfig from a Hugging Face CLIP/SigLIP `config.json` dict.
 
@@ -228,9 +256,7 @@ def config_from_hf(meta: dict, where: str, logit_scale: float, logit_bias: float
     t = _section(meta, "text_config", model_type, where)
     v = _section(meta, "vision_config", model_type, where)
     tw, vw = f"{where} text_config", f"{where} vision_config"
-    if _int(v, "num_channels", vw) != 3:
-        raise ConfigError(f"{vw}: num_channels must be 3 (RGB), got {v['num_channels']}")
-    vision = dict(image_size=_int(v, "image_size", vw), patch_size=_int(v, "patch_size", vw), **_tower(v, vw))
+    vision = _vision_fields(v, vw)
     text = dict(
         vocab_size=_int(t, "vocab_size", tw),
         context_length=_int(t, "max_position_embeddings", tw),
@@ -288,6 +314,11 @@ def _tower_to_hf(tower: VisionConfig | TextConfig) -> dict:
     )
 
 
+def vision_config_to_hf(v: VisionConfig) -> dict:
+    """The `vision_config` fields CLIP and SigLIP share (the caller adds model_type and its own keys)."""
+    return dict(num_channels=3, image_size=v.image_size, patch_size=v.patch_size, **_tower_to_hf(v))
+
+
 def config_to_hf(cfg: CLIPConfig, tokenizer: Tokenizer, logit_scale: float) -> dict:
     """The Hugging Face `config.json` dict for a vlmkit config (see `layout_of` for what can be exported).
 
@@ -295,7 +326,7 @@ def config_to_hf(cfg: CLIPConfig, tokenizer: Tokenizer, logit_scale: float) -> d
     """
     layout = layout_of(cfg)
     v, t = cfg.vision, cfg.text
-    vision = dict(num_channels=3, image_size=v.image_size, patch_size=v.patch_size, **_tower_to_hf(v))
+    vision = vision_config_to_hf(v)
     text = dict(
         vocab_size=t.vocab_size,
         max_position_embeddings=t.context_length,
@@ -329,53 +360,69 @@ def config_to_hf(cfg: CLIPConfig, tokenizer: Tokenizer, logit_scale: float) -> d
 # weights
 
 
-def _rules(cfg: CLIPConfig, layout: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-    """(vlmkit names, Hugging Face names): each side's tensors, concatenated along dim 0, are equal."""
-    rules = []
+Rules = list[tuple[tuple[str, ...], tuple[str, ...]]]
 
-    def same(ours: str, theirs: str, params=("weight", "bias")):
-        rules.extend(((f"{ours}.{p}",), (f"{theirs}.{p}",)) for p in params)
 
-    def blocks(ours: str, theirs: str, layers: int):
-        for i in range(layers):
-            o, h = f"{ours}.transformer.blocks.{i}", f"{theirs}.encoder.layers.{i}"
-            for p in ("weight", "bias"):  # vlmkit's fused qkv rows are q, k, v
-                rules.append(((f"{o}.attn.qkv.{p}",), tuple(f"{h}.self_attn.{x}_proj.{p}" for x in "qkv")))
-            same(f"{o}.attn.proj", f"{h}.self_attn.out_proj")
-            same(f"{o}.ln_1", f"{h}.layer_norm1")
-            same(f"{o}.ln_2", f"{h}.layer_norm2")
-            same(f"{o}.mlp.fc1", f"{h}.mlp.fc1")
-            same(f"{o}.mlp.fc2", f"{h}.mlp.fc2")
+def _same(rules: Rules, ours: str, theirs: str, params=("weight", "bias")) -> None:
+    rules.extend(((f"{ours}.{p}",), (f"{theirs}.{p}",)) for p in params)
 
-    rules.append((("text.token_embedding.weight",), ("text_model.embeddings.token_embedding.weight",)))
-    rules.append((("text.positional_embedding",), ("text_model.embeddings.position_embedding.weight",)))
-    blocks("text", "text_model", cfg.text.layers)
-    same("text.ln_final", "text_model.final_layer_norm")
-    rules.append((("visual.patch_embed.proj.weight",), ("vision_model.embeddings.patch_embedding.weight",)))
-    rules.append((("visual.positional_embedding",), ("vision_model.embeddings.position_embedding.weight",)))
-    blocks("visual", "vision_model", cfg.vision.layers)
-    same("visual.ln_post", "vision_model.post_layernorm")
-    rules.append((("logit_scale",), ("logit_scale",)))
+
+def _blocks(rules: Rules, ours: str, theirs: str, layers: int) -> None:
+    for i in range(layers):
+        o, h = f"{ours}.transformer.blocks.{i}", f"{theirs}.encoder.layers.{i}"
+        for p in ("weight", "bias"):  # vlmkit's fused qkv rows are q, k, v
+            rules.append(((f"{o}.attn.qkv.{p}",), tuple(f"{h}.self_attn.{x}_proj.{p}" for x in "qkv")))
+        _same(rules, f"{o}.attn.proj", f"{h}.self_attn.out_proj")
+        _same(rules, f"{o}.ln_1", f"{h}.layer_norm1")
+        _same(rules, f"{o}.ln_2", f"{h}.layer_norm2")
+        _same(rules, f"{o}.mlp.fc1", f"{h}.mlp.fc1")
+        _same(rules, f"{o}.mlp.fc2", f"{h}.mlp.fc2")
+
+
+def vision_rules(v: VisionConfig, layout: str, ours: str = "visual", theirs: str = "vision_model") -> Rules:
+    """Rules for a CLIP / SigLIP vision tower without its projection (CLIPVisionModel / SiglipVisionModel);
+    `ours` / `theirs` are the tower's prefixes on each side."""
+    rules: Rules = []
+    rules.append(((f"{ours}.patch_embed.proj.weight",), (f"{theirs}.embeddings.patch_embedding.weight",)))
+    rules.append(((f"{ours}.positional_embedding",), (f"{theirs}.embeddings.position_embedding.weight",)))
+    _blocks(rules, ours, theirs, v.layers)
+    _same(rules, f"{ours}.ln_post", f"{theirs}.post_layernorm")
     if layout == "clip":
-        rules.append((("visual.class_embedding",), ("vision_model.embeddings.class_embedding",)))
-        same("visual.ln_pre", "vision_model.pre_layrnorm")  # sic: transformers' name
-        rules.append((("visual.proj.weight",), ("visual_projection.weight",)))
-        rules.append((("text.proj.weight",), ("text_projection.weight",)))
+        rules.append(((f"{ours}.class_embedding",), (f"{theirs}.embeddings.class_embedding",)))
+        _same(rules, f"{ours}.ln_pre", f"{theirs}.pre_layrnorm")  # sic: transformers' name
         return rules
-    rules.append((("visual.patch_embed.proj.bias",), ("vision_model.embeddings.patch_embedding.bias",)))
-    rules.append((("visual.attn_pool.probe",), ("vision_model.head.probe",)))
+    rules.append(((f"{ours}.patch_embed.proj.bias",), (f"{theirs}.embeddings.patch_embedding.bias",)))
+    if v.pool != "attn":  # a SigLIP tower without its head (vision_use_head false)
+        return rules
+    rules.append(((f"{ours}.attn_pool.probe",), (f"{theirs}.head.probe",)))
     for p in ("weight", "bias"):  # nn.MultiheadAttention's in_proj rows are q, k, v = vlmkit's q, then kv
         rules.append(
             (
-                (f"visual.attn_pool.q.{p}", f"visual.attn_pool.kv.{p}"),
-                (f"vision_model.head.attention.in_proj_{p}",),
+                (f"{ours}.attn_pool.q.{p}", f"{ours}.attn_pool.kv.{p}"),
+                (f"{theirs}.head.attention.in_proj_{p}",),
             )
         )
-    same("visual.attn_pool.proj", "vision_model.head.attention.out_proj")
-    same("visual.attn_pool.norm", "vision_model.head.layernorm")
-    same("visual.attn_pool.mlp.fc1", "vision_model.head.mlp.fc1")
-    same("visual.attn_pool.mlp.fc2", "vision_model.head.mlp.fc2")
-    same("text.proj", "text_model.head")
+    _same(rules, f"{ours}.attn_pool.proj", f"{theirs}.head.attention.out_proj")
+    _same(rules, f"{ours}.attn_pool.norm", f"{theirs}.head.layernorm")
+    _same(rules, f"{ours}.attn_pool.mlp.fc1", f"{theirs}.head.mlp.fc1")
+    _same(rules, f"{ours}.attn_pool.mlp.fc2", f"{theirs}.head.mlp.fc2")
+    return rules
+
+
+def _rules(cfg: CLIPConfig, layout: str) -> Rules:
+    """(vlmkit names, Hugging Face names): each side's tensors, concatenated along dim 0, are equal."""
+    rules: Rules = []
+    rules.append((("text.token_embedding.weight",), ("text_model.embeddings.token_embedding.weight",)))
+    rules.append((("text.positional_embedding",), ("text_model.embeddings.position_embedding.weight",)))
+    _blocks(rules, "text", "text_model", cfg.text.layers)
+    _same(rules, "text.ln_final", "text_model.final_layer_norm")
+    rules += vision_rules(cfg.vision, layout)
+    rules.append((("logit_scale",), ("logit_scale",)))
+    if layout == "clip":
+        rules.append((("visual.proj.weight",), ("visual_projection.weight",)))
+        rules.append((("text.proj.weight",), ("text_projection.weight",)))
+        return rules
+    _same(rules, "text.proj", "text_model.head")
     rules.append((("logit_bias",), ("logit_bias",)))
     return rules
 
@@ -390,8 +437,17 @@ def state_dict_from_hf(state: dict[str, torch.Tensor], model: CLIP, where: str) 
     ConfigError names the missing keys, the unexpected keys, or the first tensor whose shape does not fit
     the config.
     """
-    ours = model.state_dict()
-    rules = _rules(model.cfg, layout_of(model.cfg))
+    return convert_state_from_hf(state, model.state_dict(), _rules(model.cfg, layout_of(model.cfg)), where)
+
+
+def convert_state_from_hf(
+    state: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], rules: Rules, where: str
+) -> dict[str, torch.Tensor]:
+    """Apply `rules` to a Hugging Face state dict: tensors under the names (and shapes, dtypes) of `ours`.
+
+    `state` must hold exactly the rules' Hugging Face keys (ConfigError names the missing and unexpected
+    ones, or the first tensor whose shape does not fit).
+    """
     used = {h for _, theirs in rules for h in theirs}
     # position_ids are non-persistent buffers that older transformers versions saved
     unexpected = sorted(k for k in state if k not in used and not k.endswith(".position_ids"))
@@ -421,6 +477,16 @@ def state_dict_from_hf(state: dict[str, torch.Tensor], model: CLIP, where: str) 
     return out
 
 
+def convert_state_to_hf(state: dict[str, torch.Tensor], rules: Rules) -> dict[str, torch.Tensor]:
+    """Apply `rules` to a vlmkit state dict: contiguous tensors under Hugging Face names, no shared storage."""
+    out = {}
+    for names, theirs in rules:
+        joined = torch.cat([state[n].reshape(-1, *state[n].shape[1:]) for n in names])
+        for h, part in zip(theirs, joined.chunk(len(theirs))):
+            out[h] = part.clone().contiguous()
+    return out
+
+
 def state_dict_to_hf(model: CLIP, layout: str) -> dict[str, torch.Tensor]:
     """`model`'s weights under Hugging Face names and layouts (contiguous float tensors, no shared storage).
 
@@ -438,11 +504,7 @@ def state_dict_to_hf(model: CLIP, layout: str) -> dict[str, torch.Tensor]:
         state.setdefault("text.proj.bias", torch.zeros(cfg.embed_dim))
         state.setdefault("visual.patch_embed.proj.bias", torch.zeros(cfg.vision.width))
         state.setdefault("logit_bias", torch.zeros(()))
-    out = {}
-    for names, theirs in _rules(cfg, layout):
-        joined = torch.cat([state[n].reshape(-1, *state[n].shape[1:]) for n in names])
-        for h, part in zip(theirs, joined.chunk(len(theirs))):
-            out[h] = part.clone().contiguous()
+    out = convert_state_to_hf(state, _rules(cfg, layout))
     for k in ("logit_scale", "logit_bias"):
         if k in out:  # CLIPModel's logit_scale is a scalar; SigLIP's are shape (1,)
             out[k] = out[k].reshape(()) if layout == "clip" else out[k].reshape(1)
@@ -649,12 +711,17 @@ def _load_tokenizer(path: Path, cfg: CLIPConfig) -> Tokenizer | None:
 
 
 def load_hf(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a Hugging Face CLIP / SigLIP folder as a vlmkit model (eval mode), tokenizer and preprocessing."""
+    """Load a Hugging Face CLIP / SigLIP folder as a vlmkit model (eval mode), tokenizer and preprocessing.
+    A LLaVA folder ("model_type": "llava") goes to `vlmkit.models.hf_llava.load_hf_llava`."""
     path = Path(path)
     where = str(path / CONFIG)
     meta = load_json(path / CONFIG)
     if not isinstance(meta, dict):
         raise ConfigError(f"{where}: expected a JSON object")
+    if meta.get("model_type") == "llava":
+        from vlmkit.models.hf_llava import load_hf_llava
+
+        return load_hf_llava(path, device)
     _model_type(meta, where)  # before reading possibly large weights
     state = read_hf_weights(path)
     scale, bias = state.get("logit_scale"), state.get("logit_bias")
@@ -981,7 +1048,8 @@ def register_export_cli(subparsers) -> None:
         "export",
         help="write a model folder in the Hugging Face transformers format",
         description="Export a vlmkit model (a training run or checkpoint, or a Hugging Face folder) so that "
-        "transformers' CLIPModel/SiglipModel, AutoTokenizer and image processor load it, with a model card.",
+        "transformers' CLIPModel/SiglipModel (with a model card) or LlavaForConditionalGeneration, AutoTokenizer "
+        "and image processor load it.",
     )
     p.add_argument(
         "--model", required=True, help="a model folder: a vlmkit run or checkpoint, or a Hugging Face folder"
@@ -1001,6 +1069,21 @@ def cmd_export(args) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty folder; choose a new folder")
     pt = load_pretrained(args.model)
+    from vlmkit.models.registry import model_family
+
+    family = model_family(pt.model.cfg)
+    if family == "llava":
+        from vlmkit.models.hf_llava import save_hf_llava
+
+        save_hf_llava(pt.model, out, pt.tokenizer, pt.preprocess)
+        print(
+            f"wrote {out}: load it with transformers.LlavaForConditionalGeneration.from_pretrained({str(out)!r})"
+        )
+        return
+    if family != "clip":
+        raise ConfigError(
+            f"{args.model} is a {family} model; transformers has no {family} class to export to"
+        )
     save_hf(pt.model, out, pt.tokenizer, pt.preprocess, name=args.name or "", source_dir=args.model)
     cls = "SiglipModel" if layout_of(pt.model.cfg) == "siglip" else "CLIPModel"
     print(f"wrote {out} ({cls}): load it with transformers.{cls}.from_pretrained({str(out)!r})")

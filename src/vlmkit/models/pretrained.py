@@ -2,7 +2,8 @@
 
 A vlmkit model folder (a finished training run, or any checkpoint inside one) holds:
     model.safetensors   weights
-    config.json         {"vlmkit_version", "model_name", "model": <CLIPConfig>}
+    config.json         {"vlmkit_version", "model_name", "family", "model": <config>}; family is "clip"
+                        (CLIP and SigLIP; the default for folders without it), "coca" or "llava"
     tokenizer.json      the Hugging Face `tokenizers` file the model was trained with
     preprocess.json     image size, mean/std, resize mode
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import vlmkit
 from vlmkit.config import atomic_write_text, from_dict, load_json, save_json
 from vlmkit.errors import ConfigError
-from vlmkit.models.clip import CLIP, CLIPConfig
+from vlmkit.models.clip import CLIPConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -31,7 +32,7 @@ PREPROCESS = "preprocess.json"
 
 @dataclass
 class Pretrained:
-    model: CLIP
+    model: torch.nn.Module  # CLIP (CLIP/SigLIP), CoCa or Llava
     tokenizer: object  # vlmkit.data.tokenizer.Tokenizer
     preprocess: object  # vlmkit.data.transforms.PreprocessConfig
     name: str
@@ -47,14 +48,22 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def save_pretrained(
-    model: CLIP, out_dir: str | Path, tokenizer=None, preprocess=None, name: str = ""
+    model: torch.nn.Module, out_dir: str | Path, tokenizer=None, preprocess=None, name: str = ""
 ) -> Path:
     """Write a loadable model folder (see module docstring). Returns the folder."""
+    from vlmkit.models.registry import model_family
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     save_weights(model, out / WEIGHTS)
-    save_json({"vlmkit_version": vlmkit.__version__, "model_name": name, "model": model.cfg}, out / CONFIG)
+    meta = {
+        "vlmkit_version": vlmkit.__version__,
+        "model_name": name,
+        "family": model_family(model.cfg),
+        "model": model.cfg,
+    }
+    save_json(meta, out / CONFIG)
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER)
     if preprocess is not None:
@@ -94,8 +103,14 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         raise ConfigError(f"{path} is not a model folder: expected {WEIGHTS} and {CONFIG} in it")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ConfigError(f"{path / CONFIG}: no 'model' key; is this a vlmkit model folder?")
-    cfg = from_dict(CLIPConfig, meta["model"], where=str(path / CONFIG))
-    model = CLIP(cfg)
+    from vlmkit.models.registry import build_model, config_class
+
+    try:
+        cls = config_class(meta.get("family", "clip"))
+    except ConfigError as e:
+        raise ConfigError(f"{path / CONFIG}: {e}") from None
+    cfg = from_dict(cls, meta["model"], where=str(path / CONFIG))
+    model = build_model(cfg)
     state = load_file(str(path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -104,9 +119,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         )
     model.to(device).eval()
     tokenizer = Tokenizer.from_file(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.text.vocab_size:
+    vocab = cfg.text.vocab_size if isinstance(cfg, CLIPConfig) else cfg.decoder.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ConfigError(
-            f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.text.vocab_size}"
+            f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab}"
         )
     if (path / PREPROCESS).is_file():
         preprocess = PreprocessConfig.from_dict(load_json(path / PREPROCESS))

@@ -90,14 +90,37 @@ class VisionTransformer(nn.Module):
         """All output tokens after the final norm: (B, N_prefix + H*W, width)."""
         return self.ln_post(self.transformer(self.embed(images)))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_hidden(self, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """The tokens after `layer` blocks, as Hugging Face's `hidden_states[layer]`: 0 = the embeddings,
+        -1 = the last block's output, -2 = the one before (LLaVA's default). No final norm; the blocks
+        after `layer` are not run. Returns (B, N_prefix + H*W, width)."""
+        num_layers = len(self.transformer.blocks)
+        n = layer if layer >= 0 else num_layers + 1 + layer
+        if not 0 <= n <= num_layers:
+            raise ConfigError(f"vision layer {layer} does not exist in a {num_layers}-layer vision tower")
+        x = self.embed(images)  # (B, T, C)
+        for block in self.transformer.blocks[:n]:
+            if self.transformer.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding from all output tokens (B, N, C) of `forward_tokens`: pooled, projected (B, D)."""
         if self.cfg.pool == "cls":
-            # Only the class token is read out, so the last block runs its query and MLP for it alone.
-            x = self.embed(images)
-            index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            pooled = self.ln_post(self.transformer(x, index=index))  # (B, C)
+            pooled = tokens[:, 0]  # (B, C)
         elif self.cfg.pool == "mean":
-            pooled = self.forward_tokens(images)[:, self.num_prefix_tokens :].mean(dim=1)
+            pooled = tokens[:, self.num_prefix_tokens :].mean(dim=1)  # (B, C)
         else:
-            pooled = self.attn_pool(self.forward_tokens(images))
+            pooled = self.attn_pool(tokens)  # (B, C)
+        return self.proj(pooled) if self.proj is not None else pooled  # (B, D)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pool != "cls":
+            return self.pool(self.forward_tokens(images))
+        # Only the class token is read out, so the last block runs its query and MLP for it alone.
+        x = self.embed(images)
+        index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        pooled = self.ln_post(self.transformer(x, index=index))  # (B, C)
         return self.proj(pooled) if self.proj is not None else pooled  # (B, D)

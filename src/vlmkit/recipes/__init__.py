@@ -10,6 +10,7 @@ from typing import Any
 
 from vlmkit.config import override
 from vlmkit.errors import ConfigError
+from vlmkit.train.generative import GenerativeTrainConfig
 from vlmkit.train.loop import TrainConfig
 
 # CPU recipes are tuned to learn fast from small data within minutes: a convolutional stem (far more
@@ -97,20 +98,130 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# The built-in shapes data for the generative recipes: scenes, their captions and questions about colour,
+# shape, count, position, existence and relations (vlmkit.data.vqa), written on first use.
+SHAPES_VQA = dict(num_train=6000, num_val=500, image_size=64, background_noise=0.2, seed=0)
+
+# Generative recipes (GenerativeTrainConfig). "{data}" in a path is the synthetic_data folder.
+GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
+    # LLaVA's two stages on a model trained from scratch: stage 1 learns to caption (everything trains,
+    # since nothing is pretrained; with a pretrained vision tower and language model, freeze them here:
+    # freeze=["^vision_tower\\.", "^language_model\\."]), stage 2 tunes on questions and captions.
+    "llava-tiny-shapes": dict(
+        model="llava-tiny",
+        # From scratch there is no reason to read the penultimate vision layer (LLaVA's choice for a
+        # pretrained CLIP), nor to spend tokens on vicuna's system prompt.
+        model_overrides={
+            "vision.stem": "conv",
+            "pixel_shuffle": 2,
+            "vision_feature_layer": -1,
+            "chat_template": "user_assistant",
+        },
+        out="runs/llava-tiny-shapes",
+        synthetic_data="data/shapes-vqa",
+        synthetic_args=SHAPES_VQA,
+        stages=[
+            dict(name="align", train_data="{data}/train_captions.jsonl", time_budget=3.5, epochs=100),
+            dict(
+                name="instruct",
+                train_data="{data}/train_vqa.jsonl::{data}/train_captions.jsonl",
+                time_budget=8.5,
+                epochs=100,
+            ),
+        ],
+        val_data="{data}/val_vqa.jsonl::{data}/val_captions.jsonl",
+        batch_size=64,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        eval_every=200,
+        save_every=200,
+        max_len=96,
+    ),
+    # CoCa: contrastive loss on the captions, captioning loss on captions and answers, in one stage.
+    "coca-tiny-shapes": dict(
+        model="coca-tiny",
+        model_overrides={"vision.stem": "conv"},
+        out="runs/coca-tiny-shapes",
+        synthetic_data="data/shapes-vqa",
+        synthetic_args=SHAPES_VQA,
+        train_data="{data}/train_vqa.jsonl::{data}/train_captions.jsonl",
+        val_data="{data}/val_vqa.jsonl::{data}/val_captions.jsonl",
+        time_budget=12.0,
+        epochs=100,
+        batch_size=64,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        eval_every=200,
+        save_every=200,
+        max_len=64,
+    ),
+}
+
+
 def list_recipes() -> list[str]:
-    return list(RECIPES)
+    return list(RECIPES) + list(GENERATIVE_RECIPES)
 
 
 def get_recipe(name: str, **overrides: Any) -> TrainConfig:
-    """The recipe's TrainConfig with `overrides` (field names, or dotted `model_overrides.x`) applied."""
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
-    cfg = TrainConfig(**RECIPES[name])
+    """The recipe's config (a TrainConfig, or a GenerativeTrainConfig for CoCa / LLaVA recipes) with
+    `overrides` (field names, or dotted `model_overrides.x`) applied."""
+    if name in RECIPES:
+        cfg = TrainConfig(**RECIPES[name])
+    elif name in GENERATIVE_RECIPES:
+        cfg = GenerativeTrainConfig(**GENERATIVE_RECIPES[name])
+    else:
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}")
     return override(cfg, overrides, where=f"recipe {name}") if overrides else cfg
+
+
+def _smoke_generative(cfg: GenerativeTrainConfig) -> GenerativeTrainConfig:
+    family = cfg.model.split("-")[0]
+    small = {
+        "vision.image_size": 32,
+        "vision.layers": 2,
+        "vision.width": 64,
+        "vision.heads": 2,
+        "decoder.width": 64,
+        "decoder.layers": 2,
+        "decoder.heads": 2,
+    }
+    if family == "coca":
+        small.update({"embed_dim": 32, "decoder.cross_attention_start": 1, "decoder.encoder_width": 64})
+    steps = {"max_steps": 3, "time_budget": None}
+    stages = [{**stage, **steps} for stage in cfg.stages]
+    synthetic = {**cfg.synthetic_args, "num_train": 48, "num_val": 8, "image_size": 32}
+    synthetic.update(num_per_class_train=1, num_per_class_val=1)
+    return override(
+        cfg,
+        {
+            "model": f"{family}-tiny",
+            "model_overrides": {**cfg.model_overrides, **small},
+            "stages": stages,
+            "synthetic_args": synthetic,
+            "synthetic_data": f"{cfg.synthetic_data}-smoke" if cfg.synthetic_data else None,
+            "batch_size": 8,
+            "max_steps": 3,
+            "time_budget": None,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "save_every": 2,
+            "log_every": 1,
+            "num_workers": 0,
+            "vocab_size": 300,
+            "eval_limit": 8,
+            "final_eval_limit": 8,
+            "eval_batch_size": 8,
+            "max_len": 256,  # a 300-token vocabulary spells words out in bytes
+        },
+    )
 
 
 def smoke(cfg: TrainConfig) -> TrainConfig:
     """A seconds-long version of any recipe: a tiny model and a few steps (big_vision's `runlocal`)."""
+    if isinstance(cfg, GenerativeTrainConfig):
+        return _smoke_generative(cfg)
     family = cfg.model.split("-")[0]
     small = {
         "vision.image_size": 32,

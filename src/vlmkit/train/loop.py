@@ -12,6 +12,7 @@ evaluate it and write the HTML report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -181,7 +182,7 @@ class Trainer:
                 "no training data: pass --train-data MANIFEST (JSONL or CSV of image, caption) or SHARDS"
             )
         self.train_urls = None
-        if is_shard_spec(cfg.train_data):
+        if self._shard_data():
             self.train_urls = expand_shards(cfg.train_data)
             num_pairs = count_samples(self.train_urls)  # from the stats files: fail before any work
         torch.manual_seed(cfg.seed)
@@ -213,30 +214,13 @@ class Trainer:
             self.tokenizer = pretrained.tokenizer  # a pretrained text tower needs its own tokenizer
         else:
             self.tokenizer = self._build_tokenizer()
-            self.model_cfg = get_model_config(
-                cfg.model,
-                **{
-                    "text.vocab_size": self.tokenizer.vocab_size,
-                    "text.eot_token_id": self.tokenizer.eot_token_id,
-                    "text.pad_token_id": self.tokenizer.pad_token_id,
-                    **overrides,
-                },
-            )
+            self.model_cfg = get_model_config(cfg.model, **self._tokenizer_overrides(), **overrides)
 
         if self.train_urls is not None:
             self.train_set = None
             self._setup_shard_state()
         else:
-            self.train_set = ImageTextDataset(
-                cfg.train_data,
-                self.train_transform,
-                max_bad_fraction=cfg.max_bad_fraction,
-                seed=cfg.seed,
-                log=log,
-                cache_images=cfg.cache_images,
-                cache_short_side=2 * self.preprocess.image_size,
-            )
-            num_pairs = len(self.train_set)
+            num_pairs = self._build_train_set()
         if num_pairs < cfg.batch_size:
             raise DataError(
                 f"{cfg.train_data}: {num_pairs} usable pairs, fewer than one batch ({cfg.batch_size}); "
@@ -246,7 +230,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.val = self._build_val()
 
-        self.model = (pretrained.model if pretrained is not None else CLIP(self.model_cfg)).to(self.device)
+        self.model = (pretrained.model if pretrained is not None else self._new_model()).to(self.device)
         del pretrained
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -256,7 +240,7 @@ class Trainer:
         )
         self.schedule = WarmupCosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
         self.scheduler = create_scheduler(self.optimizer, self.schedule)
-        self.loss_fn = create_loss(self.model_cfg.loss)
+        self.loss_fn = self._build_loss()
         self.elapsed_before = 0.0
         if self.resume_from is not None:
             state = self._load_checkpoint(self.resume_from)
@@ -276,6 +260,65 @@ class Trainer:
             self.train_model = DDP(self.train_model, device_ids=ids)
         if dist.is_main():
             save_json(self.resolved_config(), self.out / "train_config.json")
+
+    # Hooks: what differs between model families. This class trains dual encoders; a subclass
+    # (vlmkit.train.generative) overrides these for captioning / VQA models.
+    def _tokenizer_overrides(self) -> dict[str, Any]:
+        """Model-config keys that come from the tokenizer."""
+        tok = self.tokenizer
+        return {
+            "text.vocab_size": tok.vocab_size,
+            "text.eot_token_id": tok.eot_token_id,
+            "text.pad_token_id": tok.pad_token_id,
+        }
+
+    def _shard_data(self) -> bool:
+        """Whether train_data names WebDataset shards (else a manifest)."""
+        return is_shard_spec(self.cfg.train_data)
+
+    def _context_length(self) -> int:
+        return self.model_cfg.text.context_length
+
+    def _training_texts(self) -> list[str]:
+        """The texts a new tokenizer is trained on."""
+        if self.train_urls is not None:
+            return list(iter_captions(self.train_urls))
+        from vlmkit.data.manifest import read_manifest
+
+        return [s.caption for s in read_manifest(self.cfg.train_data)[0]]
+
+    def _new_tokenizer(self, texts: list[str]) -> Tokenizer:
+        return Tokenizer.train(texts, vocab_size=self.cfg.vocab_size, context_length=self._context_length())
+
+    def _build_train_set(self) -> int:
+        """The in-memory training set (manifest data); returns its number of samples."""
+        cfg = self.cfg
+        self.train_set = ImageTextDataset(
+            cfg.train_data,
+            self.train_transform,
+            max_bad_fraction=cfg.max_bad_fraction,
+            seed=cfg.seed,
+            log=log,
+            cache_images=cfg.cache_images,
+            cache_short_side=2 * self.preprocess.image_size,
+        )
+        return len(self.train_set)
+
+    def _new_model(self) -> torch.nn.Module:
+        return CLIP(self.model_cfg)
+
+    def _build_loss(self):
+        return create_loss(self.model_cfg.loss)
+
+    def _micro_step_loss(self, batch) -> torch.Tensor:
+        """The loss of one micro-batch from the loader (forward under autocast)."""
+        images, tokens = batch
+        # uint8 from the loader (a quarter of the bytes to ship), normalised here on the device
+        images = self.train_transform.normalize(images.to(self.device, non_blocking=True))
+        tokens = tokens.to(self.device, non_blocking=True)
+        with self.autocast():
+            out = self.train_model(images, tokens)
+        return self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
 
     def _load_init_from(self):
         """The `init_from` model folder, loaded (vlmkit run or Hugging Face folder) on this process's device."""
@@ -357,7 +400,7 @@ class Trainer:
         }
 
     def _build_tokenizer(self) -> Tokenizer:
-        cfg, ctx = self.cfg, self.model_cfg.text.context_length
+        cfg, ctx = self.cfg, self._context_length()
         saved = self.out / "tokenizer.json"
         if cfg.tokenizer:
             if not Path(cfg.tokenizer).is_file():
@@ -366,16 +409,10 @@ class Trainer:
         if saved.is_file() and (cfg.resume or not dist.is_main()):
             return Tokenizer.from_file(saved, context_length=ctx)
         if dist.is_main():
-            if self.train_urls is not None:
-                captions = list(iter_captions(self.train_urls))
-            else:
-                from vlmkit.data.manifest import read_manifest
-
-                captions = [s.caption for s in read_manifest(cfg.train_data)[0]]
+            captions = self._training_texts()
             if not captions:
                 raise DataError(f"no usable rows in {cfg.train_data}")
-            tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=ctx)
-            tok.save(saved)
+            self._new_tokenizer(captions).save(saved)
         dist.barrier()
         return Tokenizer.from_file(saved, context_length=ctx)
 
@@ -427,19 +464,17 @@ class Trainer:
             for m in range(cfg.grad_accum):
                 chunk = m * world + rank
                 order.append(batch[chunk * self.micro_batch : (chunk + 1) * self.micro_batch])
-        tokenizer = self.tokenizer
-
-        def collate(items):
-            images = torch.stack([it[0] for it in items])  # (B, 3, H, W)
-            return images, tokenizer([it[1] for it in items])  # (B, T)
-
         return DataLoader(
             self.train_set,
             batch_sampler=order,
-            collate_fn=collate,
+            collate_fn=self._collate_fn(),
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
         )
+
+    def _collate_fn(self) -> Callable[[list], Any]:
+        """Items -> a micro-batch; a plain function of picklable state, for DataLoader workers."""
+        return functools.partial(_collate_pairs, self.tokenizer)
 
     # ---------------------------------------------------------------- shard data
     def _setup_shard_state(self) -> None:
@@ -678,16 +713,11 @@ class Trainer:
     def _train_step(self, loader) -> float:
         cfg, total = self.cfg, 0.0
         for micro in range(cfg.grad_accum):
-            images, tokens = next(loader)
-            # uint8 from the loader (a quarter of the bytes to ship), normalised here on the device
-            images = self.train_transform.normalize(images.to(self.device, non_blocking=True))
-            tokens = tokens.to(self.device, non_blocking=True)
+            batch = next(loader)
             sync = micro == cfg.grad_accum - 1 or not isinstance(self.train_model, DDP)
             ctx = self.train_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
-                with self.autocast():
-                    out = self.train_model(images, tokens)
-                loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+                loss = self._micro_step_loss(batch)
                 if not torch.isfinite(loss):
                     raise VlmkitError(
                         f"loss is {loss.item()} at step {self.step + 1}; lower the learning rate (--set lr=...) "
@@ -834,6 +864,11 @@ class Trainer:
                 **common,
             )
             save_results(r, ev / "zeroshot.json")
+
+
+def _collate_pairs(tokenizer: Tokenizer, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([it[0] for it in items])  # (B, 3, H, W)
+    return images, tokenizer([it[1] for it in items])  # (B, T)
 
 
 def _encode(fn, x: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:

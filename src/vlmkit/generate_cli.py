@@ -1,0 +1,217 @@
+"""The CLI of the generative models: `vlmkit caption`, `vlmkit chat`, `vlmkit eval captioning|vqa` and
+`vlmkit data tasks`. Thin wrappers over `vlmkit.pipeline.VLMPipeline` and `vlmkit.eval.vqa`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlmkit.errors import VlmkitError
+
+_MODEL_HELP = "a model folder: a vlmkit CoCa / LLaVA run or checkpoint, or a Hugging Face LLaVA folder"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast or fp32")
+
+
+def _generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = greedy or sampling)")
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="> 0 samples with this temperature; 0 = greedy"
+    )
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def _generation(args) -> dict:
+    sampling = args.temperature > 0
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "do_sample": sampling,
+        "temperature": args.temperature if sampling else 1.0,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "stop_strings": list(args.stop),
+        "seed": args.seed,
+    }
+
+
+def _pipeline(args):
+    from vlmkit.cli import _device
+    from vlmkit.pipeline import VLMPipeline
+
+    return VLMPipeline.from_pretrained(args.model, device=_device(args.device), precision=args.precision)
+
+
+def _check_images(paths: list[str]) -> None:
+    from vlmkit.data.transforms import ImageDecodeError, check_image_file
+
+    for p in paths:
+        try:
+            check_image_file(p)
+        except ImageDecodeError as e:
+            raise VlmkitError(str(e)) from None
+
+
+def cmd_caption(args) -> None:
+    _check_images(args.image)
+    vlm = _pipeline(args)
+    captions = vlm.caption(
+        args.image, **({"prompt": args.prompt} if args.prompt else {}), **_generation(args)
+    )
+    for path, caption in zip(args.image, captions):
+        print(f"{path}\t{caption}" if len(args.image) > 1 else caption)
+
+
+def cmd_chat(args) -> None:
+    """Several turns about one image; each answer streams as it is generated."""
+    from vlmkit.data.chat import IMAGE_TOKEN
+    from vlmkit.models.generation import TextStreamer
+
+    _check_images([args.image])
+    vlm = _pipeline(args)
+    config = vlm.generation_config(**_generation(args))
+    streamer = TextStreamer(vlm.tokenizer, on_text=lambda piece: print(piece, end="", flush=True))
+    scripted = list(args.message or [])
+    interactive = not scripted
+    if interactive:
+        print(f"chatting about {args.image} (an empty line or Ctrl-D ends)", file=sys.stderr)
+    conversation: list[dict] = []
+    while True:
+        if scripted:
+            message = scripted.pop(0)
+            print(f"user: {message}")
+        elif interactive:
+            try:
+                message = input("user: ").strip()
+            except EOFError:
+                break
+            if not message:
+                break
+        else:
+            break
+        text = message if conversation else f"{IMAGE_TOKEN}\n{message}"
+        conversation.append({"from": "human", "value": text})
+        print("assistant: ", end="", flush=True)
+        reply = vlm.generate([args.image], [conversation], config, streamer=streamer)[0]
+        print(flush=True)
+        conversation.append({"from": "gpt", "value": reply})
+
+
+def _emit(result: dict, output: str | None) -> None:
+    from vlmkit.eval.features import save_results
+
+    if output:
+        save_results(result, output)
+        print(f"wrote {output}")
+    print(json.dumps(result["metrics"], indent=2))
+
+
+def cmd_eval_vqa(args) -> None:
+    from vlmkit.eval.vqa import evaluate_vqa
+
+    vlm = _pipeline(args)
+    config = {"max_new_tokens": args.max_new_tokens}
+    result = evaluate_vqa(
+        lambda images, questions: vlm.answer(images, questions, **config),
+        args.data,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        out_dir=args.out,
+        model_name=args.model,
+    )
+    _emit(result, args.output)
+
+
+def cmd_eval_captioning(args) -> None:
+    from vlmkit.eval.vqa import evaluate_captioning
+
+    vlm = _pipeline(args)
+    config = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    result = evaluate_captioning(
+        lambda images: vlm.caption(images, **config),
+        args.data,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        out_dir=args.out,
+        model_name=args.model,
+    )
+    _emit(result, args.output)
+
+
+def cmd_data_tasks(args) -> None:
+    from vlmkit.data.vqa import write_tasks
+
+    if not (Path(args.data) / "train.jsonl").is_file():
+        raise VlmkitError(
+            f"{args.data} holds no train.jsonl; write the dataset first: vlmkit data synth --out DIR"
+        )
+    paths = write_tasks(args.data, seed=args.seed, questions_per_image=args.questions_per_image)
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+
+
+def register(sub, eval_sub, data_sub) -> None:
+    """Add the generative subcommands to the `vlmkit`, `vlmkit eval` and `vlmkit data` parsers."""
+    p = sub.add_parser("caption", help="caption images with a CoCa or LLaVA model")
+    _model_args(p)
+    p.add_argument("--image", nargs="+", required=True, help="image files")
+    p.add_argument("--prompt", help="the instruction for LLaVA models (default: 'Describe the image.')")
+    _generation_args(p, 40)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("chat", help="talk about an image with a LLaVA (or CoCa) model; answers stream")
+    _model_args(p)
+    p.add_argument("--image", required=True, help="the image the conversation is about")
+    p.add_argument(
+        "--message",
+        action="append",
+        help="a user turn (repeatable); without it, read turns from the terminal",
+    )
+    _generation_args(p, 128)
+    p.set_defaults(func=cmd_chat)
+
+    for task, func, tokens, data_help in (
+        (
+            "vqa",
+            cmd_eval_vqa,
+            16,
+            "a questions file (LLaVA-format JSONL, e.g. val_vqa.jsonl from vlmkit data tasks)",
+        ),
+        (
+            "captioning",
+            cmd_eval_captioning,
+            40,
+            "a captions file (val_captions.jsonl) or an image-caption manifest",
+        ),
+    ):
+        what = "VQA accuracy by question type" if task == "vqa" else "BLEU-4 and CIDEr"
+        p = eval_sub.add_parser(task, help=f"{what} of a generative model")
+        _model_args(p)
+        p.add_argument("--data", required=True, help=data_help)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--limit", type=int, help="evaluate the first N only")
+        p.add_argument("--max-new-tokens", type=int, default=tokens)
+        if task == "captioning":
+            p.add_argument("--num-beams", type=int, default=1)
+        p.add_argument("--out", help="folder for the JSON results, plots and report.html")
+        p.add_argument("--output", help="results JSON (default: print)")
+        p.set_defaults(func=func)
+
+    p = data_sub.add_parser(
+        "tasks", help="caption and question files (VQA) from a `vlmkit data synth` folder"
+    )
+    p.add_argument("--data", required=True, help="the synthetic dataset folder")
+    p.add_argument("--questions-per-image", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_tasks)

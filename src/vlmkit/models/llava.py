@@ -1,0 +1,245 @@
+"""LLaVA: vision tower -> projector -> Llama-style decoder, image features spliced in at placeholder tokens.
+
+    image (B, 3, H, W) --ViT, hidden states of layer -2--> (B, 1 + P, Cv) --drop class token--> (B, P, Cv)
+      --pixel shuffle s--> (B, P/s^2, s^2 Cv) --projector--> (B, N, C)
+    prompt ids with N placeholder ids per image --embed, overwrite placeholders with image features--> decoder
+
+The prompt already holds `num_image_tokens` copies of `image_token_id` per image (`vlmkit.data.chat.render`
+expands `<image>`, as Hugging Face's LlavaProcessor does); the model writes the image features over those
+positions in order, so one batch may hold any number of images per row. Parameter names start with
+`vision_tower.`, `projector.` or `language_model.`, so a training stage freezes parts by name (`freeze`).
+Hugging Face `LlavaForConditionalGeneration` import / export: vlmkit.models.hf_llava.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.models.decoder import Decoder, DecoderConfig, DecoderOutput
+from vlmkit.models.vit import VisionConfig, VisionTransformer
+from vlmkit.nn.transformer import get_activation
+
+PARTS = ("vision_tower", "projector", "language_model")
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(proj=False))
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vision_feature_layer: int = -2  # Hugging Face's hidden_states index: -2 = the penultimate block's output
+    vision_feature_select: str = "patch"  # "patch": drop the class token (HF "default"); "full": keep it
+    projector: str = (
+        "mlp2x_gelu"  # "mlp2x_gelu": Linear, act, Linear (LLaVA-1.5); "linear": one Linear (LLaVA-1)
+    )
+    projector_act: str = "gelu"  # the MLP's activation (HF projector_hidden_act)
+    projector_bias: bool = True  # HF multimodal_projector_bias
+    pixel_shuffle: int = 1  # s > 1 merges each s x s block of patch tokens into one token (s^2 fewer)
+    image_token_id: int = (
+        3  # the placeholder id; vlmkit tokenizers trained with extra_special_tokens=["<image>"] give 3
+    )
+    chat_template: str = "vicuna"  # vlmkit.data.chat.TEMPLATES
+
+    def __post_init__(self):
+        from vlmkit.data.chat import TEMPLATES
+
+        v, d = self.vision, self.decoder
+        if v.proj:  # LLaVA reads the tower's hidden states; its projection to a joint embedding has no use
+            self.vision = v = dataclasses.replace(v, proj=False)
+        if self.vision_feature_select not in ("patch", "full"):
+            raise ConfigError(
+                f"vision_feature_select must be 'patch' or 'full', not {self.vision_feature_select!r}"
+            )
+        if self.vision_feature_select == "patch" and not v.class_token:
+            raise ConfigError(
+                "vision_feature_select='patch' drops the class token, but the vision tower has none; use 'full'"
+            )
+        if not -(v.layers + 1) <= self.vision_feature_layer <= v.layers:
+            raise ConfigError(
+                f"vision_feature_layer {self.vision_feature_layer} does not exist in a {v.layers}-layer vision tower"
+            )
+        if self.projector not in ("mlp2x_gelu", "linear"):
+            raise ConfigError(f"projector must be 'mlp2x_gelu' or 'linear', not {self.projector!r}")
+        get_activation(self.projector_act)  # ConfigError for an unknown name
+        s = self.pixel_shuffle
+        if not isinstance(s, int) or s < 1:
+            raise ConfigError(f"pixel_shuffle must be an integer >= 1, got {s!r}")
+        if v.grid_size % s:
+            raise ConfigError(f"pixel_shuffle {s} does not divide the {v.grid_size}x{v.grid_size} patch grid")
+        if s > 1 and self.vision_feature_select == "full" and v.class_token:
+            raise ConfigError(
+                "pixel_shuffle > 1 cannot merge the class token; use vision_feature_select='patch'"
+            )
+        if not 0 <= self.image_token_id < d.vocab_size:
+            raise ConfigError(
+                f"image_token_id {self.image_token_id} is not in the decoder's vocabulary of {d.vocab_size}"
+            )
+        if d.cross_attention_start is not None and d.cross_attention_start < d.layers:
+            raise ConfigError(
+                "decoder.cross_attention_start: LLaVA's decoder reads images as tokens, not by cross-attention"
+            )
+        if self.chat_template not in TEMPLATES:
+            raise ConfigError(
+                f"unknown chat_template {self.chat_template!r}; choose one of {sorted(TEMPLATES)}"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image at the configured image size."""
+        full = self.vision_feature_select == "full" and self.vision.class_token
+        return self.vision.grid_size**2 // self.pixel_shuffle**2 + int(full)
+
+
+def pixel_shuffle(x: Tensor, grid: tuple[int, int], s: int) -> Tensor:
+    """Merge each s x s block of a (gh x gw, row-major) token grid into one token: (B, gh*gw, C) ->
+    (B, gh/s * gw/s, s*s*C), channels ordered (row in block, column in block, C)."""
+    B, N, C = x.shape
+    gh, gw = grid
+    if gh % s or gw % s:
+        raise ConfigError(f"pixel_shuffle {s} does not divide the {gh}x{gw} patch grid of these images")
+    x = x.view(B, gh // s, s, gw // s, s, C)  # (B, gh/s, s, gw/s, s, C)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, gh/s, gw/s, s, s, C): each block's tokens side by side
+    return x.reshape(B, (gh // s) * (gw // s), s * s * C)
+
+
+class Projector(nn.Module):
+    """Vision features -> decoder width. Names as Hugging Face's LlavaMultiModalProjector (linear_1, linear_2)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str, act: str, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
+        self.act = get_activation(act) if kind == "mlp2x_gelu" else None
+        self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias) if kind == "mlp2x_gelu" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.linear_1(x)
+        if self.linear_2 is not None:
+            x = self.linear_2(self.act(x))
+        return x
+
+
+class Llava(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        v = cfg.vision
+        self.vision_tower = VisionTransformer(v, v.width)
+        self.projector = Projector(
+            v.width * cfg.pixel_shuffle**2,
+            cfg.decoder.width,
+            cfg.projector,
+            cfg.projector_act,
+            cfg.projector_bias,
+        )
+        self.language_model = Decoder(cfg.decoder)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.cfg.num_image_tokens
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> projected image tokens (B, N, decoder width)."""
+        cfg = self.cfg
+        x = self.vision_tower.forward_hidden(pixel_values, cfg.vision_feature_layer)  # (B, prefix + P, Cv)
+        if cfg.vision_feature_select == "patch":
+            x = x[:, self.vision_tower.num_prefix_tokens :]  # (B, P, Cv)
+        if cfg.pixel_shuffle > 1:
+            p = cfg.vision.patch_size
+            grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+            x = pixel_shuffle(x, grid, cfg.pixel_shuffle)  # (B, P/s^2, s^2 Cv)
+        return self.projector(x)  # (B, N, C)
+
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
+        """Token embeddings (B, T, C) with the image placeholders overwritten by the images' tokens, in order.
+
+        DataError when the number of placeholders differs from (number of images) x num_image_tokens.
+        """
+        x = self.language_model.embed(input_ids)  # (B, T, C)
+        placeholders = input_ids == self.cfg.image_token_id  # (B, T)
+        images = self.encode_images(pixel_values) if pixel_values is not None else None  # (I, N, C)
+        num_features = 0 if images is None else images.shape[0] * images.shape[1]
+        num_placeholders = int(placeholders.sum())
+        if num_placeholders != num_features:
+            num_images = 0 if images is None else images.shape[0]
+            raise DataError(
+                f"input_ids hold {num_placeholders} image placeholder tokens (id {self.cfg.image_token_id}) but "
+                f"{num_images} images give {num_features} image tokens ({self.num_image_tokens} per image); "
+                "render prompts with the model's num_image_tokens"
+            )
+        if images is None:
+            return x
+        return x.masked_scatter(placeholders[..., None], images.to(x.dtype))  # (B, T, C)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        logits: str = "all",
+    ) -> DecoderOutput:
+        """Decoder outputs for prompts whose image placeholders are already expanded (see module docstring).
+
+        attention_mask (B, T): 1 = real token, 0 = padding (right padding for training). For the loss, use
+        `logits="none"` and `vlmkit.losses.captioning.next_token_loss(out.hidden, labels, model.language_model.lm_head)`.
+        """
+        x = self.embed_inputs(input_ids, pixel_values)  # (B, T, C)
+        return self.language_model(inputs_embeds=x, attention_mask=attention_mask, logits=logits)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        config=None,
+        tokenizer=None,
+        streamer=None,
+    ) -> Tensor:
+        """New token ids (B, N) after left-padded prompts (see vlmkit.models.generation.generate).
+
+        Without a `config`, greedy decoding up to 64 tokens that stops at the decoder's end token.
+        """
+        from vlmkit.models.generation import GenerationConfig, generate
+
+        if config is None:
+            d = self.cfg.decoder
+            config = GenerationConfig(eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id)
+        x = self.embed_inputs(input_ids, pixel_values)  # (B, T, C)
+        return generate(
+            self.language_model,
+            attention_mask=attention_mask,
+            inputs_embeds=x,
+            config=config,
+            tokenizer=tokenizer,
+            streamer=streamer,
+        )
+
+    def unused_parameter_names(self) -> list[str]:
+        """Vision-tower parameters no output depends on: the blocks after `vision_feature_layer` and the
+        tower's final norm and pooling head. The trainer freezes them (DDP requires every trained parameter
+        to get a gradient)."""
+        tower = self.vision_tower
+        num_layers = len(tower.transformer.blocks)
+        layer = self.cfg.vision_feature_layer
+        used = layer if layer >= 0 else num_layers + 1 + layer
+        dead = [f"transformer.blocks.{i}." for i in range(used, num_layers)] + [
+            "ln_post.",
+            "attn_pool.",
+            "proj.",
+        ]
+        return [f"vision_tower.{n}" for n, _ in tower.named_parameters() if n.startswith(tuple(dead))]
+
+    def freeze(self, parts: Iterable[str]) -> None:
+        """Freeze the named parts ("vision_tower", "projector", "language_model") and unfreeze the others:
+        LLaVA stage 1 is `freeze(["vision_tower", "language_model"])`, stage 2 `freeze(["vision_tower"])`."""
+        parts = set(parts)
+        unknown = parts - set(PARTS)
+        if unknown:
+            raise ConfigError(f"cannot freeze {sorted(unknown)}: LLaVA's parts are {', '.join(PARTS)}")
+        for name in PARTS:
+            getattr(self, name).requires_grad_(name not in parts)

@@ -1,0 +1,169 @@
+"""Image + text in, text out: a loaded generative model (LLaVA-style or CoCa) behind one small API.
+
+    vlm = VLMPipeline.from_pretrained("runs/llava-tiny-shapes")
+    vlm.answer(["cat.png"], ["what colour is the star?"])     # -> ["red"]
+    vlm.caption(["cat.png"])                                   # -> ["a small red star on the left"]
+    vlm.chat("cat.png", [{"from": "human", "value": "<image>\\nwhat is this?"}], streamer=...)
+
+It renders prompts with the model's chat template (LLaVA) or the plain template (CoCa), loads and
+preprocesses the images, left-pads the batch and decodes the new tokens. The CLI (`vlmkit caption`,
+`vlmkit chat`, `vlmkit eval vqa|captioning`) and the trainer's evaluations use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vlmkit.data.chat import IMAGE_TOKEN, get_template, render
+from vlmkit.data.transforms import ImageTransform, load_image
+from vlmkit.errors import ConfigError
+from vlmkit.models.generation import GenerationConfig, trim_stop_strings
+from vlmkit.models.registry import model_family
+
+CAPTION_PROMPT = "Describe the image."
+
+
+def coca_turns(conversation: list[dict], is_caption: bool) -> list[dict]:
+    """A conversation as CoCa sees it: no image marker (images come in by cross-attention); a caption is
+    the text alone, `[bos] caption [eos]`, exactly what `encode_text` embeds; a question ends with a line
+    break before its answer."""
+    out = []
+    for turn in conversation:
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content", ""))
+        if role in ("human", "user"):
+            text = "" if is_caption else text.replace(IMAGE_TOKEN, "").strip() + "\n"
+        out.append({"from": role, "value": text})
+    return out
+
+
+class VLMPipeline:
+    """A generative model with its tokenizer and preprocessing, ready to caption, answer and chat."""
+
+    def __init__(
+        self, model, tokenizer, preprocess, device: str | torch.device = "cpu", precision: str = "fp32"
+    ):
+        self.family = model_family(model.cfg)
+        if self.family == "clip":
+            raise ConfigError(
+                "this is a CLIP/SigLIP model: it embeds images and texts but does not generate text; "
+                "use `vlmkit classify` / `vlmkit embed`, or a CoCa or LLaVA model"
+            )
+        if tokenizer is None:
+            raise ConfigError(
+                "this model folder has no tokenizer.json; generation needs the model's tokenizer"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.precision = precision
+        cfg = model.cfg
+        self.template = cfg.chat_template if self.family == "llava" else "plain"
+        self.num_image_tokens = model.num_image_tokens if self.family == "llava" else 0
+        self.image_token_id = cfg.image_token_id if self.family == "llava" else None
+        self.transform = ImageTransform(preprocess, train=False)
+        self.end_ids = get_template(self.template).end_ids(tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> VLMPipeline:
+        """Load a vlmkit CoCa/LLaVA folder or a Hugging Face LLaVA folder."""
+        from vlmkit.models.pretrained import load_pretrained
+
+        pt = load_pretrained(path, device)
+        return cls(pt.model, pt.tokenizer, pt.preprocess, device=device, **kwargs)
+
+    # ---------------------------------------------------------------- inputs
+    def pixel_values(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
+        """Paths or PIL images -> normalised (B, 3, S, S) on the model's device."""
+        tensors = [self.transform(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]
+        return torch.stack(tensors).to(self.device)
+
+    def prompt_ids(self, conversation: list[dict]) -> list[int]:
+        """The conversation rendered up to the assistant's turn, as token ids."""
+        ids, _ = render(
+            conversation,
+            self.tokenizer,
+            self.template,
+            num_image_tokens=self.num_image_tokens,
+            image_token_id=self.image_token_id,
+            add_generation_prompt=True,
+        )
+        return ids
+
+    def generation_config(self, **overrides) -> GenerationConfig:
+        """Greedy up to 64 tokens, stopping at the template's end of turn, unless `overrides` say otherwise."""
+        pad = self.tokenizer.pad_token_id
+        return GenerationConfig(**{"eos_token_id": self.end_ids, "pad_token_id": pad, **overrides})
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        conversations: Sequence[list[dict]],
+        config: GenerationConfig | None = None,
+        streamer=None,
+    ) -> list[str]:
+        """One image per conversation; returns the assistant's next message for each."""
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(images)} images for {len(conversations)} conversations")
+        config = config or self.generation_config()
+        if self.family == "coca":
+            conversations = [coca_turns(c, is_caption=False) for c in conversations]
+        prompts = [self.prompt_ids(c) for c in conversations]
+        T = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token is at position T
+            input_ids[i, T - len(p) :] = torch.tensor(p)
+            attention_mask[i, T - len(p) :] = 1
+        with self._autocast():
+            new = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                pixel_values=self.pixel_values(images),
+                attention_mask=attention_mask.to(self.device),
+                config=config,
+                tokenizer=self.tokenizer,
+                streamer=streamer,
+            )
+        texts = [self.decode(row) for row in new.tolist()]
+        return [trim_stop_strings(t, config.stop_strings) for t in texts] if config.stop_strings else texts
+
+    def decode(self, ids: list[int]) -> str:
+        """New tokens -> text, up to the first end-of-turn token."""
+        for end in self.end_ids:
+            if end in ids:
+                ids = ids[: ids.index(end)]
+        return self.tokenizer.decode(ids)
+
+    def answer(self, images, questions: Sequence[str], **generation) -> list[str]:
+        """Short answers to one question per image."""
+        conversations = [[{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}"}] for q in questions]
+        return self.generate(
+            images, conversations, self.generation_config(**{"max_new_tokens": 16, **generation})
+        )
+
+    def caption(self, images, prompt: str = CAPTION_PROMPT, **generation) -> list[str]:
+        """A caption per image. CoCa captions from the start token alone (its captioning format)."""
+        if self.family == "coca":
+            config = self.generation_config(**{"max_new_tokens": 40, **generation})
+            with self._autocast(), torch.inference_mode():
+                new = self.model.generate(
+                    pixel_values=self.pixel_values(images), config=config, tokenizer=self.tokenizer
+                )
+            return [self.decode(row) for row in new.tolist()]
+        conversations = [[{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}]] * len(images)
+        return self.generate(
+            images, conversations, self.generation_config(**{"max_new_tokens": 40, **generation})
+        )
