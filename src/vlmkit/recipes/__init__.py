@@ -98,34 +98,60 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-# The built-in shapes data for the generative recipes: scenes, their captions and questions about colour,
-# shape, count, position, existence and relations (vlmkit.data.vqa), written on first use.
-SHAPES_VQA = dict(num_train=6000, num_val=500, image_size=64, background_noise=0.2, seed=0)
+# The built-in shapes data for the generative recipes (the quickstart's: half the scenes hold one object,
+# which makes a contrastive model learn shape as well as colour), with captions and questions about
+# colour, shape, count, position, existence and relations (vlmkit.data.vqa), written on first use.
+SHAPES_VQA = dict(
+    num_train=6000,
+    num_val=500,
+    image_size=64,
+    background_noise=0.2,
+    num_per_class_train=20,
+    num_per_class_val=10,
+    object_weights=(5, 3, 1, 1),
+    seed=0,
+)
+SHAPES_TEMPLATES = ["a {}.", "there is a {}.", "a picture of a {}.", "one {}.", "an image with a {}."]
 
 # Generative recipes (GenerativeTrainConfig). "{data}" in a path is the synthetic_data folder.
 GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
-    # LLaVA's two stages on a model trained from scratch: stage 1 learns to caption (everything trains,
-    # since nothing is pretrained; with a pretrained vision tower and language model, freeze them here:
-    # freeze=["^vision_tower\\.", "^language_model\\."]), stage 2 tunes on questions and captions.
+    # LLaVA as it is built: a contrastively pretrained vision encoder, a projector aligned on captions,
+    # then instruction tuning. Nothing pretrained can be downloaded here, so stage 1 pretrains the encoder
+    # (clip-tiny, as the quickstart); stage 2 trains projector and language model on captions with the
+    # encoder frozen (the language model is new too; with a pretrained one, freeze it here as LLaVA does:
+    # "^language_model\\."); stage 3 tunes everything on questions and captions (on questions alone,
+    # captioning collapses to one word and VQA is no better).
     "llava-tiny-shapes": dict(
         model="llava-tiny",
-        # From scratch there is no reason to read the penultimate vision layer (LLaVA's choice for a
-        # pretrained CLIP), nor to spend tokens on vicuna's system prompt.
-        model_overrides={
-            "vision.stem": "conv",
-            "pixel_shuffle": 2,
-            "vision_feature_layer": -1,
-            "chat_template": "user_assistant",
-        },
+        # Image tokens are read before the vision tower's last block, as LLaVA does: a contrastive tower trains
+        # that block for its class token only, so its patch outputs are untrained. No system prompt: for a
+        # small model trained from scratch it would only cost compute.
+        model_overrides={"pixel_shuffle": 2, "vision_feature_layer": -2, "chat_template": "user_assistant"},
         out="runs/llava-tiny-shapes",
         synthetic_data="data/shapes-vqa",
         synthetic_args=SHAPES_VQA,
+        questions_per_image=4,
         stages=[
-            dict(name="align", train_data="{data}/train_captions.jsonl", time_budget=3.5, epochs=100),
+            dict(
+                name="clip",
+                recipe="clip-tiny",
+                train_data="{data}/train.jsonl",
+                zeroshot_data="{data}/classification/val",
+                zeroshot_templates=SHAPES_TEMPLATES,
+                time_budget=4.0,
+            ),
+            dict(
+                name="align",
+                train_data="{data}/train_captions.jsonl",
+                freeze=["^vision_tower\\."],
+                time_budget=2.0,
+                epochs=100,
+            ),
             dict(
                 name="instruct",
                 train_data="{data}/train_vqa.jsonl::{data}/train_captions.jsonl",
-                time_budget=8.5,
+                lr_scale={"^vision_tower\\.": 0.3},
+                time_budget=6.5,
                 epochs=100,
             ),
         ],
@@ -138,18 +164,33 @@ GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
         save_every=200,
         max_len=96,
     ),
-    # CoCa: contrastive loss on the captions, captioning loss on captions and answers, in one stage.
+    # CoCa: contrastive loss on the captions, captioning loss on captions and answers. Its image tower
+    # starts from a contrastive stage, as above (CoCa itself is often initialised from CLIP).
     "coca-tiny-shapes": dict(
         model="coca-tiny",
-        model_overrides={"vision.stem": "conv"},
         out="runs/coca-tiny-shapes",
         synthetic_data="data/shapes-vqa",
         synthetic_args=SHAPES_VQA,
-        train_data="{data}/train_vqa.jsonl::{data}/train_captions.jsonl",
+        questions_per_image=4,
+        stages=[
+            dict(
+                name="clip",
+                recipe="clip-tiny",
+                train_data="{data}/train.jsonl",
+                zeroshot_data="{data}/classification/val",
+                zeroshot_templates=SHAPES_TEMPLATES,
+                time_budget=4.0,
+            ),
+            dict(
+                name="coca",
+                train_data="{data}/train_vqa.jsonl::{data}/train_captions.jsonl",
+                lr_scale={"^visual\\.": 0.3},
+                time_budget=8.5,
+                epochs=100,
+            ),
+        ],
         val_data="{data}/val_vqa.jsonl::{data}/val_captions.jsonl",
-        time_budget=12.0,
-        epochs=100,
-        batch_size=64,
+        batch_size=128,
         lr=1e-3,
         weight_decay=0.05,
         warmup_steps=50,
@@ -190,7 +231,7 @@ def _smoke_generative(cfg: GenerativeTrainConfig) -> GenerativeTrainConfig:
     if family == "coca":
         small.update({"embed_dim": 32, "decoder.cross_attention_start": 1, "decoder.encoder_width": 64})
     steps = {"max_steps": 3, "time_budget": None}
-    stages = [{**stage, **steps} for stage in cfg.stages]
+    stages = [{**stage, **steps, **({"smoke": True} if "recipe" in stage else {})} for stage in cfg.stages]
     synthetic = {**cfg.synthetic_args, "num_train": 48, "num_val": 8, "image_size": 32}
     synthetic.update(num_per_class_train=1, num_per_class_val=1)
     return override(

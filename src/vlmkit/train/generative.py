@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from vlmkit.config import override
+from vlmkit.config import override, to_dict
 from vlmkit.data.chat import IMAGE_TOKEN, collate, get_template, render
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform, load_image
@@ -42,11 +42,17 @@ log = logging.getLogger("vlmkit.train")
 
 STAGE_KEYS = (
     "name",
+    "recipe",  # a dual-encoder recipe (e.g. "clip-tiny"): this stage pretrains the vision tower contrastively
     "train_data",
+    "val_data",
+    "zeroshot_data",
+    "zeroshot_templates",
+    "smoke",  # with "recipe": shrink that recipe as `vlmkit train --smoke` does
     "time_budget",
     "max_steps",
     "epochs",
     "lr",
+    "lr_scale",
     "warmup_steps",
     "freeze",
     "batch_size",
@@ -68,9 +74,11 @@ class GenerativeTrainConfig(TrainConfig):
     )
     synthetic_args: dict[str, Any] = field(default_factory=dict)  # vlmkit.data.synthetic.generate arguments
     questions_per_image: int = 3
-    tokenizer_data: str | None = (
-        None  # files a new tokenizer learns from (default: train_data); set by stages
-    )
+    # files a new tokenizer learns from (default: train_data); set by stages
+    tokenizer_data: str | None = None
+    # A CLIP/SigLIP model folder (a vlmkit run or a Hugging Face folder) whose image tower (config and weights)
+    # becomes this model's vision tower (LLaVA's pretrained vision encoder); its mean/std too.
+    vision_init_from: str | None = None
     max_len: int = 128  # tokens per training conversation (longer ones lose their end)
     eval_limit: int = 256  # rows of val_data for each periodic evaluation
     final_eval_limit: int | None = 2000  # rows for the final VQA / captioning evaluation (None = all)
@@ -148,8 +156,26 @@ class GenerativeTrainer(Trainer):
     cfg: GenerativeTrainConfig
 
     def setup(self) -> None:
-        if not self.cfg.train_data:
+        cfg = self.cfg
+        if not cfg.train_data:
             raise ConfigError("no training data: pass --train-data CONVERSATIONS.jsonl (LLaVA format)")
+        self.vision_source = None
+        if cfg.vision_init_from and not cfg.init_from:
+            from vlmkit.models.pretrained import load_pretrained
+
+            source = load_pretrained(cfg.vision_init_from)
+            if model_family(source.model.cfg) != "clip":
+                raise ConfigError(
+                    f"vision_init_from {cfg.vision_init_from} is not a CLIP/SigLIP model folder"
+                )
+            self.vision_source = source.model.visual
+            vision = to_dict(source.model.cfg.vision)
+            self.cfg = replace(
+                cfg,
+                model_overrides={**cfg.model_overrides, "vision": vision},
+                mean=tuple(source.preprocess.mean),
+                std=tuple(source.preprocess.std),
+            )
         super().setup()
 
     # ---------------------------------------------------------------- hooks
@@ -226,7 +252,25 @@ class GenerativeTrainer(Trainer):
         return functools.partial(_collate, self.tokenizer.pad_token_id)
 
     def _new_model(self) -> torch.nn.Module:
-        return build_model(self.model_cfg)
+        model = build_model(self.model_cfg)
+        if self.vision_source is not None:  # copy the pretrained image tower (all but a mismatched head)
+            tower = model.vision_tower if model_family(self.model_cfg) == "llava" else model.visual
+            target = tower.state_dict()
+            state = {
+                k: v
+                for k, v in self.vision_source.state_dict().items()
+                if k in target and target[k].shape == v.shape
+            }
+            tower.load_state_dict(state, strict=False)
+            if dist.is_main():
+                log.info(
+                    "vision tower: %d of %d tensors from %s",
+                    len(state),
+                    len(target),
+                    self.cfg.vision_init_from,
+                )
+            self.vision_source = None
+        return model
 
     def _build_loss(self):
         if self.family_of_config() == "coca":
@@ -351,47 +395,69 @@ def _fill(spec: str | None, data: str | None) -> str | None:
     return spec.replace("{data}", data) if spec and data else spec
 
 
-def stage_configs(cfg: GenerativeTrainConfig) -> list[tuple[str, GenerativeTrainConfig]]:
-    """(name, config) per stage: each starts from the previous stage's model; the last writes to cfg.out."""
+def stage_configs(cfg: GenerativeTrainConfig) -> list[tuple[str, TrainConfig]]:
+    """(name, config) per stage. A stage with a "recipe" trains a dual encoder (a TrainConfig) whose image
+    tower the next generative stage starts from; every other stage starts from the previous generative
+    stage's model. The last stage writes to cfg.out, the others to cfg.out/stage<i>-<name>."""
+    from vlmkit.recipes import get_recipe, smoke
+
     data = cfg.synthetic_data
     base = replace(cfg, train_data=_fill(cfg.train_data, data), val_data=_fill(cfg.val_data, data))
     if not cfg.stages:
         return [("train", base)]
-    all_data = "::".join(_fill(s.get("train_data", cfg.train_data), data) for s in cfg.stages)
-    out, prev, runs = Path(cfg.out), cfg.init_from, []
+    generative = [s for s in cfg.stages if "recipe" not in s]
+    all_data = "::".join(_fill(s.get("train_data", cfg.train_data), data) for s in generative)
+    out, prev, vision, runs = Path(cfg.out), cfg.init_from, cfg.vision_init_from, []
     for i, stage in enumerate(cfg.stages):
-        stage = dict(stage)
+        stage = {k: _fill(v, data) if isinstance(v, str) else v for k, v in stage.items()}
         name = stage.pop("name", f"stage{i + 1}")
         last = i == len(cfg.stages) - 1
-        run_out = out if last else out / f"stage{i + 1}-{name}"
-        fields = {k: (_fill(v, data) if k == "train_data" else v) for k, v in stage.items()}
-        stage_cfg = override(base, {**fields, "stages": [], "out": str(run_out)}, where=f"stages[{i}]")
+        run_out = str(out if last else out / f"stage{i + 1}-{name}")
+        recipe = stage.pop("recipe", None)
+        if recipe is not None:  # contrastive pretraining of the vision tower
+            shrink = stage.pop("smoke", False)
+            fields = {"seed": cfg.seed, "num_workers": cfg.num_workers, "precision": cfg.precision, **stage}
+            clip = smoke(get_recipe(recipe)) if shrink else get_recipe(recipe)
+            runs.append((name, override(clip, {**fields, "out": run_out, "resume": cfg.resume})))
+            vision = run_out
+            continue
+        stage_cfg = override(base, {**stage, "stages": [], "out": run_out}, where=f"stages[{i}]")
+        if not last:  # intermediate models get a quick look, the final one the full evaluation
+            quick = min(cfg.eval_limit, cfg.final_eval_limit or cfg.eval_limit)
+            stage_cfg = replace(stage_cfg, final_eval_limit=quick)
         stage_cfg = replace(
             stage_cfg,
             init_from=prev,
+            vision_init_from=vision if prev is None else None,
             tokenizer=cfg.tokenizer if prev is None else None,
-            tokenizer_data=None if prev is not None else all_data,
+            tokenizer_data=all_data if prev is None else None,
         )
         runs.append((name, stage_cfg))
-        prev = str(run_out)
+        prev = run_out
     return runs
 
 
 def train_generative(cfg: GenerativeTrainConfig) -> dict:
     """Run every stage of `cfg` in order; returns the last stage's summary (with every stage's under "stages")."""
+    from vlmkit.train.loop import train
+
     if cfg.synthetic_data and dist.is_main():
         prepare_synthetic(cfg)
     if cfg.synthetic_data:
         dist.barrier()
     summaries = {}
-    for name, stage_cfg in stage_configs(cfg):
+    stages = stage_configs(cfg)
+    for name, stage_cfg in stages:
         done = Path(stage_cfg.out) / "summary.json"
         if cfg.resume and done.is_file() and Path(stage_cfg.out) != Path(cfg.out):
             if dist.is_main():
                 print(f"stage {name}: finished earlier in {stage_cfg.out}, skipping")
             continue
-        if dist.is_main() and len(cfg.stages) > 1:
+        if dist.is_main() and len(stages) > 1:
             print(f"stage {name} -> {stage_cfg.out}")
-        summaries[name] = GenerativeTrainer(stage_cfg).fit()
+        if isinstance(stage_cfg, GenerativeTrainConfig):
+            summaries[name] = GenerativeTrainer(stage_cfg).fit()
+        else:
+            summaries[name] = train(stage_cfg)
     last = summaries[list(summaries)[-1]] if summaries else {}
     return {**last, "stages": summaries} if len(summaries) > 1 else last
