@@ -283,6 +283,12 @@ def cmd_train(args) -> None:
     overrides.update(transfer_overrides(args))
     overrides.update(parse_overrides(args.set))
     cfg = get_recipe(args.recipe)
+    if getattr(cfg, "stages", None) and (args.train_data or args.val_data):
+        family = cfg.model.split("-")[0]
+        raise VlmkitError(
+            f"recipe {args.recipe} trains in stages on the built-in data; for your own data use the one-stage "
+            f"recipe {family}-tiny (--set vision_init_from=DIR starts its image tower from a CLIP/SigLIP folder)"
+        )
     if args.smoke:  # shrink first, so that explicit flags still win
         cfg = smoke(cfg)
     cfg = override(cfg, overrides, where="train")

@@ -185,3 +185,13 @@ def test_cli_exports_a_vlmkit_llava_that_transformers_loads(tmp_path, capsys):
         ours = model(ids, pixels).logits
         theirs = hf(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_own_data_trains_the_one_stage_recipe(shapes, tmp_path, capsys):
+    data = ["--train-data", str(shapes / "train_vqa.jsonl"), "--val-data", str(shapes / "val_vqa.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--recipe", "llava-tiny-shapes", *data])
+    assert e.value.code == 2 and "llava-tiny" in capsys.readouterr().err
+    main(["train", "--recipe", "llava-tiny", "--smoke", "--out", str(tmp_path), *data])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 3 and (tmp_path / "eval" / "vqa.json").is_file()

@@ -164,6 +164,33 @@ GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
         save_every=200,
         max_len=96,
     ),
+    # One stage on your own conversation files (--train-data, --val-data); start the image tower from a
+    # CLIP/SigLIP folder with --set vision_init_from=DIR.
+    "llava-tiny": dict(
+        model="llava-tiny",
+        model_overrides={"pixel_shuffle": 2, "chat_template": "user_assistant"},
+        out="runs/llava-tiny",
+        batch_size=64,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        epochs=10,
+        eval_every=200,
+        save_every=200,
+        max_len=128,
+    ),
+    "coca-tiny": dict(
+        model="coca-tiny",
+        out="runs/coca-tiny",
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        epochs=10,
+        eval_every=200,
+        save_every=200,
+        max_len=64,
+    ),
     # CoCa: contrastive loss on the captions, captioning loss on captions and answers. Its image tower
     # starts from a contrastive stage, as above (CoCa itself is often initialised from CLIP).
     "coca-tiny-shapes": dict(
