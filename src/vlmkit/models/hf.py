@@ -88,16 +88,23 @@ _DEFAULTS = {
 }  # fmt: skip
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    """True for a folder with a Hugging Face `config.json` (one with "model_type") and weights."""
+def hf_model_type(path: str | Path) -> str | None:
+    """The "model_type" of a Hugging Face folder (config.json with it, and weights); None for anything else."""
     path = Path(path)
     if not (path / CONFIG).is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
-        return False
+        return None
     try:
         meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(meta, dict) and "model_type" in meta and "model" not in meta
+        return None
+    if not isinstance(meta, dict) or "model" in meta:  # a vlmkit folder
+        return None
+    return meta.get("model_type")
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a folder with a Hugging Face `config.json` (one with "model_type") and weights."""
+    return hf_model_type(path) is not None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from vlmkit.models.hf import (
     WEIGHT_FILES,
     convert_state_from_hf,
     convert_state_to_hf,
+    hf_model_type,
     preprocess_from_hf,
     preprocess_to_hf,
     read_hf_weights,
@@ -73,14 +74,7 @@ LM_HEAD = "language_model.lm_head.weight"
 
 def is_hf_llava_dir(path: str | Path) -> bool:
     """True for a folder with weights and a `config.json` whose model_type is "llava"."""
-    path = Path(path)
-    if not (path / CONFIG).is_file() or not any((path / f).is_file() for f in WEIGHT_FILES):
-        return False
-    try:
-        meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(meta, dict) and meta.get("model_type") == "llava"
+    return hf_model_type(path) == "llava"
 
 
 # ----------------------------------------------------------------------------------------------

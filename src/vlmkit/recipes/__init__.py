@@ -10,6 +10,8 @@ from typing import Any
 
 from vlmkit.config import override
 from vlmkit.errors import ConfigError
+from vlmkit.quickstart import DATA_ARGS as QUICKSTART_DATA
+from vlmkit.quickstart import SHAPES_TEMPLATES
 from vlmkit.train.generative import GenerativeTrainConfig
 from vlmkit.train.loop import TrainConfig
 
@@ -98,20 +100,21 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-# The built-in shapes data for the generative recipes (the quickstart's: half the scenes hold one object,
+# The built-in shapes data for the generative recipes is the quickstart's (half the scenes hold one object,
 # which makes a contrastive model learn shape as well as colour), with captions and questions about
 # colour, shape, count, position, existence and relations (vlmkit.data.vqa), written on first use.
-SHAPES_VQA = dict(
-    num_train=6000,
-    num_val=500,
-    image_size=64,
-    background_noise=0.2,
-    num_per_class_train=20,
-    num_per_class_val=10,
-    object_weights=(5, 3, 1, 1),
-    seed=0,
+SHAPES_VQA = {**QUICKSTART_DATA, "seed": 0}
+
+# The first stage of both generative recipes: clip-tiny pretrains the image tower contrastively, as the
+# quickstart does; the next stage starts from its image tower.
+CLIP_STAGE = dict(
+    name="clip",
+    recipe="clip-tiny",
+    train_data="{data}/train.jsonl",
+    zeroshot_data="{data}/classification/val",
+    zeroshot_templates=SHAPES_TEMPLATES,
+    time_budget=4.0,
 )
-SHAPES_TEMPLATES = ["a {}.", "there is a {}.", "a picture of a {}.", "one {}.", "an image with a {}."]
 
 # Generative recipes (GenerativeTrainConfig). "{data}" in a path is the synthetic_data folder.
 GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
@@ -132,14 +135,7 @@ GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
         synthetic_args=SHAPES_VQA,
         questions_per_image=4,
         stages=[
-            dict(
-                name="clip",
-                recipe="clip-tiny",
-                train_data="{data}/train.jsonl",
-                zeroshot_data="{data}/classification/val",
-                zeroshot_templates=SHAPES_TEMPLATES,
-                time_budget=4.0,
-            ),
+            CLIP_STAGE,
             dict(
                 name="align",
                 train_data="{data}/train_captions.jsonl",
@@ -200,14 +196,7 @@ GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
         synthetic_args=SHAPES_VQA,
         questions_per_image=4,
         stages=[
-            dict(
-                name="clip",
-                recipe="clip-tiny",
-                train_data="{data}/train.jsonl",
-                zeroshot_data="{data}/classification/val",
-                zeroshot_templates=SHAPES_TEMPLATES,
-                time_budget=4.0,
-            ),
+            CLIP_STAGE,
             dict(
                 name="coca",
                 train_data="{data}/train_vqa.jsonl::{data}/train_captions.jsonl",

@@ -20,6 +20,7 @@ logging) with the model, data, loss and evaluation hooks replaced.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from dataclasses import dataclass, field, replace
@@ -178,6 +179,11 @@ class GenerativeTrainer(Trainer):
             )
         super().setup()
 
+    @property
+    def family(self) -> str:
+        """ "coca" or "llava", from the model config in use."""
+        return model_family(self.model_cfg)
+
     # ---------------------------------------------------------------- hooks
     def _tokenizer_overrides(self) -> dict[str, Any]:
         tok = self.tokenizer
@@ -187,7 +193,7 @@ class GenerativeTrainer(Trainer):
             "decoder.eos_token_id": tok.eot_token_id,
             "decoder.pad_token_id": tok.pad_token_id,
         }
-        if self.cfg.model.startswith("llava"):
+        if self.family == "llava":
             out["image_token_id"] = tok.token_to_id(IMAGE_TOKEN)
         return out
 
@@ -203,7 +209,7 @@ class GenerativeTrainer(Trainer):
         for row in read_rows(self.cfg.tokenizer_data or self.cfg.train_data):
             for turn in row["conversations"]:
                 texts.append(str(turn.get("value", turn.get("content", ""))).replace(IMAGE_TOKEN, " "))
-        if model_family(self.model_cfg) == "llava":
+        if self.family == "llava":
             # The template's own words ("USER:", "ASSISTANT:", the system prompt) occur in every row: make
             # them whole tokens rather than byte pieces.
             t = get_template(self.model_cfg.chat_template)
@@ -222,9 +228,9 @@ class GenerativeTrainer(Trainer):
         )
 
     def _render_row(self, row: dict) -> tuple[list[int], list[int]]:
-        cfg, family = self.cfg, model_family(self.model_cfg)
+        cfg = self.cfg
         conversation = row["conversations"]
-        if family == "coca":
+        if self.family == "coca":
             conversation = coca_turns(conversation, is_caption=row.get("type") == "caption")
             template, n, image_id = "plain", 0, None
         else:
@@ -247,14 +253,12 @@ class GenerativeTrainer(Trainer):
         return len(self.train_set)
 
     def _collate_fn(self):
-        import functools
-
         return functools.partial(_collate, self.tokenizer.pad_token_id)
 
     def _new_model(self) -> torch.nn.Module:
         model = build_model(self.model_cfg)
         if self.vision_source is not None:  # copy the pretrained image tower (all but a mismatched head)
-            tower = model.vision_tower if model_family(self.model_cfg) == "llava" else model.visual
+            tower = model.vision_tower if self.family == "llava" else model.visual
             target = tower.state_dict()
             state = {
                 k: v
@@ -273,7 +277,7 @@ class GenerativeTrainer(Trainer):
         return model
 
     def _build_loss(self):
-        if self.family_of_config() == "coca":
+        if self.family == "coca":
             from vlmkit.losses.coca import CoCaLoss
 
             c = self.model_cfg
@@ -284,9 +288,6 @@ class GenerativeTrainer(Trainer):
 
         return next_token_loss
 
-    def family_of_config(self) -> str:
-        return model_family(self.model_cfg)
-
     def _micro_step_loss(self, batch: dict) -> torch.Tensor:
         dev = self.device
         pixels = self.train_transform.normalize(batch["pixel_values"].to(dev, non_blocking=True))
@@ -295,7 +296,7 @@ class GenerativeTrainer(Trainer):
         labels = batch["labels"].to(dev, non_blocking=True)
         model = self.model  # for the output heads; train_model (maybe DDP-wrapped) runs the forward
         with self.autocast():
-            if self.family_of_config() == "coca":
+            if self.family == "coca":
                 out = self.train_model(pixels, ids, mask)
                 is_caption = batch["is_caption"].to(dev)
                 losses = self.loss_fn(out, labels, model.decoder.lm_head, is_caption=is_caption)
@@ -321,9 +322,10 @@ class GenerativeTrainer(Trainer):
     def _build_val(self) -> dict | None:
         if not self.cfg.val_data:
             return None
-        rows = read_rows(self.cfg.val_data)
+        files = {file: read_rows(file) for file in split_files(self.cfg.val_data)}
+        rows = [row for file_rows in files.values() for row in file_rows]
         random.Random(self.cfg.seed).shuffle(rows)  # a fixed sample that mixes question types
-        return {"rows": rows}
+        return {"rows": rows, "captions": {f: r[0].get("type") == "caption" for f, r in files.items()}}
 
     def pipeline(self):
         from vlmkit.pipeline import VLMPipeline
@@ -368,9 +370,8 @@ class GenerativeTrainer(Trainer):
             out_dir=ev,
             model_name=str(self.out),
         )
-        for file in split_files(self.cfg.val_data):
-            first = read_rows(file)[0]
-            if first.get("type") == "caption":
+        for file, captions in self.val["captions"].items():
+            if captions:
                 evaluate_captioning(pipe.caption, file, **common)
             else:
                 evaluate_vqa(pipe.answer, file, **common)
