@@ -210,6 +210,33 @@ def test_captions_file(data_dir):
     assert len(samples) == len(rows) and not bad
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_chat_file_asks_everything_about_each_image_once(data_dir, split):
+    source = read_jsonl(data_dir / f"{split}.jsonl")
+    objects_of = scenes(data_dir, split)
+    rows = read_jsonl(data_dir / f"{split}_chat.jsonl")
+    assert [r["image"] for r in rows] == [r["image"] for r in source]
+    firsts, asked = Counter(), 0
+    for row, scene in zip(rows, source, strict=True):
+        turns = row["conversations"]
+        assert row["type"] == "chat" and len(turns) % 2 == 0
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in turns[1:])
+        questions = [t["value"].removeprefix("<image>\n") for t in turns[0::2]]
+        answers = [t["value"] for t in turns[1::2]]
+        assert answers.count(scene["caption"]) == 1  # one caption turn
+        k = answers.index(scene["caption"])
+        firsts["caption" if k == 0 else "question"] += 1
+        qa = [(q, a) for i, (q, a) in enumerate(zip(questions, answers)) if i != k]
+        for q, a in qa:
+            assert a == answer(q, objects_of[row["image"]])
+        assert 1 <= len(qa) <= len(QUESTION_TYPES) and len({q for q, _ in qa}) == len(qa)
+        asked += len(qa)
+    assert asked > 3 * len(rows)  # more than the single-question files' 3 per image
+    assert firsts["caption"] > 0 and firsts["question"] > firsts["caption"]  # the turn order varies
+
+
 def test_deterministic_for_a_seed(data_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(data_dir, copy)

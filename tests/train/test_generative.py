@@ -14,7 +14,12 @@ from vlmkit.errors import ConfigError, NoSupervisedTokensError
 from vlmkit.models.pretrained import load_pretrained
 from vlmkit.pipeline import VLMPipeline
 from vlmkit.recipes import get_recipe, smoke
-from vlmkit.train.generative import GenerativeTrainConfig, stage_configs, train_generative
+from vlmkit.train.generative import (
+    GenerativeTrainConfig,
+    prepare_synthetic,
+    stage_configs,
+    train_generative,
+)
 
 SYNTH = dict(num_train=48, num_val=8, image_size=32, num_per_class_train=1, num_per_class_val=1)
 
@@ -99,6 +104,18 @@ def test_coca_recipe_trains_and_answers(shapes, tmp_path):
     assert feats.shape == (2, pt.model.cfg.embed_dim) and torch.isfinite(feats).all()
 
 
+def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_path):
+    root = tmp_path / "shapes"
+    cfg = GenerativeTrainConfig(synthetic_data=str(root), synthetic_args=SYNTH, questions_per_image=2)
+    prepare_synthetic(cfg)  # writes the images and every task file
+    images = sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png"))
+    before = {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")}
+    (root / "train_chat.jsonl").unlink()  # a folder written before the chat files existed
+    prepare_synthetic(cfg)
+    assert {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")} == before  # same seed, same files
+    assert sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png")) == images  # not redrawn
+
+
 def test_truncated_answers_stop_training_with_a_clear_error(shapes, tmp_path):
     # max_len so short that every answer is cut off: no token is supervised
     cfg = smoke(get_recipe("llava-tiny-shapes"))
@@ -119,7 +136,7 @@ def test_stage_configs_chain_and_reject_unknown_keys(shapes):
     assert s2.vision_init_from == s1.out and s2.init_from is None
     assert s3.init_from == s2.out and s3.vision_init_from is None
     assert s2.train_data == f"{shapes}/train_captions.jsonl" and s1.train_data == f"{shapes}/train.jsonl"
-    assert str(shapes) in s2.tokenizer_data and "train_vqa" in s2.tokenizer_data
+    assert str(shapes) in s2.tokenizer_data and "train_chat" in s2.tokenizer_data
     with pytest.raises(ConfigError, match="unknown keys"):
         get_recipe("llava-tiny-shapes", stages=[{"name": "a", "learning_rate": 1}])
 

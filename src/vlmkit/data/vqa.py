@@ -6,10 +6,15 @@ what makes them unique in their scene ("the star" only when there is one star), 
 is asked only when the answer is clear from the pixels: relations need box centres apart by a margin,
 position questions need the centre away from the borders between the thirds of the image.
 
-`write_tasks(data_dir)` turns a `vlmkit data synth` output into LLaVA-format JSONL:
+`write_tasks(data_dir)` turns a `vlmkit data synth` output into LLaVA-format JSONL: one question or
+caption per row (`{split}_vqa.jsonl`, `{split}_captions.jsonl`; the evaluation files)
 
     {"id", "image", "type", "answer", "conversations": [{"from": "human", "value": "<image>\\n<question>"},
                                                          {"from": "gpt", "value": "<answer>"}]}
+
+and one multi-turn conversation per image (`{split}_chat.jsonl`, type "chat": the caption and a question of
+every type the scene allows, in random order), the way LLaVA's instruction data asks several questions
+about one image: a training step then encodes each image once for all its answers.
 
 `read_conversations(path)` reads such files (and LLaVA's own JSON), skipping and counting bad rows.
 """
@@ -280,6 +285,18 @@ def _image_size(data_dir: Path, row: dict, recorded: int | None) -> int:
         return max(img.size)
 
 
+def _chat(scene_id: str, row: dict, candidates: list[dict], rng: np.random.Generator) -> dict:
+    """One conversation about a scene: its caption and every candidate question, in random order."""
+    turns = [(_choice(rng, CAPTION_PROMPTS), row["caption"])]
+    turns += [(qa["question"], qa["answer"]) for qa in candidates]
+    conversation = []
+    for k in rng.permutation(len(turns)):
+        prompt, answer = turns[k]
+        prompt = prompt if conversation else f"{IMAGE_TOKEN}\n{prompt}"
+        conversation += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    return {"id": f"{scene_id}-chat", "image": row["image"], "type": "chat", "conversations": conversation}
+
+
 def write_tasks(
     data_dir: str | Path,
     *,
@@ -287,13 +304,16 @@ def write_tasks(
     questions_per_image: int = 3,
     splits: tuple[str, ...] = ("train", "val"),
 ) -> dict[str, Path]:
-    """Write `{split}_vqa.jsonl` and `{split}_captions.jsonl` beside `{split}.jsonl` in a shapes dataset.
+    """Write `{split}_vqa.jsonl`, `{split}_captions.jsonl` and `{split}_chat.jsonl` beside `{split}.jsonl` in
+    a shapes dataset.
 
     Each image gets up to `questions_per_image` questions of different types, chosen so that over the
     split the types are as balanced as the scenes allow (the least-asked available type first), and one
     caption conversation with a varied prompt. Rows keep "answer" (and "caption") at the top level for
-    evaluation; image paths stay relative to `data_dir`. The same seed gives the same files. Scenes the
-    noise options corrupted are left out. Returns {"{split}_vqa": path, "{split}_captions": path}.
+    evaluation; image paths stay relative to `data_dir`. The chat file holds one conversation per image:
+    the caption and one question of every type its scene allows (not limited by `questions_per_image`),
+    shuffled, the image in the first turn. The same seed gives the same files. Scenes the noise options
+    corrupted are left out. Returns {"{split}_vqa": path, "{split}_captions": path, "{split}_chat": path}.
     """
     data_dir = Path(data_dir)
     meta_path = data_dir / "dataset.json"
@@ -306,8 +326,9 @@ def write_tasks(
                 f"{source} not found; write the dataset first with `vlmkit data synth {data_dir}`"
             )
         rng = np.random.default_rng([seed, zlib.crc32(split.encode())])  # one stream per split
+        chat_rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 1])
         asked: Counter = Counter()
-        vqa_rows, caption_rows = [], []
+        vqa_rows, caption_rows, chat_rows = [], [], []
         for index, (_, row) in enumerate(_read_scene_rows(source)):
             caption_rows.append(
                 {
@@ -320,6 +341,7 @@ def write_tasks(
                 }
             )
             candidates = questions_for(row["objects"], rng, _image_size(data_dir, row, recorded))
+            chat_rows.append(_chat(f"{split}-{index:06d}", row, candidates, chat_rng))
             order = sorted(range(len(candidates)), key=lambda i: (asked[candidates[i]["type"]], rng.random()))
             for k, i in enumerate(sorted(order[:questions_per_image])):
                 qa = candidates[i]
@@ -335,7 +357,7 @@ def write_tasks(
                 )
         if not caption_rows:
             raise DataError(f"{source} has no usable scene rows; regenerate it with `vlmkit data synth`")
-        for name, rows in (("vqa", vqa_rows), ("captions", caption_rows)):
+        for name, rows in (("vqa", vqa_rows), ("captions", caption_rows), ("chat", chat_rows)):
             path = data_dir / f"{split}_{name}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             paths[f"{split}_{name}"] = path

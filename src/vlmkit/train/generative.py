@@ -386,10 +386,15 @@ def prepare_synthetic(cfg: GenerativeTrainConfig) -> None:
     from vlmkit.data.vqa import write_tasks
 
     root = Path(cfg.synthetic_data)
-    if not is_current(root, **cfg.synthetic_args) or not (root / "val_vqa.jsonl").is_file():
+    tasks = [
+        root / f"{split}_{kind}.jsonl" for split in ("train", "val") for kind in ("vqa", "captions", "chat")
+    ]
+    if not is_current(root, **cfg.synthetic_args):
         print(f"writing the synthetic 'shapes' dataset and its questions to {root}")
         generate(root, **cfg.synthetic_args)
-        write_tasks(root, seed=cfg.synthetic_args.get("seed", 0), questions_per_image=cfg.questions_per_image)
+    elif all(path.is_file() for path in tasks):
+        return
+    write_tasks(root, seed=cfg.synthetic_args.get("seed", 0), questions_per_image=cfg.questions_per_image)
 
 
 def _fill(spec: str | None, data: str | None) -> str | None:
