@@ -23,7 +23,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import vlmkit
 from vlmkit.config import atomic_write_text, load_json
@@ -31,7 +31,7 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import PreprocessConfig
 from vlmkit.errors import ConfigError
 from vlmkit.models.clip import CLIP, CLIPConfig
-from vlmkit.models.pretrained import Pretrained, unwrap
+from vlmkit.models.pretrained import Pretrained, save_tensors, unwrap
 from vlmkit.models.text import TextConfig
 from vlmkit.models.vit import VisionConfig
 
@@ -817,9 +817,7 @@ def save_hf(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{SAFETENSORS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / SAFETENSORS)
+    save_tensors(state, out / SAFETENSORS)
     atomic_write_text(out / CONFIG, json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save_hf(out)
     atomic_write_text(out / PREPROCESSOR, json.dumps(preprocess_to_hf(preprocess, layout), indent=2) + "\n")

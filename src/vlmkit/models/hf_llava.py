@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from vlmkit.config import atomic_write_text, load_json
 from vlmkit.data.tokenizer import Tokenizer
@@ -52,7 +51,7 @@ from vlmkit.models.hf_llama import (
     decoder_state_to_hf,
 )
 from vlmkit.models.llava import Llava, LlavaConfig
-from vlmkit.models.pretrained import Pretrained, unwrap
+from vlmkit.models.pretrained import Pretrained, save_tensors, unwrap
 from vlmkit.models.vit import VisionConfig
 
 # LlavaConfig's default vision tower (llava-1.5's CLIP ViT-L/14 at 336), for a config.json without one
@@ -346,9 +345,7 @@ def save_hf_llava(
     state = state_dict_to_hf_llava(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{SAFETENSORS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / SAFETENSORS)
+    save_tensors(state, out / SAFETENSORS)
     atomic_write_text(out / CONFIG, json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_hf(out)

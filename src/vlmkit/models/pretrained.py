@@ -38,13 +38,19 @@ class Pretrained:
     name: str
 
 
-def save_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Atomically write a state dict as safetensors (contiguous, de-duplicated tensors)."""
+def save_tensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write `state` (contiguous CPU tensors) as safetensors to a temporary file beside `path`, then rename it:
+    readers never see half a file."""
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Atomically write a model's state dict as safetensors (contiguous, de-duplicated tensors)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    save_tensors(state, path)
 
 
 def save_pretrained(

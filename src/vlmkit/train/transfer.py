@@ -117,13 +117,10 @@ LORA_FILE = "lora.safetensors"
 
 def save_lora(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write `model`'s LoRA adapters (`lora_state_dict`) to `folder/lora.safetensors`, atomically."""
-    from safetensors.torch import save_file
+    from vlmkit.models.pretrained import save_tensors
 
     path = Path(folder) / LORA_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}, path)
     return path
 
 
