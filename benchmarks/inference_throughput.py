@@ -12,6 +12,8 @@ in fp32 and in bf16 (weights and inputs cast to bfloat16, as `torch_dtype=torch.
 them), under `torch.inference_mode()`. transformers runs with "eager" and with "sdpa" attention;
 the faster is the peer. Prints items/s (median of rounds), the ratio to transformers' best, and the
 largest difference between the two libraries' features as a check that they computed the same thing.
+With `--compile`, vlmkit and transformers (SDPA) also run under `torch.compile` with inductor's weight
+freezing, and the compiled transformers counts among the peers.
 
     PYTHONPATH=src python benchmarks/inference_throughput.py --reps 5
 """
@@ -71,6 +73,10 @@ def main() -> dict:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--hf", default="eager,sdpa", help="transformers attention implementations to time")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="also time torch.compile (inductor, frozen weights) of vlmkit and of the last transformers contender",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -103,31 +109,45 @@ def main() -> dict:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         contenders = {"vlmkit": ours.to(dtype)} | {f"hf-{k}": m.to(dtype) for k, m in hf_models.items()}
         x = images.to(dtype)
-
-        def run(name: str, task: str, contenders=contenders, x=x) -> torch.Tensor:
-            model = contenders[name]
+        fns = {}  # (contender, task) -> a function of no arguments that encodes the batch
+        for name, model in contenders.items():
             if name == "vlmkit":
-                return model.encode_image(x) if task == "images" else model.encode_text(ids)
-            if task == "images":
-                return pooled(model.get_image_features(pixel_values=x))
-            return pooled(model.get_text_features(input_ids=ids, attention_mask=mask))
+                fns[name, "images"] = lambda m=model, x=x: m.encode_image(x)
+                fns[name, "texts"] = lambda m=model: m.encode_text(ids)
+            else:
+                fns[name, "images"] = lambda m=model, x=x: pooled(m.get_image_features(pixel_values=x))
+                fns[name, "texts"] = lambda m=model: pooled(
+                    m.get_text_features(input_ids=ids, attention_mask=mask)
+                )
+        # inductor with frozen weights (prepacked for oneDNN), for vlmkit and the last transformers contender
+        if args.compile:
+            from torch._inductor import config as inductor_config
+
+            inductor_config.freezing = True
+            torch._dynamo.reset()  # the weights of the previous precision were frozen into its graphs
+            for name in ("vlmkit", list(contenders)[-1]):
+                for task in ("images", "texts"):
+                    fns[f"{name}-compile", task] = torch.compile(fns[name, task])
+        names = list(dict.fromkeys(n for n, _ in fns))
 
         with torch.inference_mode():
             check = {}
             for task in ("images", "texts"):
-                a, b = (
-                    run("vlmkit", task).float(),
-                    run(next(n for n in contenders if n != "vlmkit"), task).float(),
-                )
+                a, b = fns["vlmkit", task]().float(), fns[names[1], task]().float()
                 check[task] = (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).abs().max().item()
+            compile_s = {}
+            for name in names:  # compiled contenders compile on their first call
+                if name.endswith("-compile"):
+                    t0 = time.perf_counter()
+                    fns[name, "images"](), fns[name, "texts"]()
+                    compile_s[name] = time.perf_counter() - t0
             times: dict[tuple[str, str], list[float]] = {}
-            names = list(contenders)
             for r in range(args.reps):
                 k = r % len(names)
                 for name in names[k:] + names[:k]:
                     for task in ("images", "texts"):
                         t0 = time.perf_counter()
-                        run(name, task)
+                        fns[name, task]()
                         times.setdefault((name, task), []).append(time.perf_counter() - t0)
         batch = {"images": args.image_batch, "texts": args.text_batch}
         rate = {key: batch[key[1]] / statistics.median(v) for key, v in times.items()}
@@ -135,14 +155,20 @@ def main() -> dict:
               f"(captions 8-24 tokens padded to {tcfg.max_position_embeddings}), {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}; largest feature difference vlmkit vs transformers "
               f"(normalised): images {check['images']:.1e}, texts {check['texts']:.1e}")  # fmt: skip
-        print(f"{'contender':<12}{'images/s':>10}{'vs HF best':>12}{'texts/s':>10}{'vs HF best':>12}")
+        if compile_s:
+            print(
+                "compile time (first call, both tasks): "
+                + ", ".join(f"{n} {t:.0f}s" for n, t in compile_s.items())
+            )
+        print(f"{'contender':<16}{'images/s':>10}{'vs HF best':>12}{'texts/s':>10}{'vs HF best':>12}")
         best = {t: max(rate[(n, t)] for n in names if n.startswith("hf")) for t in ("images", "texts")}
         for n in names:
-            print(f"{n:<12}{rate[(n, 'images')]:>10.1f}{rate[(n, 'images')] / best['images']:>11.2f}x"
+            print(f"{n:<16}{rate[(n, 'images')]:>10.1f}{rate[(n, 'images')] / best['images']:>11.2f}x"
                   f"{rate[(n, 'texts')]:>10.1f}{rate[(n, 'texts')] / best['texts']:>11.2f}x")  # fmt: skip
         results[precision] = {
             "items_per_s": {f"{n}/{t}": v for (n, t), v in rate.items()},
-            "vs_hf_best": {t: rate[("vlmkit", t)] / best[t] for t in ("images", "texts")},
+            "vs_hf_best": {f"{n}/{t}": rate[(n, t)] / best[t] for n in names for t in ("images", "texts")},
+            "compile_s": compile_s,
             "max_feature_difference": check,
             "times_s": {f"{n}/{t}": v for (n, t), v in times.items()},
         }

@@ -55,7 +55,7 @@ def hf_clip(cfg: CLIPConfig, attn_implementation: str) -> nn.Module:
     return CLIPModel._from_config(hf_cfg, attn_implementation=attn_implementation)
 
 
-def training_flops_per_pair(cfg: CLIPConfig) -> float:
+def training_flops_per_pair(cfg: CLIPConfig, text_lengths: list[int] | None = None) -> float:
     """Analytic matmul FLOPs needed to train on one image-text pair (forward + backward = 3 x forward).
 
     Per tower: 6 * P * T, with P the matmul parameters one token passes through (per layer qkv 3d^2, out
@@ -64,8 +64,10 @@ def training_flops_per_pair(cfg: CLIPConfig) -> float:
     (half for the causal text tower, whose masked half is skipped). Each tower is read out at one token,
     so its last layer needs keys and values (2d^2) for every token but the query, output projection, MLP
     and attention row for the pooled token alone: that work on the other T - 1 tokens is not counted
-    (7% of the total for clip-B-32). Norms, activations, softmax, embeddings, the (B, B) logits and the
-    optimizer are not counted.
+    (7% of the total for clip-B-32). A causal text tower read out at the end-of-text token needs only the
+    tokens up to it: T is each caption's length there (`text_lengths`, averaged over the pairs; default the
+    context length). Norms, activations, softmax, embeddings, the (B, B) logits and the optimizer are not
+    counted.
     """
     total = 0.0
     for tower in (cfg.vision, cfg.text):
@@ -73,14 +75,17 @@ def training_flops_per_pair(cfg: CLIPConfig) -> float:
         layer_params = 4 * d * d + 2 * d * h
         if tower is cfg.vision:
             n_patch = tower.grid_size**2
-            T = n_patch + int(tower.class_token)
+            lengths = [n_patch + int(tower.class_token)]
             total += 6 * (3 * tower.patch_size**2 * d) * n_patch
-            attn = 4 * T * T * d
+        elif tower.causal and text_lengths is not None:
+            lengths = list(text_lengths)
         else:
-            T = tower.context_length
-            attn = 4 * T * T * d / (2 if tower.causal else 1)
-        total += 6 * layer_params * (L - 1) * T + 3 * attn * (L - 1)  # all but the last layer
-        total += 6 * (2 * d * d * T + 2 * d * d + 2 * d * h) + 3 * 4 * T * d  # the last layer
+            lengths = [tower.context_length]
+        for T in lengths:  # the mean over the pairs
+            attn = 4 * T * T * d / (2 if tower is cfg.text and tower.causal else 1)
+            tower_flops = 6 * layer_params * (L - 1) * T + 3 * attn * (L - 1)  # all but the last layer
+            tower_flops += 6 * (2 * d * d * T + 2 * d * d + 2 * d * h) + 3 * 4 * T * d  # the last layer
+            total += tower_flops / len(lengths)
         total += 6 * d * cfg.embed_dim * tower.proj
     return total
 
@@ -142,13 +147,24 @@ def hf_contender(name: str, cfg: CLIPConfig, args) -> Contender:
     return Contender(name, model, forward, args.precision, args.fused_adamw)
 
 
-def make_batch(cfg: CLIPConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(cfg: CLIPConfig, batch: int, captions: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images, and token rows of the context length whose end-of-text token sits at a random position
+    from a quarter of the context to its end (`captions="random"`) or at the very end (`"full"`)."""
     v, t = cfg.vision, cfg.text
     images = torch.randn(batch, 3, v.image_size, v.image_size)  # (B, 3, H, W)
-    text = torch.randint(3, t.vocab_size, (batch, t.context_length))  # (B, T), full-length captions
-    eot = torch.randint(t.context_length // 4, t.context_length, (batch,))
+    text = torch.randint(3, t.vocab_size, (batch, t.context_length))  # (B, T)
+    if captions == "full":
+        eot = torch.full((batch,), t.context_length - 1)
+    else:
+        eot = torch.randint(t.context_length // 4, t.context_length, (batch,))
     text[torch.arange(batch), eot] = t.eot_token_id
     return images, text
+
+
+def text_lengths(cfg: CLIPConfig, text: torch.Tensor) -> list[int]:
+    """Each row's tokens up to and including its first end-of-text token."""
+    is_eot = text == cfg.text.eot_token_id
+    return (is_eot.int().argmax(dim=1) + 1).tolist()
 
 
 def cpu_name() -> str:
@@ -177,6 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument(
+        "--captions", choices=["random", "full"], default="random",
+        help="end-of-text at a random position from a quarter of the context on (random) or at its end (full)",
+    )  # fmt: skip
+    p.add_argument(
         "--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 = autocast, fp32 weights"
     )
     p.add_argument("--reps", type=int, default=5, help="timed rounds; each figure is their median")
@@ -195,8 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     cfg = get_model_config(args.model, **args.override)
-    images, text = make_batch(cfg, args.batch)
-    flops = training_flops_per_pair(cfg)
+    images, text = make_batch(cfg, args.batch, args.captions)
+    lengths = text_lengths(cfg, text)
+    flops = training_flops_per_pair(cfg, lengths)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     names = ([] if args.no_eager and args.compile else ["vlmkit"]) + (
@@ -246,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     v, t = cfg.vision, cfg.text
     print(f"\n{args.model} {args.override or ''}: image {v.image_size}/{v.patch_size} ViT {v.width}x{v.layers} "
           f"({v.heads} heads), text {t.width}x{t.layers} ({t.heads} heads, ctx {t.context_length}), "
-          f"embed {cfg.embed_dim}; batch {args.batch}, {args.precision}, {torch.get_num_threads()} threads, "
+          f"embed {cfg.embed_dim}; captions {args.captions} ({statistics.mean(lengths):.1f} tokens on average "
+          f"to end-of-text); batch {args.batch}, {args.precision}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {cpu_name()}")  # fmt: skip
     print(f"training FLOPs per pair {flops / 1e9:.2f} GFLOP; {args.precision} matmul peak {peak / 1e9:.0f} GFLOP/s "
           f"(median of {args.reps}: {', '.join(f'{x / 1e9:.0f}' for x in peaks)})")  # fmt: skip
@@ -274,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = dict(
         model=args.model, paired_vs_hf_best=paired, overrides=args.override, batch=args.batch, precision=args.precision,
+        captions=args.captions, mean_text_length=statistics.mean(lengths),
         threads=torch.get_num_threads(), torch=torch.__version__, cpu=cpu_name(), flops_per_pair=flops,
         matmul_peak=peak, matmul_peaks=peaks, hf_best=hf_best, warmup_s=warmup_s, results=rows,
         step_times={c.name: c.step_times for c in contenders},

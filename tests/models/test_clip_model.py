@@ -9,6 +9,7 @@ import torch
 from vlmkit.config import from_dict, to_dict
 from vlmkit.errors import ConfigError
 from vlmkit.models import SIZES, create_model, get_model_config, list_models
+from vlmkit.nn.transformer import Packing
 
 # A fast stand-in for the tiny models wherever the test is about behaviour, not the real sizes.
 SMALL = {
@@ -156,6 +157,43 @@ def test_causal_text_drops_padding_after_the_last_pooled_token(pool):
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
     # the positions after the longest caption carry no gradient: they were never computed
     assert (grads[0]["text.positional_embedding"][7:] == 0).all()
+
+
+def test_causal_text_packs_captions_of_different_lengths(monkeypatch):
+    """Tokens after each row's end-of-text (not padding here) change nothing: packed rows give the features
+    and gradients of the full tower, and the tokens after each end-of-text get no gradient."""
+    model = small_model("clip-tiny").double()
+    text = random_tokens(4, 16)
+    ends = [2, 15, 6, 9]
+    for row, end in enumerate(ends):
+        text[row, end] = EOT
+    packings = []
+    real_maybe = Packing.maybe
+
+    def maybe(*args, **kwargs):
+        packings.append(real_maybe(*args, **kwargs))
+        return packings[-1]
+
+    monkeypatch.setattr(Packing, "maybe", maybe)
+    outs, grads = [], []
+    for fast in (True, False):
+        model.zero_grad()
+        if fast:
+            feats = model.text(text)
+        else:
+            feats = model.text.proj(model.text.pool(model.text.forward_tokens(text), text))
+        (feats * torch.linspace(-1, 1, feats.shape[-1], dtype=feats.dtype)).sum().backward()
+        outs.append(feats.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(packings) == 1 and packings[0] is not None  # the fast path packed the rows
+    torch.testing.assert_close(outs[0], outs[1])
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+    # the embedding rows of tokens seen only after an end-of-text carry no gradient on the packed path
+    after = {int(t) for row, end in enumerate(ends) for t in text[row, end + 1 :]}
+    before = {int(t) for row, end in enumerate(ends) for t in text[row, : end + 1]}
+    unseen = sorted(after - before)
+    assert unseen and (grads[0]["text.token_embedding.weight"][unseen] == 0).all()
 
 
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])

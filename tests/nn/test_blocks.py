@@ -9,7 +9,16 @@ import torch.nn.functional as F
 
 from vlmkit.errors import ConfigError
 from vlmkit.nn.patch import AttentionPool, PatchEmbed, resample_pos_embed
-from vlmkit.nn.transformer import MLP, Attention, Block, Transformer, attention, get_activation, padding_mask
+from vlmkit.nn.transformer import (
+    MLP,
+    Attention,
+    Block,
+    Packing,
+    Transformer,
+    attention,
+    get_activation,
+    padding_mask,
+)
 
 B, T, C, NH = 3, 7, 16, 4
 HS = C // NH
@@ -272,6 +281,78 @@ def test_transformer_with_index_returns_the_full_output_at_index(layers):
     x = randn(B, T, C, seed=1)
     full = model(x, is_causal=True)[torch.arange(B), INDEX]
     torch.testing.assert_close(model(x, is_causal=True, index=INDEX), full)
+
+
+def test_packing_round_trip_and_last_tokens():
+    lengths = torch.tensor([3, 7, 1])
+    packing = Packing(lengths, T)
+    x = randn(B, T, C, seed=1)
+    packed = packing.pack(x)
+    assert packed.shape == (11, C)
+    torch.testing.assert_close(packed[:3], x[0, :3])
+    torch.testing.assert_close(packed[3:10], x[1])
+    torch.testing.assert_close(packed[10], x[2, 0])
+    torch.testing.assert_close(packed[packing.last], x[torch.arange(B), lengths - 1])
+    unpacked = packing.unpack(packed)
+    keep = torch.arange(T)[None, :] < lengths[:, None]
+    torch.testing.assert_close(unpacked[keep], x[keep])
+    assert (unpacked[~keep] == 0).all()
+    # worth packing only when it removes enough padding
+    assert Packing.maybe(lengths, T) is not None
+    assert Packing.maybe(torch.tensor([7, 7, 6]), T) is None
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("read_out", ["all", "index"])
+def test_packed_causal_transformer_equals_padded_rows(layers, read_out):
+    """Packed rows through the stack: the padded batch's values and gradients at every real token."""
+    lengths = torch.tensor([3, 7, 1])
+    index = lengths - 1  # read out at each row's last real token, as a causal text tower does
+    keep = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    model = randomise(Transformer(C, layers=layers, heads=NH, mlp_ratio=2.0, act="quick_gelu"))
+    x = randn(B, T, C, seed=1)
+    weights = randn(B, T, C, seed=2)  # a loss that weighs every output differently
+
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        idx = index if read_out == "index" else None
+        if packed:
+            packing = Packing(lengths, T)
+            out = model(packing.pack(xi), is_causal=True, index=idx, packing=packing)
+            if idx is None:
+                out = packing.unpack(out)[keep]  # (N, C) in row order
+        else:
+            out = model(xi, is_causal=True, index=idx)
+            if idx is None:
+                out = out[keep]
+        w = weights[torch.arange(B), index] if idx is not None else weights[keep]
+        (out * w).sum().backward()
+        results.append((out.detach(), xi.grad, [p.grad.clone() for p in model.parameters()]))
+    (out_pad, gx_pad, gp_pad), (out_pack, gx_pack, gp_pack) = results
+    torch.testing.assert_close(out_pack, out_pad)
+    torch.testing.assert_close(gx_pack, gx_pad)
+    assert (gx_pack[~keep] == 0).all()  # the padding is never computed
+    for a, b in zip(gp_pack, gp_pad, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_packed_transformer_with_grad_checkpointing_and_bf16_training():
+    lengths = torch.tensor([3, 7, 1])
+    model = randomise(Transformer(C, layers=2, heads=NH, mlp_ratio=2.0))
+    x = randn(B, T, C, seed=1)
+    want = model(x, is_causal=True, index=lengths - 1)
+    model32 = copy.deepcopy(model).float().train()
+    model32.grad_checkpointing = True
+    packing = Packing(lengths, T)
+    with torch.autocast("cpu", torch.bfloat16):  # the explicit-matmul attention of bf16 training
+        got = model32(
+            packing.pack(x.float()).requires_grad_(), is_causal=True, index=lengths - 1, packing=packing
+        )
+    got.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model32.parameters())
+    torch.testing.assert_close(got.double(), want, atol=0.15, rtol=5e-2)
 
 
 def test_transformer_stacks_its_blocks_in_order():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vlmkit.errors import ConfigError
-from vlmkit.nn.transformer import Transformer, padding_mask
+from vlmkit.nn.transformer import Packing, Transformer, padding_mask
 
 
 @dataclass
@@ -90,6 +90,15 @@ class TextTransformer(nn.Module):
                 text = text[:, :keep]
                 attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
         # Only one token per row is read out, so the last block runs its query and MLP for it alone.
-        x = self.transformer(self.embed(text), index=index, **self._mask(attention_mask))
+        x = self.embed(text)  # (B, T, C)
+        packing = None
+        if self.cfg.causal and attention_mask is None and text.shape[1] > 1:
+            # Captions of different lengths: each row's tokens up to its pooled one, packed without padding
+            # (the per-token layers skip the padding; attention unpacks). Same features and gradients.
+            packing = Packing.maybe(index + 1, text.shape[1])
+        if packing is not None:
+            x = self.transformer(packing.pack(x), is_causal=True, index=index, packing=packing)
+        else:
+            x = self.transformer(x, index=index, **self._mask(attention_mask))
         pooled = self.ln_final(x)  # (B, C)
         return self.proj(pooled) if self.proj is not None else pooled  # (B, D)

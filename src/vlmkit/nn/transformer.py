@@ -73,6 +73,37 @@ def attention(
     return att.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
 
 
+class Packing:
+    """Rows of different lengths packed into one (N, C) tensor of their N real tokens, without padding.
+
+    Row b holds tokens 0 .. lengths[b]-1 of a (B, T) batch. The per-token layers (norms, projections, MLP)
+    run on the packed tokens; only attention, which needs each row's sequence, unpacks them to (B, T, .)
+    and back. A causal tower read out at each row's last real token (CLIP's end-of-text) computes nothing
+    for the padding after it, which no real token can see.
+    """
+
+    def __init__(self, lengths: torch.Tensor, T: int):
+        B = lengths.shape[0]
+        self.B, self.T = B, T
+        keep = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+        self.index = keep.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened (B * T)
+        self.last = lengths.cumsum(0) - 1  # (B,) each row's last token in the packed (N,)
+
+    @classmethod
+    def maybe(cls, lengths: torch.Tensor, T: int, min_saving: float = 0.15) -> Packing | None:
+        """A packing when it removes at least `min_saving` of the B x T tokens (else None: not worth it)."""
+        return cls(lengths, T) if int(lengths.sum()) <= (1 - min_saving) * lengths.shape[0] * T else None
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (B, T, D) with zeros at the padding."""
+        out = x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(self.B, self.T, -1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection."""
 
@@ -84,14 +115,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        """(B, T, C) -> (B, T, C); with `packing`, packed tokens (N, C) -> (N, C)."""
+        qkv = self.qkv(x)
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # (N, 3C) -> (B, T, 3C)
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         hs = C // self.num_heads
         # Three views of one matmul's output; in bf16 training split's backward beat unbind's on the text tower.
-        q, k, v = (t.view(B, T, self.num_heads, hs).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))
+        q, k, v = (t.view(B, T, self.num_heads, hs).transpose(1, 2) for t in qkv.split(C, dim=-1))
         y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        if packing is not None:
+            y = packing.pack(y)  # (N, C)
         return self.proj(y)
 
 
@@ -108,9 +149,13 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), act)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, packing=packing)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -120,32 +165,40 @@ class Block(nn.Module):
         index: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """The block's output at one token per row, `x[b, index[b]]`: (B, T, C) -> (B, C).
 
         Keys and values still come from every token, but the query, output projection and MLP run for the
         one token only. A tower pooled at one token calls this for its last block: the same result as
         `forward(x)[arange(B), index]` for about 1/12 of the block's matmul FLOPs on the other tokens.
+        With `packing`, x is the packed tokens (N, C) and `index[b]` must be row b's last real token.
         """
-        B, T, C = x.shape
         attn = self.attn
+        C = x.shape[-1]
         nh, hs = attn.num_heads, C // attn.num_heads
-        rows = torch.arange(B, device=x.device)
-        h = self.ln_1(x)  # (B, T, C)
+        h = self.ln_1(x)  # (B, T, C), or (N, C) packed
         w, b = attn.qkv.weight, attn.qkv.bias  # rows [0, C) make q, [C, 3C) make k and v
-        q = F.linear(h[rows, index], w[:C], b[:C])  # (B, C)
-        k, v = (
-            t.view(B, T, nh, hs).transpose(1, 2) for t in F.linear(h, w[C:], b[C:]).split(C, dim=-1)
-        )  # (B, nh, T, hs) each
-        q = q.view(B, nh, 1, hs)
+        kv = F.linear(h, w[C:], b[C:])
+        if packing is None:
+            B, T = x.shape[:2]
+            rows = torch.arange(B, device=x.device)
+            x_one, h_one = x[rows, index], h[rows, index]  # (B, C) each
+        else:
+            B, T = packing.B, packing.T
+            x_one, h_one = x[packing.last], h[packing.last]
+            kv = packing.unpack(kv)  # (N, 2C) -> (B, T, 2C)
+        q = F.linear(h_one, w[:C], b[:C]).view(B, nh, 1, hs)
+        k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in kv.split(C, dim=-1))  # (B, nh, T, hs) each
         if attn_mask is not None:  # the mask's row for each query: (B or 1, 1, T, T) -> (B, 1, 1, T)
+            rows = torch.arange(B, device=x.device)
             mask = attn_mask.expand(B, -1, T, T)[rows, :, index][:, :, None, :]
         elif is_causal:  # the query at position i attends to keys 0..i
             mask = (torch.arange(T, device=x.device)[None, :] <= index[:, None])[:, None, None, :]
         else:
             mask = None
         y = attention(q, k, v, attn_mask=mask).reshape(B, C)  # (B, C)
-        y = x[rows, index] + attn.proj(y)
+        y = x_one + attn.proj(y)
         return y + self.mlp(self.ln_2(y))
 
 
@@ -171,18 +224,31 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         index: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with `index` (B,), only the output at token `index[b]` of each row: (B, C)."""
+        """(B, T, C) -> (B, T, C); with `index` (B,), only the output at token `index[b]` of each row: (B, C).
+
+        With `packing` the input is the packed tokens (N, C) (see `Packing`), and so is the output without
+        `index`.
+        """
         blocks = self.blocks if index is None else self.blocks[:-1]
         for block in blocks:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, attn_mask, is_causal, packing, use_reentrant=False
+                )
             else:
-                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
         if index is not None:
             if not len(self.blocks):
-                return x[torch.arange(x.shape[0], device=x.device), index]
-            return self.blocks[-1].forward_one(x, index, attn_mask=attn_mask, is_causal=is_causal)
+                return (
+                    x[packing.last]
+                    if packing is not None
+                    else x[torch.arange(x.shape[0], device=x.device), index]
+                )
+            return self.blocks[-1].forward_one(
+                x, index, attn_mask=attn_mask, is_causal=is_causal, packing=packing
+            )
         return x
 
 
