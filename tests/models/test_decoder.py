@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmkit.errors import ConfigError
-from vlmkit.models.decoder import Decoder, DecoderConfig
+from vlmkit.models.decoder import Decoder, DecoderConfig, right_padded_packing
 from vlmkit.models.hf_llama import (
     decoder_config_from_hf,
     decoder_config_to_hf,
@@ -324,3 +324,75 @@ def test_inputs_embeds_and_init():
     assert model.layers[0].mlp.gate_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)
     out = model(ids, logits="none")
     assert out.logits is None and out.unimodal is None and out.hidden.shape == (3, 9, 64)
+
+
+@pytest.mark.parametrize("padding", ["little", "packed"])
+def test_bf16_autocast_training_matches_float64(padding):
+    """Training under bf16 autocast (explicit-matmul attention with shared kv heads, rotary in bf16, a
+    right-padded batch, masked or packed): the loss and every gradient stay close to the float64 model's."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(**TINY, max_seq_len=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.15 * torch.randn_like(p))
+    ids = torch.randint(1, 97, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding, as training batches are
+    if padding == "packed":
+        mask[2, 5:] = 0
+    assert (right_padded_packing(mask) is not None) == (padding == "packed")
+    targets = torch.randint(1, 97, (3, 12))
+
+    def loss_and_grads(m, autocast: bool):
+        m.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            logits = m(ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (loss * mask.flatten()).sum() / mask.sum()
+        loss.backward()
+        return loss.item(), {n: p.grad.double() for n, p in m.named_parameters()}
+
+    want_loss, want = loss_and_grads(model.double(), autocast=False)
+    got_loss, got = loss_and_grads(model.float(), autocast=True)
+    assert got_loss == pytest.approx(want_loss, rel=2e-2)
+    errors = {n: ((got[n] - want[n]).norm() / want[n].norm()).item() for n in want}  # relative, per tensor
+    assert max(errors.values()) < 0.03, errors
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_right_padded_batch_is_packed_and_equals_each_row_alone(cross):
+    """A right-padded batch runs packed (no padding computed): each row's logits and the gradients equal
+    the rows run alone without padding, in float64, with and without cross-attention layers."""
+    torch.manual_seed(0)
+    cfg = DecoderConfig(**TINY, max_seq_len=64, cross_attention_start=1 if cross else None, encoder_width=48)
+    model = Decoder(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.15 * torch.randn_like(p))
+    lengths = [10, 4, 6]
+    ids = torch.randint(1, 97, (3, 10))
+    mask = (torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids[mask == 0] = 0
+    enc = torch.randn(3, 5, 48, dtype=torch.float64) if cross else None
+    weights = torch.randn(3, 10, 97, dtype=torch.float64)
+    assert right_padded_packing(mask) is not None
+    assert right_padded_packing(mask.flip(1)) is None  # left padding is never packed
+
+    model.zero_grad()
+    out = model(ids, attention_mask=mask, encoder_states=enc)
+    loss = sum((out.logits[b, :n] * weights[b, :n]).sum() for b, n in enumerate(lengths))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert (out.hidden[1, 4:] == 0).all()  # nothing computed at the padding
+
+    model.zero_grad()
+    ref_loss = 0
+    for b, n in enumerate(lengths):
+        alone = model(ids[b : b + 1, :n], encoder_states=enc[b : b + 1] if cross else None)
+        torch.testing.assert_close(out.logits[b, :n], alone.logits[0])
+        if cross:
+            torch.testing.assert_close(out.unimodal[b, :n], alone.unimodal[0])
+        ref_loss = ref_loss + (alone.logits[0] * weights[b, :n]).sum()
+    ref_loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)

@@ -104,6 +104,8 @@ def assert_same_outputs(hf, ours, new_tokens: int = 12):
                 tie_word_embeddings=True,
             ),
         ),
+        # two layers' tokens concatenated (the embeddings and the last block's), as some LLaVA variants read
+        ("clip", dict(vision_feature_layer=[0, -1])),
     ],  # fmt: skip
 )
 def test_import_matches_transformers(tmp_path, kind, config):
@@ -158,7 +160,8 @@ def test_unrepresentable_configs_are_rejected(tmp_path):
     hf.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
     for key, value, match in [
-        ("vision_feature_layer", [-2, -1], "vision_feature_layer"),
+        ("vision_feature_layer", "last", "vision_feature_layer"),
+        ("vision_feature_layer", [], "vision_feature_layer"),
         ("projector_hidden_act", "relu2", "projector_hidden_act"),
         ("vision_feature_select_strategy", "cls", "vision_feature_select_strategy"),
     ]:
@@ -230,3 +233,27 @@ def test_training_step_on_a_rendered_chat_with_freezing():
     assert all(p.requires_grad == n.startswith("projector.") for n, p in model.named_parameters())
     with pytest.raises(ConfigError, match="cannot freeze"):
         model.freeze(["vision"])
+
+
+def test_several_feature_layers_are_concatenated():
+    cfg = LlavaConfig(vision=tiny_vision(), decoder=tiny_decoder(), vision_feature_layer=[1, -1])
+    assert cfg.vision_feature_layer == (1, -1) and cfg.feature_layers == (1, -1)
+    model = Llava(cfg).eval()
+    assert model.projector.linear_1.in_features == 2 * 32
+    images = torch.randn(2, 3, 32, 32)
+    tower = model.vision_tower
+    with torch.no_grad():
+        both = tower.forward_hidden(images, (1, -1))
+        torch.testing.assert_close(
+            both, torch.cat([tower.forward_hidden(images, 1), tower.forward_hidden(images, 2)], -1)
+        )
+        assert model.encode_images(images).shape == (2, 16, 64)
+    assert model.unused_parameter_names() == ["vision_tower.ln_post.weight", "vision_tower.ln_post.bias"]
+    assert (
+        LlavaConfig(
+            vision=tiny_vision(), decoder=tiny_decoder(), vision_feature_layer=[1]
+        ).vision_feature_layer
+        == 1
+    )
+    with pytest.raises(ConfigError, match="vision_feature_layer 3 does not exist"):
+        LlavaConfig(vision=tiny_vision(), decoder=tiny_decoder(), vision_feature_layer=[0, 3])

@@ -179,6 +179,26 @@ def test_low_precision_path_agrees_with_sdpa():
         torch.testing.assert_close(explicit.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_low_precision_path_shares_key_value_heads(is_causal):
+    """enable_gqa on the explicit path: each kv head serves NH // 2 query heads, values and gradients."""
+    q64 = randn(B, NH, T, HS, seed=4)
+    k64, v64 = randn(B, 2, T, HS, seed=5), randn(B, 2, T, HS, seed=6)
+    go = randn(B, NH, T, HS, seed=7)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q64, k64, v64))
+    out = attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+    out.backward(go.bfloat16())
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q64, k64, v64))
+    rep = lambda t: t.repeat_interleave(NH // 2, dim=1)  # kv head j serves query heads j*NH/2 ...
+    ref = F.scaled_dot_product_attention(q64, rep(k64), rep(v64), is_causal=is_causal)
+    ref.backward(go)
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    assert k.grad.shape == (B, 2, T, HS)
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
 def test_attention_rejects_width_not_divisible_by_heads():
     with pytest.raises(AssertionError, match="not divisible"):
         Attention(10, 3)

@@ -6,6 +6,10 @@ LlamaForCausalLM, so Llama weights load one to one (models/hf_llama.py). Layers 
 add a cross-attention sub-block over `encoder_states`: CoCa's multimodal text decoder, whose layers below
 that index are the unimodal text encoder. Incremental decoding writes keys and values into a preallocated
 KVCache (nn/kv_cache.py); generation itself lives in models/generation.py.
+
+Training batches are right-padded: their real tokens are packed (nn/transformer.py `Packing`), so the
+projections, norms and MLPs never run on padding, and only attention sees (B, T) rows. Attention is the
+shared `vlmkit.nn.transformer.attention` (explicit matmuls for bf16 training on CPU, SDPA otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 from vlmkit.errors import ConfigError
 from vlmkit.nn.kv_cache import KVCache
+from vlmkit.nn.transformer import Packing, attention
 
 
 def llama_mlp_hidden(width: int, multiple_of: int = 256) -> int:
@@ -132,7 +137,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin  # (B, nh, T, hs)
+    # In x's dtype: under bf16 autocast the projections give bf16 q and k, and float32 angles would promote
+    # them (a slower rotation, and attention inputs of mixed dtypes).
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)  # (B, nh, T, hs)
 
 
 class Attention(nn.Module):
@@ -146,20 +153,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, self.nkv * self.hs, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.nh * self.hs, cfg.width, bias=cfg.attention_bias)
 
-    def split(self, x: Tensor, n: int) -> Tensor:
+    def split(self, x: Tensor, n: int, packing: Packing | None = None) -> Tensor:
+        """(B, T, n * hs), or packed tokens (N, n * hs) with `packing`, -> (B, n, T, hs)"""
+        if packing is not None:
+            x = packing.unpack(x)
         B, T, _ = x.shape
         return x.view(B, T, n, self.hs).transpose(1, 2)  # (B, n, T, hs)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        is_causal: bool = False,
+        packing: Packing | None = None,
+    ) -> Tensor:
         if self.nkv != self.nh and mask is not None:
             # SDPA's own GQA path has no masked kernel on GPU; repeating k/v keeps the fast one (as HF does).
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        y = F.scaled_dot_product_attention(
+        # SDPA, or in bf16 training on CPU two matmuls and a float32 softmax (vlmkit.nn.transformer.attention)
+        y = attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.nkv != self.nh and mask is None
         )  # (B, nh, T, hs)
         B, _, T, _ = y.shape
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, C)
+        return self.o_proj(packing.pack(y) if packing is not None else y)  # (B, T, C) or packed (N, C)
 
 
 class SelfAttention(Attention):
@@ -174,13 +194,14 @@ class SelfAttention(Attention):
         is_causal: bool,
         cache: KVCache | None,
         layer: int,
+        packing: Packing | None = None,
     ) -> Tensor:
-        q = apply_rotary(self.split(self.q_proj(x), self.nh), *rope)  # (B, nh, T, hs)
-        k = apply_rotary(self.split(self.k_proj(x), self.nkv), *rope)  # (B, nkv, T, hs)
-        v = self.split(self.v_proj(x), self.nkv)  # (B, nkv, T, hs)
+        q = apply_rotary(self.split(self.q_proj(x), self.nh, packing), *rope)  # (B, nh, T, hs)
+        k = apply_rotary(self.split(self.k_proj(x), self.nkv, packing), *rope)  # (B, nkv, T, hs)
+        v = self.split(self.v_proj(x), self.nkv, packing)  # (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): cached tokens + these
-        return self.attend(q, k, v, mask, is_causal)
+        return self.attend(q, k, v, mask, is_causal, packing)
 
 
 class CrossAttention(Attention):
@@ -196,8 +217,9 @@ class CrossAttention(Attention):
         encoder_mask: Tensor | None,
         cache: KVCache | None,
         layer: int,
+        packing: Packing | None = None,
     ) -> Tensor:
-        q = self.split(self.q_proj(x), self.nh)  # (B, nh, T, hs)
+        q = self.split(self.q_proj(x), self.nh, packing)  # (B, nh, T, hs)
         if cache is not None and layer in cache.cross:
             k, v = cache.cross[layer]  # the encoder does not change while decoding: project it once
         else:
@@ -205,7 +227,7 @@ class CrossAttention(Attention):
             v = self.split(self.v_proj(encoder_states), self.nkv)
             if cache is not None:
                 cache.cross[layer] = (k, v)
-        return self.attend(q, k, v, encoder_mask)
+        return self.attend(q, k, v, encoder_mask, packing=packing)
 
 
 class MLP(nn.Module):
@@ -243,10 +265,13 @@ class Block(nn.Module):
         layer: int,
         encoder_states: Tensor | None = None,
         encoder_mask: Tensor | None = None,
+        packing: Packing | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, layer)
+        """(B, T, C) -> (B, T, C); with `packing` the packed real tokens (N, C) -> (N, C)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, layer, packing)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.cross_attn_norm(x), encoder_states, encoder_mask, cache, layer)
+            h = self.cross_attn_norm(x)
+            x = x + self.cross_attn(h, encoder_states, encoder_mask, cache, layer, packing)
         return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
 
 
@@ -270,6 +295,19 @@ def self_attention_mask(
     if attention_mask is not None:
         mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)  # (B, 1, T, S)
     return mask, False
+
+
+def right_padded_packing(attention_mask: Tensor | None) -> Packing | None:
+    """A `Packing` of the real tokens when every row of `attention_mask` (B, T) is real tokens then padding
+    and packing saves enough (see `Packing.maybe`); None otherwise (no mask, left padding, little padding)."""
+    if attention_mask is None or attention_mask.shape[1] < 2:
+        return None
+    lengths = attention_mask.sum(dim=1)  # (B,)
+    T = attention_mask.shape[1]
+    right = torch.arange(T, device=attention_mask.device)[None, :] < lengths[:, None]  # (B, T)
+    if not torch.equal(attention_mask.bool(), right):
+        return None
+    return Packing.maybe(lengths, T)
 
 
 class Decoder(nn.Module):
@@ -351,9 +389,11 @@ class Decoder(nn.Module):
         mask, is_causal = self_attention_mask(attention_mask, past, T, x.device)
         return x, rope, mask, is_causal
 
-    def _run_layers(self, x, layers, rope, mask, is_causal, cache, encoder_states=None, encoder_mask=None):
+    def _run_layers(
+        self, x, layers, rope, mask, is_causal, cache, encoder_states=None, encoder_mask=None, packing=None
+    ):
         for i, block in layers:
-            args = (x, rope, mask, is_causal, cache, i, encoder_states, encoder_mask)
+            args = (x, rope, mask, is_causal, cache, i, encoder_states, encoder_mask, packing)
             if self.grad_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
@@ -394,15 +434,23 @@ class Decoder(nn.Module):
                     f"layers >= {start} cross-attend: pass encoder_states (or use forward_unimodal for the "
                     "text-only layers)"
                 )
+        packing = right_padded_packing(attention_mask) if cache is None else None
+        if packing is not None:
+            # Right padding (a training batch): the per-token layers run on the real tokens only. A real
+            # token's causal keys are all real, so the attention needs no padding mask.
+            x, mask, is_causal = packing.pack(x), None, True  # (N, C)
         layers = list(enumerate(self.layers))
         unimodal = None
         if start is not None:
-            x = unimodal = self._run_layers(x, layers[:start], rope, mask, is_causal, cache)  # (B, T, C)
+            x = unimodal = self._run_layers(x, layers[:start], rope, mask, is_causal, cache, packing=packing)
             layers = layers[start:]
-        x = self._run_layers(x, layers, rope, mask, is_causal, cache, encoder_states, encoder_mask)
+        x = self._run_layers(x, layers, rope, mask, is_causal, cache, encoder_states, encoder_mask, packing)
         if cache is not None:
             cache.advance(x.shape[1])
-        h = self.norm(x)  # (B, T, C)
+        h = self.norm(x)  # (B, T, C), or packed (N, C)
+        if packing is not None:  # back to (B, T, C), zeros at the padding
+            h = packing.unpack(h)
+            unimodal = packing.unpack(unimodal) if unimodal is not None else None
         if logits == "none":
             out = None
         elif logits == "last":

@@ -118,12 +118,12 @@ def config_from_hf_llava(meta: dict, where: str) -> LlavaConfig:
         decoder = dataclasses.replace(decoder, pad_token_id=meta["pad_token_id"])
 
     layer = meta.get("vision_feature_layer", -2)
-    if isinstance(layer, list) and len(layer) == 1:
-        layer = layer[0]
-    if not isinstance(layer, int) or isinstance(layer, bool):
+    layers = layer if isinstance(layer, list) else [layer]
+    if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise ConfigError(
-            f"{where}: vision_feature_layer {layer!r} (several layers concatenated) is not supported; vlmkit reads one layer"
+            f"{where}: vision_feature_layer must be a layer index or a list of them, got {layer!r}"
         )
+    layer = tuple(layers) if isinstance(layer, list) else layer
     strategy = meta.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r} is not 'default' or 'full'")
@@ -199,7 +199,9 @@ def config_to_hf_llava(cfg: LlavaConfig, where: str = "model") -> dict:
         "image_seq_length": cfg.num_image_tokens,
         "projector_hidden_act": ACTS_TO_HF[cfg.projector_act],
         "multimodal_projector_bias": cfg.projector_bias,
-        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_layer": list(cfg.feature_layers)
+        if len(cfg.feature_layers) > 1
+        else cfg.feature_layers[0],
         "vision_feature_select_strategy": "default" if cfg.vision_feature_select == "patch" else "full",
         "tie_word_embeddings": cfg.decoder.tie_embeddings,
     }

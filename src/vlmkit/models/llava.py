@@ -32,7 +32,9 @@ PARTS = ("vision_tower", "projector", "language_model")
 class LlavaConfig:
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(proj=False))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    vision_feature_layer: int = -2  # Hugging Face's hidden_states index: -2 = the penultimate block's output
+    # Hugging Face's hidden_states index: -2 = the penultimate block's output. Several indices: those layers'
+    # tokens concatenated along the channels (Hugging Face's list-valued vision_feature_layer).
+    vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select: str = "patch"  # "patch": drop the class token (HF "default"); "full": keep it
     projector: str = (
         "mlp2x_gelu"  # "mlp2x_gelu": Linear, act, Linear (LLaVA-1.5); "linear": one Linear (LLaVA-1)
@@ -59,10 +61,16 @@ class LlavaConfig:
             raise ConfigError(
                 "vision_feature_select='patch' drops the class token, but the vision tower has none; use 'full'"
             )
-        if not -(v.layers + 1) <= self.vision_feature_layer <= v.layers:
-            raise ConfigError(
-                f"vision_feature_layer {self.vision_feature_layer} does not exist in a {v.layers}-layer vision tower"
-            )
+        if isinstance(self.vision_feature_layer, list | tuple):
+            layers = tuple(self.vision_feature_layer)
+            if not layers:
+                raise ConfigError("vision_feature_layer: give one layer index or a non-empty list of them")
+            self.vision_feature_layer = layers[0] if len(layers) == 1 else layers
+        for layer in self.feature_layers:
+            if not -(v.layers + 1) <= layer <= v.layers:
+                raise ConfigError(
+                    f"vision_feature_layer {layer} does not exist in a {v.layers}-layer vision tower"
+                )
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise ConfigError(f"projector must be 'mlp2x_gelu' or 'linear', not {self.projector!r}")
         get_activation(self.projector_act)  # ConfigError for an unknown name
@@ -87,6 +95,12 @@ class LlavaConfig:
             raise ConfigError(
                 f"unknown chat_template {self.chat_template!r}; choose one of {sorted(TEMPLATES)}"
             )
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """`vision_feature_layer` as a tuple of hidden-state indices."""
+        layer = self.vision_feature_layer
+        return tuple(layer) if isinstance(layer, tuple | list) else (layer,)
 
     @property
     def num_image_tokens(self) -> int:
@@ -130,7 +144,7 @@ class Llava(nn.Module):
         v = cfg.vision
         self.vision_tower = VisionTransformer(v, v.width)
         self.projector = Projector(
-            v.width * cfg.pixel_shuffle**2,
+            v.width * len(cfg.feature_layers) * cfg.pixel_shuffle**2,
             cfg.decoder.width,
             cfg.projector,
             cfg.projector_act,
@@ -145,7 +159,7 @@ class Llava(nn.Module):
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> projected image tokens (B, N, decoder width)."""
         cfg = self.cfg
-        x = self.vision_tower.forward_hidden(pixel_values, cfg.vision_feature_layer)  # (B, prefix + P, Cv)
+        x = self.vision_tower.forward_hidden(pixel_values, cfg.feature_layers)  # (B, prefix + P, L * Cv)
         if cfg.vision_feature_select == "patch":
             x = x[:, self.vision_tower.num_prefix_tokens :]  # (B, P, Cv)
         if cfg.pixel_shuffle > 1:
@@ -225,8 +239,7 @@ class Llava(nn.Module):
         to get a gradient)."""
         tower = self.vision_tower
         num_layers = len(tower.transformer.blocks)
-        layer = self.cfg.vision_feature_layer
-        used = layer if layer >= 0 else num_layers + 1 + layer
+        used = max(layer if layer >= 0 else num_layers + 1 + layer for layer in self.cfg.feature_layers)
         dead = [f"transformer.blocks.{i}." for i in range(used, num_layers)] + [
             "ln_post.",
             "attn_pool.",

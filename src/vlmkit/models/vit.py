@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,21 +91,28 @@ class VisionTransformer(nn.Module):
         """All output tokens after the final norm: (B, N_prefix + H*W, width)."""
         return self.ln_post(self.transformer(self.embed(images)))
 
-    def forward_hidden(self, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    def forward_hidden(self, images: torch.Tensor, layer: int | Sequence[int] = -1) -> torch.Tensor:
         """The tokens after `layer` blocks, as Hugging Face's `hidden_states[layer]`: 0 = the embeddings,
         -1 = the last block's output, -2 = the one before (LLaVA's default). No final norm; the blocks
-        after `layer` are not run. Returns (B, N_prefix + H*W, width)."""
+        after `layer` are not run. Returns (B, N_prefix + H*W, width). Several layers: their tokens
+        concatenated along the channels, in the given order: (B, N_prefix + H*W, len(layer) * width)."""
         num_layers = len(self.transformer.blocks)
-        n = layer if layer >= 0 else num_layers + 1 + layer
-        if not 0 <= n <= num_layers:
-            raise ConfigError(f"vision layer {layer} does not exist in a {num_layers}-layer vision tower")
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        wanted = [i if i >= 0 else num_layers + 1 + i for i in layers]
+        for i, n in zip(layers, wanted, strict=True):
+            if not 0 <= n <= num_layers:
+                raise ConfigError(f"vision layer {i} does not exist in a {num_layers}-layer vision tower")
         x = self.embed(images)  # (B, T, C)
-        for block in self.transformer.blocks[:n]:
+        hidden = {0: x}
+        for i, block in enumerate(self.transformer.blocks[: max(wanted)], start=1):
             if self.transformer.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+            hidden[i] = x
+        if len(wanted) == 1:
+            return hidden[wanted[0]]
+        return torch.cat([hidden[n] for n in wanted], dim=-1)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding from all output tokens (B, N, C) of `forward_tokens`: pooled, projected (B, D)."""

@@ -55,15 +55,22 @@ def attention(
     v: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs) + mask) v for (B, nh, T, hs) inputs; a boolean `attn_mask` is True = attend.
 
     This is `F.scaled_dot_product_attention`, except when training in bf16/fp16 on CPU on short sequences:
     there the backward of its flash kernel is ~4x slower than two batched matmuls and a float32 softmax.
+    `enable_gqa`: k and v have fewer heads (B, nkv, S, hs), each shared by nh // nkv query heads.
     """
     explicit = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
     if not explicit or k.shape[-2] > EXPLICIT_ATTENTION_MAX_LEN:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa
+        )
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     T, S = q.shape[-2], k.shape[-2]
     att = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, nh, T, S), scaled in float32
     if is_causal:  # adding a -inf triangle is cheaper than a masked fill
