@@ -123,7 +123,6 @@ def config_from_hf_llava(meta: dict, where: str) -> LlavaConfig:
         raise ConfigError(
             f"{where}: vision_feature_layer must be a layer index or a list of them, got {layer!r}"
         )
-    layer = tuple(layers) if isinstance(layer, list) else layer
     strategy = meta.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ConfigError(f"{where}: vision_feature_select_strategy {strategy!r} is not 'default' or 'full'")

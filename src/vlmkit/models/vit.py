@@ -103,16 +103,15 @@ class VisionTransformer(nn.Module):
             if not 0 <= n <= num_layers:
                 raise ConfigError(f"vision layer {i} does not exist in a {num_layers}-layer vision tower")
         x = self.embed(images)  # (B, T, C)
-        hidden = {0: x}
+        hidden = {0: x} if 0 in wanted else {}  # only the layers asked for are kept
         for i, block in enumerate(self.transformer.blocks[: max(wanted)], start=1):
             if self.transformer.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-            hidden[i] = x
-        if len(wanted) == 1:
-            return hidden[wanted[0]]
-        return torch.cat([hidden[n] for n in wanted], dim=-1)
+            if i in wanted:
+                hidden[i] = x
+        return torch.cat([hidden[n] for n in wanted], dim=-1) if len(wanted) > 1 else hidden[wanted[0]]
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding from all output tokens (B, N, C) of `forward_tokens`: pooled, projected (B, D)."""
