@@ -156,7 +156,12 @@ def cmd_data_tasks(args) -> None:
         raise VlmkitError(
             f"{args.data} holds no train.jsonl; write the dataset first: vlmkit data synth --out DIR"
         )
-    paths = write_tasks(args.data, seed=args.seed, questions_per_image=args.questions_per_image)
+    paths = write_tasks(
+        args.data,
+        seed=args.seed,
+        questions_per_image=args.questions_per_image,
+        multi_object_chats=args.multi_object_chats,
+    )
     for key, path in paths.items():
         print(f"{key}: {path}")
 
@@ -213,5 +218,11 @@ def register(sub, eval_sub, data_sub) -> None:
     )
     p.add_argument("--data", required=True, help="the synthetic dataset folder")
     p.add_argument("--questions-per-image", type=int, default=3)
+    p.add_argument(
+        "--multi-object-chats",
+        type=int,
+        default=1,
+        help="conversations per training scene of several objects in train_chat.jsonl (fresh questions each)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_tasks)

@@ -86,6 +86,19 @@ def test_data_synth_writes_manifest_and_imagefolder(tmp_path, capsys):
     assert len(list((tmp_path / "d" / "classification" / "val").iterdir())) == 30
 
 
+def test_data_tasks_writes_questions_and_conversations(tmp_path, capsys):
+    out = tmp_path / "d"
+    main(["data", "synth", "--out", str(out), "--num-train", "24", "--num-val", "4", "--image-size", "32",
+          "--per-class-train", "0", "--per-class-val", "0"])  # fmt: skip
+    main(["data", "tasks", "--data", str(out), "--multi-object-chats", "2"])
+    printed = capsys.readouterr().out
+    assert "train_chat" in printed and "val_vqa" in printed
+    scenes = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    chats = [json.loads(line) for line in (out / "train_chat.jsonl").read_text().splitlines()]
+    assert len(chats) == sum(2 if len(s["objects"]) > 1 else 1 for s in scenes) > len(scenes)
+    assert json.loads((out / "tasks.json").read_text())["multi_object_chats"] == 2
+
+
 def test_eval_commands_write_clip_benchmark_json(trained, shapes_dir, tmp_path, capsys):
     zs = tmp_path / "zs.json"
     main(

@@ -21,9 +21,10 @@ from vlmkit.data.vqa import (
     Conversations,
     questions_for,
     read_conversations,
+    tasks_are_current,
     write_tasks,
 )
-from vlmkit.errors import DataError
+from vlmkit.errors import ConfigError, DataError
 
 IMAGE_SIZE = 48
 COLOUR_RE = "|".join(COLOURS)
@@ -235,6 +236,53 @@ def test_chat_file_asks_everything_about_each_image_once(data_dir, split):
         asked += len(qa)
     assert asked > 3 * len(rows)  # more than the single-question files' 3 per image
     assert firsts["caption"] > 0 and firsts["question"] > firsts["caption"]  # the turn order varies
+
+
+def test_multi_object_chats_repeat_scenes_of_several_objects(data_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    before = {p.name: p.read_bytes() for p in copy.glob("*_*.jsonl")}
+    paths = write_tasks(copy, seed=0, multi_object_chats=3)
+    after = {p.name: p.read_bytes() for p in copy.glob("*_*.jsonl")}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"train_chat.jsonl"}  # questions, captions and the val chats stay as they were
+    source = read_jsonl(copy / "train.jsonl")
+    objects_of = scenes(copy, "train")
+    rows = read_jsonl(paths["train_chat"])
+    expected = [r["image"] for r in source for _ in range(3 if len(r["objects"]) > 1 else 1)]
+    assert [r["image"] for r in rows] == expected
+    assert len(rows) > 1.5 * len(source)  # the test data has scenes of several objects
+    firsts = [r for r in rows if re.fullmatch(r"train-\d{6}-chat", r["id"])]
+    assert firsts == read_jsonl(
+        data_dir / "train_chat.jsonl"
+    )  # the first conversation of each scene as before
+    captions = {r["image"]: r["caption"] for r in source}
+    for row in rows:
+        turns = row["conversations"]
+        assert turns[0]["value"].startswith("<image>\n")
+        qa = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns[0::2], turns[1::2])]
+        assert [a for _, a in qa].count(captions[row["image"]]) == 1
+        for q, a in qa:
+            if a != captions[row["image"]]:
+                assert a == answer(q, objects_of[row["image"]])
+    repeats = Counter(json.dumps(r["conversations"]) for r in rows)
+    assert max(repeats.values()) < 3  # fresh questions and order, not copies
+    with pytest.raises(ConfigError, match="multi_object_chats"):
+        write_tasks(copy, multi_object_chats=0)
+
+
+def test_tasks_are_current(data_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    assert tasks_are_current(copy, seed=0, questions_per_image=3, multi_object_chats=1)
+    assert not tasks_are_current(copy, seed=0, multi_object_chats=3)
+    assert not tasks_are_current(copy, seed=1)
+    write_tasks(copy, seed=0, multi_object_chats=3, splits=("train",))
+    assert tasks_are_current(copy, multi_object_chats=3, splits=("train",))
+    assert not tasks_are_current(copy, multi_object_chats=3, splits=("train", "val"))
+    (copy / "train_chat.jsonl").unlink()
+    assert not tasks_are_current(copy, multi_object_chats=3, splits=("train",))
+    assert not tasks_are_current(tmp_path, seed=0)  # no tasks.json
 
 
 def test_deterministic_for_a_seed(data_dir, tmp_path):

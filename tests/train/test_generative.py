@@ -114,6 +114,13 @@ def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_pat
     prepare_synthetic(cfg)
     assert {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")} == before  # same seed, same files
     assert sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png")) == images  # not redrawn
+    # another task setting rewrites the task files (here: more conversations per multi-object scene)
+    more = GenerativeTrainConfig(**{**cfg.__dict__, "multi_object_chats": 2})
+    prepare_synthetic(more)
+    after = {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")}
+    assert {name for name in before if after[name] != before[name]} == {"train_chat.jsonl"}
+    assert len(after["train_chat.jsonl"].splitlines()) > len(before["train_chat.jsonl"].splitlines())
+    assert sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png")) == images
 
 
 def test_truncated_answers_stop_training_with_a_clear_error(shapes, tmp_path):
@@ -135,6 +142,8 @@ def test_stage_configs_chain_and_reject_unknown_keys(shapes):
     assert (s1.out, s2.out, s3.out) == ("runs/x/stage1-clip", "runs/x/stage2-align", "runs/x")
     assert s2.vision_init_from == s1.out and s2.init_from is None
     assert s3.init_from == s2.out and s3.vision_init_from is None
+    assert s3.compile and not s2.compile and not s1.compile  # only the long instruct stage compiles
+    assert not any(c.compile for _, c in stage_configs(smoke(cfg)))  # compiling outlasts a smoke run
     assert s2.train_data == f"{shapes}/train_captions.jsonl" and s1.train_data == f"{shapes}/train.jsonl"
     assert str(shapes) in s2.tokenizer_data and "train_chat" in s2.tokenizer_data
     with pytest.raises(ConfigError, match="unknown keys"):

@@ -34,10 +34,11 @@ from vlmkit.data.chat import IMAGE_TOKEN, normalize_conversation
 from vlmkit.data.manifest import BadRow
 from vlmkit.data.synthetic import COLOURS, SHAPES, _article, plural
 from vlmkit.data.transforms import ImageDecodeError, check_image_file
-from vlmkit.errors import DataError
+from vlmkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+TASKS_FILE = "tasks.json"  # the write_tasks arguments that made a folder's task files
 QUESTION_TYPES = ("colour", "shape", "count", "position", "exists", "relation")
 TASK_TYPES = (*QUESTION_TYPES, "caption")
 # A relation needs the two box centres apart by this fraction of the boxes' mean extent along the axis.
@@ -303,6 +304,7 @@ def write_tasks(
     seed: int = 0,
     questions_per_image: int = 3,
     splits: tuple[str, ...] = ("train", "val"),
+    multi_object_chats: int = 1,
 ) -> dict[str, Path]:
     """Write `{split}_vqa.jsonl`, `{split}_captions.jsonl` and `{split}_chat.jsonl` beside `{split}.jsonl` in
     a shapes dataset.
@@ -312,9 +314,16 @@ def write_tasks(
     caption conversation with a varied prompt. Rows keep "answer" (and "caption") at the top level for
     evaluation; image paths stay relative to `data_dir`. The chat file holds one conversation per image:
     the caption and one question of every type its scene allows (not limited by `questions_per_image`),
-    shuffled, the image in the first turn. The same seed gives the same files. Scenes the noise options
-    corrupted are left out. Returns {"{split}_vqa": path, "{split}_captions": path, "{split}_chat": path}.
+    shuffled, the image in the first turn. `multi_object_chats` > 1 gives each training scene of several
+    objects that many conversations (fresh questions, fresh order; the "train" split only): finding an
+    object by its shape and reading its colour is learnt from those scenes alone, and with the shapes
+    data's default object counts half the scenes hold one object. The same seed gives the same files
+    (the extra conversations draw from their own random stream, so the other files do not change). Scenes
+    the noise options corrupted are left out. Returns {"{split}_vqa": path, "{split}_captions": path,
+    "{split}_chat": path}.
     """
+    if multi_object_chats < 1:
+        raise ConfigError(f"multi_object_chats must be at least 1, not {multi_object_chats}")
     data_dir = Path(data_dir)
     meta_path = data_dir / "dataset.json"
     recorded = json.loads(meta_path.read_text()).get("image_size") if meta_path.is_file() else None
@@ -327,6 +336,8 @@ def write_tasks(
             )
         rng = np.random.default_rng([seed, zlib.crc32(split.encode())])  # one stream per split
         chat_rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 1])
+        extra_rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 2])
+        repeats = multi_object_chats if split == "train" else 1
         asked: Counter = Counter()
         vqa_rows, caption_rows, chat_rows = [], [], []
         for index, (_, row) in enumerate(_read_scene_rows(source)):
@@ -340,8 +351,12 @@ def write_tasks(
                     "conversations": _conversation(_choice(rng, CAPTION_PROMPTS), row["caption"]),
                 }
             )
-            candidates = questions_for(row["objects"], rng, _image_size(data_dir, row, recorded))
+            size = _image_size(data_dir, row, recorded)
+            candidates = questions_for(row["objects"], rng, size)
             chat_rows.append(_chat(f"{split}-{index:06d}", row, candidates, chat_rng))
+            for extra in range(1, repeats if len(row["objects"]) > 1 else 1):
+                more = questions_for(row["objects"], extra_rng, size)
+                chat_rows.append(_chat(f"{split}-{index:06d}-{extra}", row, more, extra_rng))
             order = sorted(range(len(candidates)), key=lambda i: (asked[candidates[i]["type"]], rng.random()))
             for k, i in enumerate(sorted(order[:questions_per_image])):
                 qa = candidates[i]
@@ -362,7 +377,30 @@ def write_tasks(
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             paths[f"{split}_{name}"] = path
         log.info("%s: %d questions (%s), %d captions", split, len(vqa_rows), dict(asked), len(caption_rows))
+    settings = {
+        "seed": seed,
+        "questions_per_image": questions_per_image,
+        "multi_object_chats": multi_object_chats,
+    }
+    (data_dir / TASKS_FILE).write_text(json.dumps({**settings, "splits": list(splits)}, indent=2) + "\n")
     return paths
+
+
+def tasks_are_current(data_dir: str | Path, **write_args) -> bool:
+    """Whether the task files in `data_dir` were written by `write_tasks(data_dir, **write_args)` (as its
+    tasks.json records) and are all there; arguments left out are not compared."""
+    data_dir = Path(data_dir)
+    meta = data_dir / TASKS_FILE
+    if not meta.is_file():
+        return False
+    saved = json.loads(meta.read_text())
+    splits = write_args.pop("splits", saved.get("splits", ()))
+    files = [data_dir / f"{split}_{kind}.jsonl" for split in splits for kind in ("vqa", "captions", "chat")]
+    return (
+        set(splits) <= set(saved.get("splits", ()))
+        and all(f.is_file() for f in files)
+        and all(saved.get(k) == v for k, v in write_args.items())
+    )
 
 
 class Conversations(list):

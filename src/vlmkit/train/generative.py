@@ -57,6 +57,7 @@ STAGE_KEYS = (
     "warmup_steps",
     "freeze",
     "batch_size",
+    "compile",
 )
 
 
@@ -75,6 +76,9 @@ class GenerativeTrainConfig(TrainConfig):
     )
     synthetic_args: dict[str, Any] = field(default_factory=dict)  # vlmkit.data.synthetic.generate arguments
     questions_per_image: int = 3
+    # conversations per training scene of several objects in the synthetic data's train_chat.jsonl
+    # (vlmkit.data.vqa.write_tasks)
+    multi_object_chats: int = 1
     # files a new tokenizer learns from (default: train_data); set by stages
     tokenizer_data: str | None = None
     # A CLIP/SigLIP model folder (a vlmkit run or a Hugging Face folder) whose image tower (config and weights)
@@ -383,18 +387,20 @@ class GenerativeTrainer(Trainer):
 def prepare_synthetic(cfg: GenerativeTrainConfig) -> None:
     """Write the built-in shapes data and its caption / question files to `cfg.synthetic_data` unless there."""
     from vlmkit.data.synthetic import generate, is_current
-    from vlmkit.data.vqa import write_tasks
+    from vlmkit.data.vqa import tasks_are_current, write_tasks
 
     root = Path(cfg.synthetic_data)
-    tasks = [
-        root / f"{split}_{kind}.jsonl" for split in ("train", "val") for kind in ("vqa", "captions", "chat")
-    ]
+    tasks = dict(
+        seed=cfg.synthetic_args.get("seed", 0),
+        questions_per_image=cfg.questions_per_image,
+        multi_object_chats=cfg.multi_object_chats,
+    )
     if not is_current(root, **cfg.synthetic_args):
         print(f"writing the synthetic 'shapes' dataset and its questions to {root}")
         generate(root, **cfg.synthetic_args)
-    elif all(path.is_file() for path in tasks):
+    elif tasks_are_current(root, splits=("train", "val"), **tasks):
         return
-    write_tasks(root, seed=cfg.synthetic_args.get("seed", 0), questions_per_image=cfg.questions_per_image)
+    write_tasks(root, **tasks)
 
 
 def _fill(spec: str | None, data: str | None) -> str | None:

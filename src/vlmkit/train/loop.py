@@ -254,6 +254,9 @@ class Trainer:
                 log.info("resumed from %s at step %d", self.resume_from, self.step)
         self.train_model = self.model
         if cfg.compile:
+            # a graph inductor cannot compile (no C++ compiler on this machine, say) runs eagerly, with a
+            # warning, instead of ending the run
+            torch._dynamo.config.suppress_errors = True
             self.train_model = torch.compile(self.train_model)
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -626,10 +629,15 @@ class Trainer:
                 metrics["val/text_retrieval_recall@5"] = r["text_retrieval_recall@5"]
             if "zs_images" in self.val:
                 clf = build_zeroshot_classifier(
-                    model, self.tokenizer, self.val["zs_classnames"], self.val["zs_templates"]
+                    model,
+                    self.tokenizer,
+                    self.val["zs_classnames"],
+                    self.val["zs_templates"],
+                    device=self.device,
+                    bf16=self.cfg.precision == "bf16",
                 )
                 feats = _encode(model.encode_image, self.val["zs_images"], self.device)
-                pred = (feats @ clf.to(feats.dtype)).argmax(dim=1)
+                pred = (feats @ clf.to(feats.device, feats.dtype)).argmax(dim=1)
                 metrics["val/zeroshot_acc1"] = (pred.cpu() == self.val["zs_labels"]).float().mean().item()
         if was_training:
             self._train_mode()
