@@ -157,7 +157,7 @@ GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
                 lr_scale={"^vision_tower\\.": 0.3},
                 time_budget=8.0,
                 epochs=100,
-                # torch.compile: 1.45x the steps per second after about a minute of compiling (benchmarks/
+                # torch.compile: 1.45x the steps per second after under a minute of compiling (benchmarks/
                 # RESULTS.md); not in the 2-minute align stage, where compiling would cost more than it saves
                 compile=True,
             ),
