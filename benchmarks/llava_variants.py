@@ -94,9 +94,20 @@ def main() -> None:
         ((name, spec),) = args.variant
         print("RESULT " + json.dumps(run_one(name, json.loads(spec), out, clip)), flush=True)
         return
+    from vlmkit.recipes import get_recipe
     from vlmkit.train.generative import prepare_synthetic
 
-    configs = [variant_config(name, json.loads(spec), out) for name, spec in args.variant]
+    stage_names = {stage["name"] for stage in get_recipe("llava-tiny-shapes").stages}
+    configs = []
+    for name, spec in args.variant:
+        try:
+            parsed = json.loads(spec)
+        except json.JSONDecodeError as e:
+            sys.exit(f'--variant {name}: not JSON ({e}); e.g. \'{{"set": ["seed=1"]}}\'')
+        unknown = (set(parsed.get("steps", {})) | set(parsed.get("stage", {}))) - stage_names
+        if unknown:
+            sys.exit(f"--variant {name}: no stage {sorted(unknown)}; the stages are {sorted(stage_names)}")
+        configs.append(variant_config(name, parsed, out))
     if len({json.dumps(task_settings(c)) for c in configs}) > 1:
         sys.exit(
             "the variants share one data folder, so their task settings (synthetic_data, synthetic_args, "
@@ -110,13 +121,13 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", "--variant", name, spec, "--out", str(out)]
         cmd += ["--clip", str(clip)] if clip else []
         log = open(out / f"{name}.log", "w")
-        procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}
-        )
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
     print(f"{len(procs)} variants running; logs in {out}/<name>.log")
     rows = []
-    for name, proc in procs.items():
+    for name, (proc, log) in procs.items():
         proc.wait()
+        log.close()
         log_lines = (out / f"{name}.log").read_text().splitlines()
         lines = [line for line in log_lines if line.startswith("RESULT ")]
         rows.append(json.loads(lines[-1][7:]) if lines else {"name": name, "failed": proc.returncode})

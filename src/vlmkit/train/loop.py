@@ -637,7 +637,7 @@ class Trainer:
                     bf16=self.cfg.precision == "bf16",
                 )
                 feats = _encode(model.encode_image, self.val["zs_images"], self.device)
-                pred = (feats @ clf.to(feats.device, feats.dtype)).argmax(dim=1)
+                pred = (feats @ clf.to(feats.dtype)).argmax(dim=1)  # both on the CPU
                 metrics["val/zeroshot_acc1"] = (pred.cpu() == self.val["zs_labels"]).float().mean().item()
         if was_training:
             self._train_mode()
