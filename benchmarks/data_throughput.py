@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from vlmkit.data.shards import ShardStream, decode_image_bytes, draft_size_for, iter_samples
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
+from vlmkit.runtime import describe_machine
 
 _BYTES: list[bytes] = []  # the JPEGs, shared with the decode-only pool through fork
 
@@ -161,8 +161,8 @@ def main() -> None:
         print(
             f"{len(_BYTES)} JPEGs {args.width}x{args.height} (q{args.quality}, {kb:.0f} KB avg) in "
             f"{len(urls)} shards -> {args.image_size}x{args.image_size} ({args.pipeline} pipeline); batch {args.batch}; "
-            f"torch {torch.__version__}, Pillow {Image.__version__}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+            f"Pillow {Image.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n"
+            f"{describe_machine()}"
         )
         for name, ms in per_image_ms(transform).items():
             print(f"  in-process, 1 thread: {name:45s} {ms:6.2f} ms/image")

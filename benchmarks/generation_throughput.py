@@ -35,6 +35,7 @@ import torch
 
 from vlmkit.models.decoder import Decoder, DecoderConfig
 from vlmkit.models.generation import GenerationConfig, generate
+from vlmkit.runtime import describe_machine
 
 
 def time_rounds(contenders: dict[str, Callable[[], torch.Tensor]], reps: int, warmup: int) -> dict:
@@ -251,7 +252,7 @@ def main() -> dict:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(describe_machine(", ".join(args.precision)))
     dtypes = [torch.bfloat16 if x == "bf16" else torch.float32 for x in args.precision]
     results: dict = {}
     with torch.inference_mode():

@@ -28,6 +28,7 @@ import torch
 
 from vlmkit.losses.captioning import next_token_loss
 from vlmkit.models.hf_llava import load_hf_llava
+from vlmkit.runtime import describe_machine, resolve_precision
 
 IMAGE_ID = 3
 
@@ -72,11 +73,16 @@ def main() -> dict:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--min-len", type=int, default=80, help="shortest conversation, image tokens included")
     p.add_argument("--max-len", type=int, default=160)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument(
+        "--precision", choices=["auto", "bf16", "fp32"], default="auto",
+        help="auto (default): bf16 autocast where this CPU runs it fast, else fp32",
+    )  # fmt: skip
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--hf", default="eager,sdpa", help="transformers attention implementations to time")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    args.precision = resolve_precision(args.precision, "cpu").name
+    print(describe_machine(args.precision))
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)

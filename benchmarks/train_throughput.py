@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from torch import nn
 
 from vlmkit.losses import ClipLoss
 from vlmkit.models import CLIPConfig, create_model, get_model_config
+from vlmkit.runtime import cpu_info, describe_machine, resolve_precision
 
 HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
@@ -167,14 +167,6 @@ def text_lengths(cfg: CLIPConfig, text: torch.Tensor) -> list[int]:
     return (is_eot.int().argmax(dim=1) + 1).tolist()
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def parse_overrides(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -197,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="end-of-text at a random position from a quarter of the context on (random) or at its end (full)",
     )  # fmt: skip
     p.add_argument(
-        "--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 = autocast, fp32 weights"
-    )
+        "--precision", choices=["auto", "bf16", "fp32"], default="auto",
+        help="bf16 = autocast, fp32 weights; auto (default) = bf16 where this CPU runs it fast",
+    )  # fmt: skip
     p.add_argument("--reps", type=int, default=5, help="timed rounds; each figure is their median")
     p.add_argument("--steps", type=int, default=1, help="training steps per timed round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first")
@@ -213,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    args.precision = resolve_precision(args.precision, "cpu").name
+    print(describe_machine(args.precision))
     torch.manual_seed(0)
     cfg = get_model_config(args.model, **args.override)
     images, text = make_batch(cfg, args.batch, args.captions)
@@ -269,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"({v.heads} heads), text {t.width}x{t.layers} ({t.heads} heads, ctx {t.context_length}), "
           f"embed {cfg.embed_dim}; captions {args.captions} ({statistics.mean(lengths):.1f} tokens on average "
           f"to end-of-text); batch {args.batch}, {args.precision}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {cpu_name()}")  # fmt: skip
+          f"torch {torch.__version__}, {cpu_info().model}")  # fmt: skip
     print(f"training FLOPs per pair {flops / 1e9:.2f} GFLOP; {args.precision} matmul peak {peak / 1e9:.0f} GFLOP/s "
           f"(median of {args.reps}: {', '.join(f'{x / 1e9:.0f}' for x in peaks)})")  # fmt: skip
     ratio = lambda x: f"{x:.2f}x" if x else "-"
@@ -297,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(
         model=args.model, paired_vs_hf_best=paired, overrides=args.override, batch=args.batch, precision=args.precision,
         captions=args.captions, mean_text_length=statistics.mean(lengths),
-        threads=torch.get_num_threads(), torch=torch.__version__, cpu=cpu_name(), flops_per_pair=flops,
+        threads=torch.get_num_threads(), torch=torch.__version__, cpu=cpu_info().describe(), flops_per_pair=flops,
         matmul_peak=peak, matmul_peaks=peaks, hf_best=hf_best, warmup_s=warmup_s, results=rows,
         step_times={c.name: c.step_times for c in contenders},
     )  # fmt: skip

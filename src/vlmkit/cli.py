@@ -1,6 +1,7 @@
 """The `vlmkit` command. Each subcommand is a thin wrapper over a library function.
 
     vlmkit quickstart
+    vlmkit env
     vlmkit data synth --out data/shapes
     vlmkit data shard --input data/shapes/train.jsonl --out data/shards --shard-size 1000 --image-size 64
     vlmkit data filter --input data/shards --out data/curated --min-side 16 --dedup-images
@@ -39,9 +40,17 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="bf16 autocast or fp32; auto (default): bf16 only where this device runs it fast",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlmkit.data.manifest import add_classes_args
+
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="Vision-language models: train, evaluate, embed."
     )
@@ -53,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=3.9, help="minutes of training (default 3.9)")
     p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="auto (default): bf16 autocast only where this machine runs it fast, else fp32",
+    )
     p.set_defaults(func=cmd_quickstart)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(
@@ -139,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("zeroshot", help="zero-shot classification on an ImageFolder")
     _add_model_arg(p)
     p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
-    p.add_argument("--classes", help="class names file (default: classes.txt in --data, else folder names)")
+    add_classes_args(p)
     p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
     p.add_argument("--output", help="results JSON (default: print)")
     p.set_defaults(func=cmd_eval_zeroshot)
@@ -152,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--train", required=True, help="ImageFolder to fit the probe on")
     p.add_argument("--data", required=True, help="ImageFolder to test the probe on")
-    p.add_argument("--classes", help="class names file")
+    add_classes_args(p)
     p.add_argument("--output", help="results JSON (default: print)")
     p.set_defaults(func=cmd_eval_linear_probe)
 
@@ -182,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_wise_ft_cli(sub)
     register_transfer_demo_cli(sub)
 
+    p = sub.add_parser("env", help="this machine: CPU, vector flags, threads and the precision 'auto' picks")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_env)
+
     p = sub.add_parser("report", help="(re)write report.html for a run folder")
     p.add_argument("run", help="run folder")
     p.set_defaults(func=cmd_report)
@@ -200,6 +219,12 @@ def _device(name: str | None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _precision(args, device):
+    from vlmkit.runtime import resolve_precision
+
+    return resolve_precision(args.precision, device)
+
+
 def _emit(results: dict, output: str | None) -> None:
     from vlmkit.eval.features import save_results
 
@@ -213,7 +238,13 @@ def _emit(results: dict, output: str | None) -> None:
 def cmd_quickstart(args) -> None:
     from vlmkit.quickstart import quickstart
 
-    quickstart(out=args.out, time_budget=args.time_budget, recipe=args.recipe, seed=args.seed)
+    quickstart(
+        out=args.out,
+        time_budget=args.time_budget,
+        recipe=args.recipe,
+        seed=args.seed,
+        precision=args.precision,
+    )
 
 
 def cmd_curation_demo(args) -> None:
@@ -313,8 +344,10 @@ def cmd_eval_zeroshot(args) -> None:
         args.data,
         templates=load_templates(args.templates),
         classes_file=args.classes,
+        positional_classes=args.positional_classes,
         batch_size=args.batch_size,
         device=_device(args.device),
+        bf16=_precision(args, _device(args.device)).bf16,
         model_name=args.model,
         out_dir=out_dir,
     )
@@ -334,6 +367,7 @@ def cmd_eval_retrieval(args) -> None:
         args.data,
         batch_size=args.batch_size,
         device=_device(args.device),
+        bf16=_precision(args, _device(args.device)).bf16,
         model_name=args.model,
         out_dir=out_dir,
     )
@@ -351,8 +385,10 @@ def cmd_eval_linear_probe(args) -> None:
         args.train,
         args.data,
         classes_file=args.classes,
+        positional_classes=args.positional_classes,
         batch_size=args.batch_size,
         device=_device(args.device),
+        bf16=_precision(args, _device(args.device)).bf16,
         model_name=args.model,
     )
     _emit(results, args.output)
@@ -378,6 +414,13 @@ def _load_images(paths: list[str], preprocess):
         raise VlmkitError(str(e)) from e
 
 
+def _unit(features):
+    """Embeddings as unit-norm float32 on the CPU (normalised in float32, also after bf16 autocast)."""
+    import torch.nn.functional as F
+
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
 def cmd_embed(args) -> None:
     import torch
 
@@ -388,18 +431,18 @@ def cmd_embed(args) -> None:
     device = _device(args.device)
     pt = load_pretrained(args.model, device)
     out = {}
-    with torch.no_grad():
+    with torch.no_grad(), _precision(args, device).autocast(device):
         if args.image:
             images = _load_images(args.image, pt.preprocess)
             out["image_embeds"] = torch.cat(
                 [
-                    pt.model.encode_image(images[i : i + args.batch_size].to(device), normalize=True).cpu()
+                    _unit(pt.model.encode_image(images[i : i + args.batch_size].to(device)))
                     for i in range(0, len(images), args.batch_size)
                 ]
             )
         if args.text:
             tokens = _require_tokenizer(pt, args.model)(args.text)
-            out["text_embeds"] = pt.model.encode_text(tokens.to(device), normalize=True).cpu()
+            out["text_embeds"] = _unit(pt.model.encode_text(tokens.to(device)))
     if args.output:
         if args.output.endswith(".npy"):
             import numpy as np
@@ -427,16 +470,41 @@ def cmd_classify(args) -> None:
 
     device = _device(args.device)
     pt = load_pretrained(args.model, device)
+    precision = _precision(args, device)
+    tokenizer = _require_tokenizer(pt, args.model)
     with torch.no_grad():
         clf = build_zeroshot_classifier(
-            pt.model, _require_tokenizer(pt, args.model), args.labels, load_templates(args.templates)
-        )
-        feats = pt.model.encode_image(_load_images([args.image], pt.preprocess).to(device), normalize=True)
-        scale, bias = pt.model.scale_and_bias()
-        logits = scale * feats @ clf.to(device)  # (1, C)
+            pt.model,
+            tokenizer,
+            args.labels,
+            load_templates(args.templates),
+            device=device,
+            bf16=precision.bf16,
+        )  # (D, C) on the CPU
+        with precision.autocast(device):
+            image = _load_images([args.image], pt.preprocess).to(device)
+            feats = _unit(pt.model.encode_image(image))  # (1, D)
+        scale, bias = (v.float().cpu() if v is not None else None for v in pt.model.scale_and_bias())
+        logits = scale * feats @ clf  # (1, C)
         probs = torch.sigmoid(logits + bias) if bias is not None else logits.softmax(dim=-1)
     for i in probs[0].argsort(descending=True).tolist():
         print(f"{probs[0, i].item():.4f}  {args.labels[i]}")
+
+
+def cmd_env(args) -> None:
+    import torch
+
+    from vlmkit.runtime import cpu_matmul_speeds, describe_machine, resolve_precision
+
+    device = _device(args.device)
+    print(describe_machine())
+    if device.type == "cpu":
+        bf16, fp32 = cpu_matmul_speeds()
+        print(f"matmul: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
+    else:
+        print(f"device: {torch.cuda.get_device_name(device)}")
+    p = resolve_precision("auto", device)
+    print(f"precision auto -> {p.name}: {p.reason}")
 
 
 def cmd_report(args) -> None:
@@ -451,6 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from vlmkit.runtime import configure_threads
+
+    configure_threads()  # intra-op threads = physical cores, unless OMP_NUM_THREADS says otherwise
     try:
         args.func(args)
     except VlmkitError as e:

@@ -12,7 +12,6 @@ preprocesses the images, left-pads the batch and decodes the new tokens. The CLI
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from vlmkit.data.transforms import ImageTransform, load_image
 from vlmkit.errors import ConfigError
 from vlmkit.models.generation import GenerationConfig, trim_stop_strings
 from vlmkit.models.registry import model_family
+from vlmkit.runtime import resolve_precision
 
 CAPTION_PROMPT = "Describe the image."
 
@@ -46,7 +46,7 @@ class VLMPipeline:
     """A generative model with its tokenizer and preprocessing, ready to caption, answer and chat."""
 
     def __init__(
-        self, model, tokenizer, preprocess, device: str | torch.device = "cpu", precision: str = "fp32"
+        self, model, tokenizer, preprocess, device: str | torch.device = "cpu", precision: str = "auto"
     ):
         self.family = model_family(model.cfg)
         if self.family == "clip":
@@ -61,7 +61,8 @@ class VLMPipeline:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.precision = precision
+        # "auto": bf16 autocast only where this device runs bf16 fast (vlmkit.runtime)
+        self.precision = resolve_precision(precision, self.device).name
         cfg = model.cfg
         self.template = cfg.chat_template if self.family == "llava" else "plain"
         self.num_image_tokens = model.num_image_tokens if self.family == "llava" else 0
@@ -101,9 +102,7 @@ class VLMPipeline:
         return GenerationConfig(**{"eos_token_id": self.end_ids, "pad_token_id": pad, **overrides})
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # ---------------------------------------------------------------- generation
     @torch.inference_mode()

@@ -32,7 +32,11 @@ DATA_ARGS = dict(
 
 
 def quickstart(
-    out: str | Path = "runs/quickstart", time_budget: float = 3.9, recipe: str = "clip-tiny", seed: int = 0
+    out: str | Path = "runs/quickstart",
+    time_budget: float = 3.9,
+    recipe: str = "clip-tiny",
+    seed: int = 0,
+    precision: str = "auto",
 ) -> dict:
     """Run the quickstart; returns the headline metrics. Prints a summary and the report's path."""
     from vlmkit.data.synthetic import generate, is_current
@@ -61,11 +65,13 @@ def quickstart(
         out=str(run),
         time_budget=time_budget,
         seed=seed,
+        precision=precision,
         crop_scale=(0.9, 1.0),  # every object is named in the caption: crops must not cut one out
     )
     train(cfg)
     print("[3/4] linear probe on frozen image features")
     from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.runtime import resolve_precision
 
     pt = load_pretrained(run)
     probe = evaluate_linear_probe(
@@ -74,6 +80,7 @@ def quickstart(
         data / "classification" / "train",
         data / "classification" / "val",
         model_name=str(run),
+        bf16=resolve_precision(precision, "cpu").bf16,
     )
     save_results(probe, run / "eval" / "linear_probe.json")
     print("[4/4] writing the report")

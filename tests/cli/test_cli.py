@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vlmkit.cli import build_parser, main
 
@@ -180,6 +181,33 @@ def test_embed_and_classify(trained, shapes_dir, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     probs = [float(line.split()[0]) for line in lines]
     assert len(lines) == 2 and sum(probs) == pytest.approx(1.0, abs=1e-3) and probs[0] >= probs[1]
+
+
+def test_embed_precisions_agree_and_stay_unit_norm(trained, shapes_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    img = next((shapes_dir / "classification" / "val" / "red_circle").iterdir())
+    embs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.safetensors"
+        main(["embed", "--model", str(trained), "--image", str(img), "--text", "a red circle", "--output", str(out),
+              "--precision", precision])  # fmt: skip
+        embs[precision] = load_file(str(out))
+    for key in ("image_embeds", "text_embeds"):
+        fp32, bf16 = embs["fp32"][key], embs["bf16"][key]
+        assert fp32.dtype == bf16.dtype == torch.float32
+        assert bf16.norm(dim=-1).sub(1).abs().max() < 1e-5  # normalised in float32 after bf16 autocast
+        assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.99
+        assert not torch.equal(fp32, bf16)  # bf16 really ran
+
+
+def test_env_prints_machine_and_precision_choice(capsys):
+    from vlmkit.runtime import cpu_info, resolve_precision
+
+    main(["env", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert cpu_info().model in out and "GFLOP/s" in out
+    assert f"precision auto -> {resolve_precision('auto', 'cpu').name}" in out
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,8 @@ def write_pool(root: Path, rows: list[tuple], name: str = "pool.jsonl") -> Path:
 
 
 def run(pool, filters, out=None, **kw):
-    return curate(pool, filters, out, progress=False, **kw)
+    # fp32: scores are compared with float64 references (precision "auto" picks bf16 on some CPUs)
+    return curate(pool, filters, out, progress=False, **{"bf16": False, **kw})
 
 
 def removed_keys(result, step: int) -> list[str]:
@@ -401,12 +402,52 @@ def test_shard_input_to_shards_copies_raw_bytes(tmp_path):
     assert kept[0].meta["extra"] == {"corruption": None}
 
 
+def jpeg_bytes(arr: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("output_format", ["shards", "manifest"])
+def test_no_undecodable_image_is_written_without_image_filters(tmp_path, monkeypatch, output_format):
+    # Only a caption filter runs: nothing else decodes the images, yet the writer must emit none that fail
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 40x40 images pass, the 80x80 "bomb" does not
+    good = [png_bytes(noise_image(0)), jpeg_bytes(noise_image(1))]
+    bad = {
+        "zero-byte": b"",
+        "truncated JPEG": jpeg_bytes(noise_image(2))[:300],
+        "decompression bomb": png_bytes(noise_image(3, size=(80, 80))),
+    }
+    with ShardWriter(tmp_path / "shards", shard_size=10) as w:
+        for n, data in enumerate([good[0], *bad.values(), good[1]]):
+            ext = "jpg" if n in (2, 4) else "png"
+            w.add_success(data, ext, f"caption number {n}", {"source": f"http://x/{n}"})
+    out = tmp_path / "out"
+    result = run(str(tmp_path / "shards"), [CaptionLength(min_words=1)], out, output_format=output_format)
+    step = result.steps[-1]
+    assert step.name == "unreadable_image" and step.unreadable == 3
+    reasons = sorted(r.split(": ")[1].split()[0] for r in step.reasons.values())
+    assert reasons == ["decode_error", "decode_error", "decompression_bomb"]
+    assert result.kept_keys == ["000000", "000004"]
+    removed = [json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()]
+    assert [r["filter"] for r in removed] == ["unreadable_image"] * 3
+    if output_format == "shards":
+        kept = list(iter_samples(str(out)))
+        assert [s.image_bytes for s in kept] == good
+        assert all(s.image().size == (40, 40) for s in kept)  # every sample written decodes
+    else:
+        samples, bad_rows = read_manifest(out / "kept.jsonl")
+        assert not bad_rows and [s.image.read_bytes() for s in samples] == good
+
+
 def test_shard_input_to_manifest_and_manifest_input_to_shards(tmp_path):
     images = write_shards(tmp_path / "shards")
     out = tmp_path / "as_manifest"
-    run(str(tmp_path / "shards"), [DedupCaptions()], out, output_format="manifest")
+    result = run(str(tmp_path / "shards"), [DedupCaptions()], out, output_format="manifest")
     samples, bad = read_manifest(out / "kept.jsonl")
-    assert not bad and len(samples) == 6
+    # the corrupt image (sample 5), which no filter looked at, is removed by the last step, not written
+    assert not bad and len(samples) == 5
+    assert [s.name for s in result.steps] == ["dedup_captions", "unreadable_image"]
     assert samples[3].image == out / "images" / "000010.png" and samples[3].image.read_bytes() == images[3]
     row = json.loads((out / "kept.jsonl").read_text().splitlines()[4])
     assert row == {"image": "images/000011.png", "caption": "caption 4", "key": "000011"} | {

@@ -277,22 +277,84 @@ def test_image_folder_names_from_folders(folder):
 
 
 @pytest.mark.parametrize(
-    "where, text",
+    "where, text, positional",
     [
-        ("root", "tabby cat\ngolden retriever dog\n"),
-        ("parent", "tabby cat\n\ngolden retriever dog\n"),
-        ("given", "golden_retriever\tgolden retriever dog\ncat\ttabby cat\n"),
-        ("given", json.dumps({"cat": "tabby cat", "golden_retriever": "golden retriever dog"})),
+        ("root", "tabby cat\ngolden retriever dog\n", True),
+        ("given", "tabby cat\n\ngolden retriever dog\n", True),
+        ("given", "golden_retriever\tgolden retriever dog\ncat\ttabby cat\n", False),
+        ("given", json.dumps({"cat": "tabby cat", "golden_retriever": "golden retriever dog"}), False),
     ],
 )
-def test_image_folder_classes_file(folder, where, text):
-    target = {"root": folder, "parent": folder.parent, "given": folder.parent / "other"}[where]
+def test_image_folder_classes_file(folder, where, text, positional):
+    target = {"root": folder, "given": folder.parent / "other"}[where]
     target.mkdir(exist_ok=True)
     (target / "classes.txt").write_text(text)
     given = target / "classes.txt" if where == "given" else None
-    paths, labels, names = read_image_folder(folder, classes_file=given)
+    paths, labels, names = read_image_folder(folder, classes_file=given, positional_classes=positional)
     assert names == ["tabby cat", "golden retriever dog"]
     assert labels == [0, 1, 1]
+
+
+def make_class_folders(root, names):
+    for name in names:
+        write_image(root / name / "x.png")
+    return root
+
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.mark.parametrize("order", ["label order", "reversed", "shuffled", "sorted"])
+def test_class_file_of_folder_names_maps_by_name_whatever_its_order(tmp_path, order, caplog):
+    # An ImageNet/CLIP_benchmark-style list gives the folder names in label order, not sorted order; reading
+    # it by position permuted the labels (a 0.98 model reported at 0.09).
+    root = make_class_folders(tmp_path / "digits", DIGITS)
+    lines = {
+        "label order": DIGITS,
+        "reversed": DIGITS[::-1],
+        "shuffled": ["seven", "two", "nine", "zero", "five", "one", "eight", "three", "six", "four"],
+        "sorted": sorted(DIGITS),
+    }[order]
+    (root / "classes.txt").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("INFO", logger="vlmkit.data.manifest"):
+        paths, labels, names = read_image_folder(root)
+    for path, label in zip(paths, labels):
+        assert names[label] == path.parent.name  # each image's class name is its own folder's
+    assert "(by name)" in caplog.text and "eight -> 'eight'" in caplog.text
+    # even when positional order is asked for, a file of folder names maps by name
+    assert read_image_folder(root, positional_classes=True)[2] == names
+
+
+def test_class_file_names_match_folders_ignoring_case_and_underscores(folder):
+    (folder / "classes.txt").write_text("Golden Retriever\ncat\n")
+    assert read_image_folder(folder)[2] == ["cat", "golden retriever"]
+
+
+def test_class_file_with_names_that_are_not_folders_is_refused_unless_positional(tmp_path):
+    root = make_class_folders(tmp_path / "wnids", ["n01440764", "n01443537"])
+    (root / "classes.txt").write_text("tench\ngoldfish\n")
+    with pytest.raises(DataError, match=r"not the class folder names .*--positional-classes"):
+        read_image_folder(root)
+    assert read_image_folder(root, positional_classes=True)[2] == ["tench", "goldfish"]
+
+
+def test_partial_and_mismatched_class_files_are_refused(tmp_path):
+    root = make_class_folders(tmp_path / "digits", DIGITS)
+    (root / "classes.txt").write_text("\n".join(DIGITS[:8]) + "\n")  # partial
+    with pytest.raises(DataError, match=r"lists 8 of the 10 class folders .*'eight' is missing"):
+        read_image_folder(root)
+    (root / "classes.txt").write_text("\n".join(DIGITS[:9] + ["ten"]) + "\n")  # mismatched
+    with pytest.raises(DataError, match=r"classes.txt:10: 'ten' is not a class folder"):
+        read_image_folder(root)
+    (root / "classes.txt").write_text("\n".join(DIGITS + ["two"]) + "\n")  # a name twice
+    with pytest.raises(DataError, match=r"classes.txt:11: 'two' is listed twice \(first on line 3\)"):
+        read_image_folder(root)
+
+
+def test_class_file_outside_the_data_folder_is_never_picked_up(folder):
+    # a classes.txt beside the split folders (data/classes.txt for data/train) belongs to no one split
+    (folder.parent / "classes.txt").write_text("golden retriever\ncat\nbird\n")
+    assert read_image_folder(folder)[2] == ["cat", "golden retriever"]
 
 
 def test_image_folder_errors(folder, tmp_path):
@@ -304,7 +366,7 @@ def test_image_folder_errors(folder, tmp_path):
         read_image_folder(tmp_path / "flat")
     (folder / "classes.txt").write_text("just one name\n")
     with pytest.raises(DataError, match=r"classes.txt has 1 class names but .*train has 2 class folders"):
-        read_image_folder(folder)
+        read_image_folder(folder, positional_classes=True)
     (folder / "classes.txt").write_text("cat\ttabby\ndog\tdog\n")
     with pytest.raises(DataError, match="names folder 'dog'"):
         read_image_folder(folder)

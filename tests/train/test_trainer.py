@@ -227,3 +227,45 @@ def test_grayscale_and_rgba_training_images_work(tmp_path):
 
     summary = train(override(cfg, {"max_steps": 2, "eval_every": 0}))
     assert summary["step"] == 2
+
+
+def test_auto_precision_trains_and_records_its_choice(shapes_dir, tmp_path, caplog):
+    # The default everywhere: bf16 autocast only where this CPU runs it fast. On a CPU that emulates bf16
+    # (100-400x slower than fp32) this must pick fp32, so no run, CI included, waits hours.
+    from vlmkit.runtime import cpu_matmul_speeds, resolve_precision
+
+    cfg = tiny_cfg(shapes_dir, tmp_path / "auto", precision="auto", max_steps=3, save_every=0)
+    with caplog.at_level("INFO", logger="vlmkit"):
+        summary = train(cfg)
+    assert summary["step"] == 3
+    recorded = json.loads((tmp_path / "auto" / "train_config.json").read_text())["precision"]
+    expected = resolve_precision("auto", "cpu")
+    assert recorded == {"name": expected.name, "requested": "auto", "reason": expected.reason}
+    bf16, fp32 = cpu_matmul_speeds()
+    assert recorded["name"] == ("bf16" if bf16 >= 0.5 * fp32 else "fp32")
+    assert "intra-op threads on" in caplog.text
+
+
+def test_busy_machine_is_reported_once_in_log_and_bar(shapes_dir, tmp_path, monkeypatch, caplog):
+    # Another process sharing the cores shows as this process getting little CPU time per wall second;
+    # simulate it with a CPU clock that advances at a tenth of the wall clock.
+    import time as _time
+
+    from vlmkit import runtime
+
+    start = _time.perf_counter()
+    monkeypatch.setattr(runtime.time, "process_time", lambda: (_time.perf_counter() - start) * 0.1)
+    bar_lines = []
+    monkeypatch.setattr("vlmkit.train.loop.tqdm.write", lambda self, s, *a, **k: bar_lines.append(s))
+    cfg = tiny_cfg(shapes_dir, tmp_path / "busy", max_steps=12, save_every=0, time_budget=5.0)
+    import functools
+
+    from vlmkit.runtime import SpeedCheck
+
+    monkeypatch.setattr("vlmkit.train.loop.SpeedCheck", functools.partial(SpeedCheck, min_seconds=0.0))
+    with caplog.at_level("WARNING", logger="vlmkit.train"):
+        train(cfg)
+    warnings = [r.getMessage() for r in caplog.records if "looks busy" in r.getMessage()]
+    assert len(warnings) == 1 and "samples/s" in warnings[0] and "of the CPU time" in warnings[0]
+    assert "The time budget now fits 12 steps" in warnings[0]
+    assert len(bar_lines) == 1 and "looks busy" in bar_lines[0]

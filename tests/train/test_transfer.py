@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vlmkit.config import override
@@ -512,3 +513,22 @@ def test_synthetic_exclusions_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="exclude_colours excludes every one"):
         generate(tmp_path / "b", exclude_colours=["red", "green", "blue", "yellow", "purple", "orange"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_imagefolder_to_manifest_leaves_out_images_that_do_not_decode(shapes_dir, tmp_path, caplog):
+    folder = tmp_path / "folder"
+    shutil.copytree(shapes_dir / "classification" / "val", folder)
+    (folder / "red_circle" / "empty.png").write_bytes(b"")
+    good = next((folder / "blue_star").glob("*.png"))
+    (folder / "blue_star" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    with caplog.at_level("WARNING", logger="vlmkit.data"):
+        path = imagefolder_to_manifest(folder, TEMPLATES, tmp_path / "m.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 30 and not any("empty" in r["image"] or "truncated" in r["image"] for r in rows)
+    samples, bad = read_manifest(path)
+    assert not bad
+    sizes = {Image.open(s.image).convert("RGB").size for s in samples}  # every row decodes
+    assert sizes == {Image.open(good).size}
+    assert (
+        "2 images left out" in caplog.text and "empty.png" in caplog.text and "truncated.png" in caplog.text
+    )

@@ -251,7 +251,12 @@ def _image_info(img: Image.Image) -> ImageInfo:
 
 
 def _resolve_bf16(device: torch.device, bf16: bool | None) -> bool:
-    return device.type == "cuda" if bf16 is None else bf16
+    """None: bf16 autocast where this device runs it fast (vlmkit.runtime), else fp32."""
+    if bf16 is not None:
+        return bf16
+    from vlmkit.runtime import resolve_precision
+
+    return resolve_precision("auto", device).bf16
 
 
 class Embedder:
@@ -1036,10 +1041,10 @@ def curate(
         )
         survivors = list(range(len(pool)))
         steps = []
-        # Shards record each image's size, so writing them decodes every kept image: the ones that
-        # fail are removed by a last step rather than silently missing from the shards.
-        check = [_ReadableImages()] if output_format == "shards" and pool.kind == "manifest" else []
-        for f in [*filters, *check]:
+        # Every sample the output holds must decode, whatever the filters looked at: a last step decodes
+        # the kept images (filters that decoded them already leave nothing to do) and removes the ones
+        # that fail, with their reason, rather than passing them on as successes.
+        for f in [*filters, _ReadableImages()]:
             outcome = f.apply(ctx, survivors)
             removed = [i for i in survivors if i in outcome.removed]
             if isinstance(f, _ReadableImages) and not removed:

@@ -215,7 +215,7 @@ def _list_images(root: Path) -> list[Path]:
 
 
 def read_image_folder_input(
-    root: str | os.PathLike, classes_file: str | os.PathLike | None = None
+    root: str | os.PathLike, classes_file: str | os.PathLike | None = None, positional_classes: bool = False
 ) -> ImageFolderInput:
     """List an image folder (recursively, sorted). When any image has a sidecar `.txt` of the same stem,
     every image needs one (those without are failures "missing_caption"); otherwise the folder must be an
@@ -239,7 +239,7 @@ def read_image_folder_input(
             f"{root} has images but no caption files; put a caption in a .txt file of the same name "
             "beside each image (cat.jpg + cat.txt), or sort the images into class subfolders"
         )
-    paths, labels, names = read_image_folder(root, classes_file)
+    paths, labels, names = read_image_folder(root, classes_file, positional_classes)
     log.info("%s: no sidecar .txt captions; captions are the class names of %d subfolders", root, len(names))
     items = [
         (str(p), None, names[label], {"label": label, "class_name": names[label]})
@@ -596,6 +596,7 @@ def open_input(
     text_column: str | None = None,
     split: str = "train",
     classes_file: str | os.PathLike | None = None,
+    positional_classes: bool = False,
 ) -> InputSource:
     """Open any supported input by what `path` is: a manifest file (.jsonl/.json/.csv/.tsv), a .parquet
     file, a `save_to_disk` folder, a folder of .parquet files, or an image folder."""
@@ -623,4 +624,4 @@ def open_input(
         return read_hf_dataset(p, split, image_column, text_column)
     if any(p.glob("*.parquet")):
         return read_parquet_input(p, image_column, text_column)
-    return read_image_folder_input(p, classes_file)
+    return read_image_folder_input(p, classes_file, positional_classes)

@@ -28,6 +28,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 MANIFEST_DELIMITERS = {".jsonl": None, ".json": None, ".csv": ",", ".tsv": "\t"}  # None: JSON lines
 CLASSES_FILE = "classes.txt"
+_log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("image", "caption")
 
 
@@ -281,50 +282,119 @@ class ImageTextDataset(torch.utils.data.Dataset):
 # ImageFolder
 
 
-def _read_class_names(path: Path, root: Path, folders: list[str]) -> list[str]:
-    """Class names in `folders` order from a classes file (names per line, folder<TAB>name, or JSON)."""
+def _name_key(name: str) -> str:
+    """How a class-file line is compared with a folder name: case, underscores, hyphens and spaces ignored."""
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def _folder_display_name(folder: str) -> str:
+    return folder.replace("_", " ")
+
+
+def _read_class_names(path: Path, root: Path, folders: list[str], positional: bool) -> tuple[list[str], str]:
+    """Class names in `folders` order from a classes file, and how they were matched ("by name", "by
+    folder<TAB>name", "by JSON", "positional").
+
+    A plain list of names is matched to the folders by name whenever its lines are the folder names (in any
+    order, as ImageNet-style class lists that give label order are written): the order of the file then
+    does not matter. A list whose lines are not folder names is used in sorted-folder order only when
+    `positional` says so; guessing that order would silently permute the labels.
+    """
     text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("{"):
         try:
             mapping = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not all(isinstance(v, str) for v in mapping.values()):
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
             raise DataError(f'{path}: expected a JSON object {{"folder": "class name", ...}}')
+        how = "by JSON"
     else:
         lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
         if not any("\t" in line for _, line in lines):
-            if len(lines) != len(folders):
-                raise DataError(
-                    f"{path} has {len(lines)} class names but {root} has {len(folders)} class folders; "
-                    "write one name per folder, in sorted folder order"
-                )
-            return [line for _, line in lines]
+            return _match_plain_names(path, root, folders, lines, positional)
         mapping = {}
         for n, line in lines:
             folder, sep, name = line.partition("\t")
             if not sep or not name.strip():
                 raise DataError(f"{path}:{n}: expected 'folder<TAB>class name'")
             mapping[folder.strip()] = name.strip()
+        how = "by folder<TAB>name"
     unknown = sorted(set(mapping) - set(folders))
     if unknown:
         raise DataError(f"{path} names folder {unknown[0]!r}, which is not a class folder of {root}")
     missing = [f for f in folders if f not in mapping]
     if missing:
         raise DataError(f"{path} gives no name for class folder {missing[0]!r}")
-    return [mapping[f] for f in folders]
+    return [mapping[f] for f in folders], how
+
+
+def _match_plain_names(
+    path: Path, root: Path, folders: list[str], lines: list[tuple[int, str]], positional: bool
+) -> tuple[list[str], str]:
+    by_key = {_name_key(f): f for f in folders}
+    seen: dict[str, int] = {}
+    matched = []
+    for n, line in lines:
+        key = _name_key(line)
+        if key in seen:
+            raise DataError(f"{path}:{n}: {line!r} is listed twice (first on line {seen[key]})")
+        seen[key] = n
+        if key in by_key:
+            matched.append(by_key[key])
+    if len(matched) == len(lines) == len(folders):
+        # Every line is a folder name: map by name, whatever the order (the labels follow the folders).
+        return [_folder_display_name(f) for f in folders], "by name"
+    if matched and not positional:
+        for n, line in lines:
+            if _name_key(line) not in by_key:
+                raise DataError(
+                    f"{path}:{n}: {line!r} is not a class folder of {root}, though other lines are; list "
+                    "every folder name once, or write 'folder<TAB>class name' lines"
+                )
+        missing = next(f for f in folders if f not in matched)
+        raise DataError(
+            f"{path} lists {len(matched)} of the {len(folders)} class folders of {root}; {missing!r} is missing"
+        )
+    if not positional:
+        raise DataError(
+            f"{path}: its lines are not the class folder names of {root} (line 1 {lines[0][1]!r}, first folder "
+            f"{folders[0]!r}), so which name belongs to which folder is unknown. If they are class names in "
+            "sorted-folder order, say so (--positional-classes); else write 'folder<TAB>class name' lines"
+        )
+    if len(lines) != len(folders):
+        raise DataError(
+            f"{path} has {len(lines)} class names but {root} has {len(folders)} class folders; "
+            "write one name per folder, in sorted folder order"
+        )
+    return [line for _, line in lines], "positional (sorted folder order, as asked)"
+
+
+def add_classes_args(p) -> None:
+    """The `--classes` and `--positional-classes` options of every command that reads an ImageFolder."""
+    p.add_argument(
+        "--classes",
+        help="class names file: folder<TAB>name lines, a JSON {folder: name}, or one name per line (folder "
+        "names in any order; default: classes.txt inside the image folder, else the folder names)",
+    )
+    p.add_argument(
+        "--positional-classes",
+        action="store_true",
+        help="the classes file lists names that are not the folder names, in sorted-folder order",
+    )
 
 
 def read_image_folder(
-    root: str | os.PathLike, classes_file: str | os.PathLike | None = None
+    root: str | os.PathLike, classes_file: str | os.PathLike | None = None, positional_classes: bool = False
 ) -> tuple[list[Path], list[int], list[str]]:
     """List an ImageFolder tree: `root/<class folder>/**/<image>`.
 
     Returns (image paths, labels, class names); labels index the sorted class folders. Names come from
-    `classes_file`, else `classes.txt` in root or in root's parent, else the folder names with
-    underscores as spaces. A classes file holds one name per line in sorted-folder order, or
-    `folder<TAB>name` lines, or a JSON object `{folder: name}`. Files without an image extension and
-    hidden files are ignored.
+    `classes_file`, else from `classes.txt` inside root (never from anywhere else), else from the folder
+    names with underscores as spaces. A classes file holds `folder<TAB>name` lines, a JSON object
+    `{folder: name}`, or one name per line: folder names in any order (matched by name), or other names
+    in sorted-folder order, which is accepted only with `positional_classes=True`. Which name went to which
+    folder is logged. Files without an image extension and hidden files are ignored.
     """
     root = Path(root)
     if not root.is_dir():
@@ -337,12 +407,15 @@ def read_image_folder(
         if not classes_path.is_file():
             raise DataError(f"classes file not found: {classes_path}")
     else:
-        found = [p for p in (root / CLASSES_FILE, root.parent / CLASSES_FILE) if p.is_file()]
-        classes_path = found[0] if found else None
+        classes_path = root / CLASSES_FILE if (root / CLASSES_FILE).is_file() else None
     if classes_path is not None:
-        names = _read_class_names(classes_path, root, folders)
+        names, how = _read_class_names(classes_path, root, folders, positional_classes)
+        source = f"{classes_path} ({how})"
     else:
-        names = [f.replace("_", " ") for f in folders]
+        names, source = [_folder_display_name(f) for f in folders], "the folder names"
+    shown = ", ".join(f"{f} -> {n!r}" for f, n in zip(folders[:8], names[:8]))
+    more = f", ... ({len(folders) - 8} more)" if len(folders) > 8 else ""
+    _log.info("%s: %d classes named from %s: %s%s", root, len(folders), source, shown, more)
 
     paths, labels = [], []
     for label, folder in enumerate(folders):

@@ -37,6 +37,7 @@ from PIL import Image, ImageColor
 from tqdm import tqdm
 
 from vlmkit.data.ingest import Chunk, InputRecord, InputSource, open_input
+from vlmkit.data.manifest import add_classes_args
 from vlmkit.data.shards import SKIP_REASONS
 from vlmkit.data.transforms import DecodeFailure, center_crop_box, decode
 from vlmkit.errors import ConfigError, DataError
@@ -532,6 +533,7 @@ def write_shards(
     text_column: str | None = None,
     split: str = "train",
     classes_file: str | os.PathLike | None = None,
+    positional_classes: bool = False,
     max_image_pixels: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -557,7 +559,12 @@ def write_shards(
         input
         if isinstance(input, InputSource)
         else open_input(
-            input, image_column=image_column, text_column=text_column, split=split, classes_file=classes_file
+            input,
+            image_column=image_column,
+            text_column=text_column,
+            split=split,
+            classes_file=classes_file,
+            positional_classes=positional_classes,
         )
     )
     n = len(source)
@@ -699,7 +706,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image-column", help="parquet / dataset column holding the image (default: detected)")
     p.add_argument("--text-column", help="parquet / dataset column holding the caption (default: detected)")
     p.add_argument("--split", default="train", help="split of a saved DatasetDict (default train)")
-    p.add_argument("--classes", help="class names file for an ImageFolder input (default classes.txt)")
+    add_classes_args(p)
     p.add_argument(
         "--max-image-pixels",
         type=int,
@@ -729,6 +736,7 @@ def cmd_shard(args: argparse.Namespace) -> dict:
         text_column=args.text_column,
         split=args.split,
         classes_file=args.classes,
+        positional_classes=args.positional_classes,
         max_image_pixels=args.max_image_pixels,
         overwrite=args.overwrite,
         progress=not args.no_progress,

@@ -99,13 +99,15 @@ def evaluate_linear_probe(
     dataset_name: str | None = None,
     bf16: bool = False,
     num_workers: int = 0,
+    positional_classes: bool = False,
 ) -> dict:
     """Linear probe of `model`'s image features on two class-per-folder sets with the same classes.
 
     `model` must already be on `device`. Returns a CLIP_benchmark-style result (task "linear_probe").
     """
-    train_paths, train_labels, classnames = read_image_folder(train_root, classes_file=classes_file)
-    val_paths, val_labels, val_classnames = read_image_folder(val_root, classes_file=classes_file)
+    named = dict(classes_file=classes_file, positional_classes=positional_classes)
+    train_paths, train_labels, classnames = read_image_folder(train_root, **named)
+    val_paths, val_labels, val_classnames = read_image_folder(val_root, **named)
     if list(classnames) != list(val_classnames):
         # checked before encoding: a mismatch found after an hour of feature extraction helps nobody
         only_train = sorted(set(classnames) - set(val_classnames))

@@ -96,14 +96,18 @@ def evaluate_zeroshot(
     out_dir: str | Path | None = None,
     bf16: bool = False,
     num_workers: int = 0,
+    positional_classes: bool = False,
 ) -> dict:
     """Zero-shot classification of a class-per-folder dataset; returns a CLIP_benchmark-style result.
 
     `templates` are templates or template files (see `load_templates`; None = defaults). `model` must
     already be on `device`. With `out_dir`, also writes confusion_matrix.png and zeroshot_examples.png.
+    Class names: see `read_image_folder` (`classes_file`, `positional_classes`).
     """
     templates = load_templates(templates)
-    paths, labels, classnames = read_image_folder(data_root, classes_file=classes_file)
+    paths, labels, classnames = read_image_folder(
+        data_root, classes_file=classes_file, positional_classes=positional_classes
+    )
     transform = ImageTransform(preprocess_cfg, train=False)
     data = encode_labelled_images(
         model, paths, labels, classnames, transform, batch_size, device, bf16, num_workers

@@ -13,6 +13,7 @@ A vlmkit model folder (a finished training run, or any checkpoint inside one) ho
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,13 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         preprocess = PreprocessConfig.from_dict(load_json(path / PREPROCESS))
     else:
         preprocess = PreprocessConfig(image_size=cfg.vision.image_size)
+        logging.getLogger("vlmkit").warning(
+            "%s has no %s: images are resized to %d px and normalised with CLIP's mean and std; if the model "
+            "was trained otherwise its results will be off (save_pretrained writes the file)",
+            path,
+            PREPROCESS,
+            preprocess.image_size,
+        )
     return Pretrained(model, tokenizer, preprocess, meta.get("model_name") or path.name)
 
 

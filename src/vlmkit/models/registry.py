@@ -22,7 +22,9 @@ from vlmkit.models.vit import VisionConfig
 
 # size -> (image_size, patch, vision width/layers/heads, text width/layers/heads, embed_dim, context_length)
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(image=64, patch=8, v=(192, 3, 3), t=(192, 2, 3), embed=192, ctx=32),
+    # tiny: 128 wide, so that the quickstart learns its 30 classes in minutes in fp32 on any CPU (192 wide
+    # needed native bf16 for that; at 128 fp32 trains 1.6x the pairs per second and learns as much per step)
+    "tiny": dict(image=64, patch=8, v=(128, 3, 2), t=(128, 2, 2), embed=128, ctx=32),
     "small": dict(image=96, patch=8, v=(384, 8, 6), t=(384, 6, 6), embed=384, ctx=48),
     "B-32": dict(image=224, patch=32, v=(768, 12, 12), t=(512, 12, 8), embed=512, ctx=77),
     "B-16": dict(image=224, patch=16, v=(768, 12, 12), t=(512, 12, 8), embed=512, ctx=77),

@@ -335,7 +335,7 @@ class GenerativeTrainer(Trainer):
         from vlmkit.pipeline import VLMPipeline
 
         return VLMPipeline(
-            self.model, self.tokenizer, self.preprocess, self.device, precision=self.cfg.precision
+            self.model, self.tokenizer, self.preprocess, self.device, precision=self.precision.name
         )
 
     @torch.no_grad()

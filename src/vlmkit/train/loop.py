@@ -51,6 +51,7 @@ from vlmkit.models.clip import CLIP
 from vlmkit.models.pretrained import save_pretrained
 from vlmkit.models.registry import get_model_config
 from vlmkit.nn.lora import DEFAULT_TARGETS, has_lora, merged_copy
+from vlmkit.runtime import SpeedCheck, check_precision, configure_threads, cpu_info, resolve_precision
 from vlmkit.train import distributed as dist
 from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vlmkit.train.optim import WarmupCosine, create_optimizer, create_scheduler
@@ -82,7 +83,8 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 50
     grad_clip: float | None = 1.0
-    precision: str = "bf16"  # "bf16" (autocast, fp32 weights) or "fp32"
+    precision: str = "auto"  # "auto" (bf16 where this device runs it fast, else fp32), "bf16" (autocast,
+    # fp32 weights) or "fp32"; see vlmkit.runtime
     time_budget: float | None = None  # minutes of training; the schedule is fitted to the budget
     crop_scale: tuple[float, float] = (0.5, 1.0)
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -114,8 +116,7 @@ class TrainConfig:
     lora_also_train: list[str] = field(default_factory=list)  # with LoRA: regexes of params that train too
 
     def __post_init__(self):
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
+        check_precision(self.precision)
         if self.batch_size < 2:
             raise ConfigError("batch_size must be at least 2: contrastive losses need negatives")
         if self.grad_accum < 1:
@@ -189,6 +190,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
             _setup_file_log(self.out / "train.log")
+        self.threads = configure_threads() if self.device.type == "cpu" else torch.get_num_threads()
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if world > 1:  # a measured choice could differ between processes; all follow rank 0
+            self.precision = dist.broadcast_object(self.precision)
+        if dist.is_main() and self.device.type == "cpu":
+            log.info("%d intra-op threads on %s", self.threads, cpu_info().describe())
         self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
         if cfg.resume and self.resume_from is None and dist.is_main():
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.out / "checkpoints")
@@ -400,6 +407,7 @@ class Trainer:
             "train": to_dict(self.cfg),
             "model": to_dict(self.model_cfg),
             "preprocess": self.preprocess.to_dict(),
+            "precision": self.precision.to_dict(),
         }
 
     def _build_tokenizer(self) -> Tokenizer:
@@ -634,7 +642,7 @@ class Trainer:
                     self.val["zs_classnames"],
                     self.val["zs_templates"],
                     device=self.device,
-                    bf16=self.cfg.precision == "bf16",
+                    bf16=self.precision.bf16,
                 )
                 feats = _encode(model.encode_image, self.val["zs_images"], self.device)
                 pred = (feats @ clf.to(feats.dtype)).argmax(dim=1)  # both on the CPU
@@ -644,7 +652,7 @@ class Trainer:
         return metrics
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return self.precision.autocast(self.device)
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -660,6 +668,7 @@ class Trainer:
         )
         step_times: list[float] = []
         last_saved = self.step
+        speed = SpeedCheck(self.threads, peak_gflops=self.precision.peak_gflops)
         try:
             self._train_mode()
             while self.step < self.total_steps and not self.stop_requested:
@@ -667,12 +676,20 @@ class Trainer:
                 loader = iter(self._batches(epoch, start))
                 for _ in range(start, self.steps_per_epoch):
                     t_step = time.perf_counter()
-                    loss = self._train_step(loader)
+                    with self._count_flops(speed, first=not step_times):
+                        loss = self._train_step(loader)
                     self.step += 1
                     step_times.append(time.perf_counter() - t_step)
                     lr = self.scheduler.get_last_lr()[0]
                     pairs_s = cfg.batch_size / step_times[-1]
                     self._maybe_fit_budget(step_times)
+                    busy = speed.update(len(step_times), step_times[-1], cfg.batch_size)
+                    if busy and main:
+                        if cfg.time_budget:
+                            busy += f" The time budget now fits {self.total_steps} steps."
+                        log.warning(busy)
+                        bar.write(f"warning: {busy}")
+                        bar.set_description("train (machine busy, see above)")
                     if main:
                         bar.total = self.total_steps
                         bar.set_postfix(
@@ -717,6 +734,23 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return self.finish()
+
+    def _count_flops(self, speed: SpeedCheck, first: bool) -> contextlib.AbstractContextManager:
+        """Counts the first step's matmul FLOPs (forward and backward) for the busy-machine check. Not under
+        torch.compile (the first step compiles) and not on GPUs (the check is about shared CPU cores)."""
+        if not first or self.cfg.compile or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+
+        @contextlib.contextmanager
+        def counting():
+            with counter:
+                yield
+            speed.flops_per_step = counter.get_total_flops()
+
+        return counting()
 
     def _train_step(self, loader) -> float:
         cfg, total = self.cfg, 0.0
@@ -855,7 +889,7 @@ class Trainer:
         cfg, ev = self.cfg, self.out / "eval"
         ev.mkdir(exist_ok=True)
         self.model.eval()
-        common = dict(device=self.device, model_name=str(self.out))
+        common = dict(device=self.device, model_name=str(self.out), bf16=self.precision.bf16)
         if cfg.val_data:
             r = evaluate_retrieval(
                 self.model, self.tokenizer, self.preprocess, cfg.val_data, out_dir=ev, **common

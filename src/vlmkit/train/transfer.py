@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import atomic_write_text, to_dict
+from vlmkit.data.manifest import add_classes_args
 from vlmkit.errors import ConfigError, DataError, VlmkitError
 from vlmkit.nn.lora import (
     DEFAULT_TARGETS,
@@ -419,25 +420,41 @@ def imagefolder_to_manifest(
     templates: list[str] | None,
     out_path: str | os.PathLike,
     classes_file: str | os.PathLike | None = None,
+    positional_classes: bool = False,
 ) -> Path:
     """Write a JSONL manifest with one row per image of an ImageFolder: {"image", "caption", "label", "class"}.
 
     The caption is a template (templates or template files, see `load_templates`; None = the defaults)
     filled with the class name; which template is a function of the image's path inside `folder`, so the
-    manifest is the same on every run. Image paths are relative to the manifest's folder. Returns the path.
+    manifest is the same on every run. Image paths are relative to the manifest's folder. Every image is
+    decoded first: one that fails is left out, and logged with its reason. Returns the path.
     """
+    import logging
+    from collections import Counter
+
     from vlmkit.data.manifest import read_image_folder
+    from vlmkit.data.transforms import ImageDecodeError, load_image
     from vlmkit.eval.templates import load_templates
+
+    log = logging.getLogger("vlmkit.data")
 
     templates = load_templates(templates)
     root = Path(folder)
-    paths, labels, classnames = read_image_folder(root, classes_file=classes_file)
+    paths, labels, classnames = read_image_folder(
+        root, classes_file=classes_file, positional_classes=positional_classes
+    )
     if not paths:
         raise DataError(f"{root} has class folders but no images in them")
     out_path = Path(out_path)
     base = out_path.parent.resolve()
-    lines = []
+    lines, skipped = [], Counter()
     for path, label in zip(paths, labels):
+        try:
+            load_image(path)
+        except ImageDecodeError as e:
+            log.warning("skipped %s", e)
+            skipped[e.reason.split(":")[0].split(" (")[0]] += 1
+            continue
         key = path.relative_to(root).as_posix()
         template = templates[zlib.crc32(key.encode()) % len(templates)]
         row = {
@@ -447,6 +464,11 @@ def imagefolder_to_manifest(
             "class": classnames[label],
         }
         lines.append(json.dumps(row))
+    if skipped:
+        log.warning("%s: %d images left out of %s (they do not decode): %s", root, sum(skipped.values()),
+                    out_path, dict(skipped))  # fmt: skip
+    if not lines:
+        raise DataError(f"{root}: none of its {len(paths)} images decodes")
     atomic_write_text(out_path, "\n".join(lines) + "\n")
     return out_path
 
@@ -465,12 +487,18 @@ def register_manifest_cli(subparsers) -> None:
         help="caption template with {} for the class name, or a file of them (repeatable; default: the "
         "zero-shot defaults)",
     )
-    p.add_argument("--classes", help="class names file (default: classes.txt in --data, else folder names)")
+    add_classes_args(p)
     p.set_defaults(func=_cmd_manifest_from_folder)
 
 
 def _cmd_manifest_from_folder(args) -> None:
-    path = imagefolder_to_manifest(args.data, args.template, args.out, classes_file=args.classes)
+    path = imagefolder_to_manifest(
+        args.data,
+        args.template,
+        args.out,
+        classes_file=args.classes,
+        positional_classes=args.positional_classes,
+    )
     with open(path, encoding="utf-8") as f:
         n = sum(1 for _ in f)
     print(f"wrote {n} rows to {path}")
