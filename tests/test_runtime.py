@@ -165,3 +165,10 @@ def test_speed_check_cpu_share_alone_suffices_for_small_models():
     clock2 = FakeClock()
     check2 = SpeedCheck(threads=2, flops_per_step=1e6, peak_gflops=120, cpu_time=clock2)
     assert run_check(check2, clock2, step_s=0.5, cpu_per_step=0.3) is not None  # 30% share
+
+
+def test_speed_check_expects_less_cpu_with_dataloader_workers():
+    clock = FakeClock()
+    check = SpeedCheck(threads=2, workers=2, flops_per_step=1e6, peak_gflops=120, cpu_time=clock)
+    # 40% of two threads' time: what two workers on the same two cores leave this process, not contention
+    assert run_check(check, clock, step_s=0.5, cpu_per_step=0.4) is None

@@ -33,6 +33,8 @@ from vlmkit.errors import VlmkitError
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    from vlmkit.runtime import add_precision_arg
+
     p.add_argument(
         "--model",
         required=True,
@@ -40,16 +42,12 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16"),
-        help="bf16 autocast or fp32; auto (default): bf16 only where this device runs it fast",
-    )
+    add_precision_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from vlmkit.data.manifest import add_classes_args
+    from vlmkit.runtime import add_precision_arg
 
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="Vision-language models: train, evaluate, embed."
@@ -62,12 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=3.9, help="minutes of training (default 3.9)")
     p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16"),
-        help="auto (default): bf16 autocast only where this machine runs it fast, else fp32",
-    )
+    add_precision_arg(p)
     p.set_defaults(func=cmd_quickstart)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(
@@ -110,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
     p.add_argument("--top-fraction", type=float, default=0.6, help="model-score filter: fraction kept")
     p.add_argument("--seed", type=int, default=0)
+    add_precision_arg(p)
     p.set_defaults(func=cmd_curation_demo)
 
     p = sub.add_parser(
@@ -250,7 +244,14 @@ def cmd_quickstart(args) -> None:
 def cmd_curation_demo(args) -> None:
     from vlmkit.curation_demo import curation_demo
 
-    curation_demo(args.out, args.time_budget, args.recipe, args.seed, top_fraction=args.top_fraction)
+    curation_demo(
+        args.out,
+        args.time_budget,
+        args.recipe,
+        args.seed,
+        top_fraction=args.top_fraction,
+        precision=args.precision,
+    )
 
 
 def cmd_data_synth(args) -> None:

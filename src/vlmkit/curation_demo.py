@@ -73,15 +73,19 @@ def curation_demo(
     data_args: dict | None = None,
     recipe_overrides: dict | None = None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Run the comparison; returns {"noisy": {...}, "curated": {...}, "curation": {...}, "minutes": m}.
 
     `data_args` and `recipe_overrides` exist for tests (a smaller pool, a tinier model).
     """
+    import torch
+
     from vlmkit.data.curation import DedupImages, ImageSize, ModelScore, curate, load_pool
     from vlmkit.data.shard_writer import write_shards
     from vlmkit.data.synthetic import generate, is_current
     from vlmkit.recipes import get_recipe
+    from vlmkit.runtime import resolve_precision
     from vlmkit.train.loop import train
 
     t0 = time.perf_counter()
@@ -114,6 +118,7 @@ def curation_demo(
             out=str(out / name),
             seed=seed,
             crop_scale=(0.9, 1.0),
+            precision=precision,
             **{**(recipe_overrides or {}), **kwargs},
         )
         summary = train(cfg)
@@ -136,7 +141,8 @@ def curation_demo(
         shutil.rmtree(curated_dir)
     with load_pool(noisy_shards) as pool:
         truth = [s.meta.get("extra", {}).get("corruption") for s in pool.samples]
-        result = curate(pool, filters, curated_dir, progress=progress)
+        bf16 = resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu").bf16
+        result = curate(pool, filters, curated_dir, progress=progress, bf16=bf16)
     kept = set(result.kept_keys)
     kept_truth = [t for s, t in zip(pool.samples, truth) if s.key in kept]
     curation = {

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vlmkit.errors import VlmkitError
+from vlmkit.runtime import add_precision_arg
 
 _MODEL_HELP = "a model folder: a vlmkit CoCa / LLaVA run or checkpoint, or a Hugging Face LLaVA folder"
 
@@ -16,12 +17,7 @@ _MODEL_HELP = "a model folder: a vlmkit CoCa / LLaVA run or checkpoint, or a Hug
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16"),
-        help="bf16 autocast or fp32; auto (default): bf16 only where this device runs it fast",
-    )
+    add_precision_arg(p)
 
 
 def _generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -117,8 +117,12 @@ def cpu_info() -> CPUInfo:
     return CPUInfo(model, frozenset(flags), _physical_cores(cpus), len(cpus))
 
 
-def _best_seconds(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up: kernel selection, JIT, caches
+def _best_seconds(fn: Callable[[], object], reps: int, warmup_s: float = 0.03) -> float:
+    # warm-up (kernel selection, JIT, caches, threads waking, clocks ramping): at least one call and 30 ms
+    t0 = time.perf_counter()
+    fn()
+    while time.perf_counter() - t0 < warmup_s:
+        fn()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -138,11 +142,11 @@ def _matmul_gflops(dtype: torch.dtype, device_type: str, size: int, threads: int
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return 2 * size**3 / _best_seconds(run, reps=3) / 1e9
+    return 2 * size**3 / _best_seconds(run, reps=5) / 1e9
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device | str = "cpu", size: int = 512) -> float:
-    """Measured speed of one square matmul of `dtype` on `device` (best of 3), GFLOP/s; cached per process."""
+    """Measured speed of one square matmul of `dtype` on `device` (best of 5), GFLOP/s; cached per process."""
     return _matmul_gflops(dtype, torch.device(device).type, size, torch.get_num_threads())
 
 
@@ -184,6 +188,16 @@ def _once(level: int, message: str) -> None:
     if message not in _said:
         _said.add(message)
         log.log(level, message)
+
+
+def add_precision_arg(parser) -> None:
+    """The `--precision` option of every command that runs a model."""
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="bf16 autocast or fp32; auto (default): bf16 only where this machine runs it fast",
+    )
 
 
 def check_precision(name: str, where: str = "precision") -> str:
@@ -293,6 +307,7 @@ class SpeedCheck:
 
     threads: int
     flops_per_step: float | None = None  # forward + backward, counted (e.g. by FlopCounterMode)
+    workers: int = 0  # DataLoader worker processes: they share the cores with this process by design
     peak_gflops: float | None = None
     min_steps: int = 4
     min_seconds: float = 2.0
@@ -327,7 +342,9 @@ class SpeedCheck:
         step_s = wall / len(self._walls)
         expected = self.expected_step_s()
         slow = expected is not None and expected >= 0.05 and expected / step_s < self.min_speed_ratio
-        if cpu_share >= self.min_cpu_share and not slow:
+        # each worker process may take its share of the cores: expect proportionally less for this one
+        min_share = self.min_cpu_share * self.threads / (self.threads + self.workers)
+        if cpu_share >= min_share and not slow:
             return None
         have = f"{samples_per_step / step_s:.1f} samples/s"
         if expected is not None:

@@ -92,6 +92,7 @@ def transfer_demo(
     recipe_overrides: dict | None = None,
     finetune: dict | None = None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Run the comparison; returns {"rows": [{"method", "heldout", "seen", "trainable"}], ...}.
 
@@ -138,6 +139,7 @@ def transfer_demo(
             time_budget=time_budget,
             seed=seed,
             crop_scale=(0.9, 1.0),  # every object is named in the caption: crops must not cut one out
+            precision=precision,
             **(recipe_overrides or {}),
         )
     )
@@ -181,6 +183,7 @@ def transfer_demo(
             crop_scale=(0.9, 1.0),
             eval_every=0,
             save_every=0,
+            precision=precision,
             **{**finetune, **overrides},
         )
         t = time.perf_counter()
@@ -234,6 +237,8 @@ def format_table(results: dict) -> str:
 
 def register_transfer_demo_cli(subparsers) -> None:
     """Add `vlmkit transfer-demo`."""
+    from vlmkit.runtime import add_precision_arg
+
     p = subparsers.add_parser(
         "transfer-demo",
         help="pretrain without some classes, then zero-shot vs linear probe vs fine-tune/LiT/LoRA/WiSE-FT on them",
@@ -243,8 +248,11 @@ def register_transfer_demo_cli(subparsers) -> None:
     p.add_argument("--shots", type=int, default=SHOTS, help=f"training images per held-out class ({SHOTS})")
     p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
     p.add_argument("--seed", type=int, default=0)
+    add_precision_arg(p)
     p.set_defaults(func=_cmd_transfer_demo)
 
 
 def _cmd_transfer_demo(args) -> None:
-    transfer_demo(args.out, args.time_budget, args.recipe, args.seed, shots=args.shots)
+    transfer_demo(
+        args.out, args.time_budget, args.recipe, args.seed, shots=args.shots, precision=args.precision
+    )

@@ -13,7 +13,7 @@ from vlmkit.data.vqa import write_tasks
 from vlmkit.errors import ConfigError, NoSupervisedTokensError
 from vlmkit.models.pretrained import load_pretrained
 from vlmkit.pipeline import VLMPipeline
-from vlmkit.recipes import get_recipe, smoke
+from vlmkit.recipes import CLIP_STAGE, get_recipe, smoke
 from vlmkit.train.generative import (
     GenerativeTrainConfig,
     prepare_synthetic,
@@ -144,6 +144,10 @@ def test_stage_configs_chain_and_reject_unknown_keys(shapes):
     assert s3.init_from == s2.out and s3.vision_init_from is None
     assert s3.compile and not s2.compile and not s1.compile  # only the long instruct stage compiles
     assert not any(c.compile for _, c in stage_configs(smoke(cfg)))  # compiling outlasts a smoke run
+    # the clip stage keeps the 192-wide towers the recipe was measured with; a smoke run still shrinks them
+    assert s1.model_overrides == {"vision.stem": "conv", **CLIP_STAGE["model_overrides"]}
+    assert s1.model_overrides["vision.width"] == 192
+    assert stage_configs(smoke(cfg))[0][1].model_overrides["vision.width"] == 64
     assert s2.train_data == f"{shapes}/train_captions.jsonl" and s1.train_data == f"{shapes}/train.jsonl"
     assert str(shapes) in s2.tokenizer_data and "train_chat" in s2.tokenizer_data
     with pytest.raises(ConfigError, match="unknown keys"):

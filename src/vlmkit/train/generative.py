@@ -428,8 +428,11 @@ def stage_configs(cfg: GenerativeTrainConfig) -> list[tuple[str, TrainConfig]]:
         recipe = stage.pop("recipe", None)
         if recipe is not None:  # contrastive pretraining of the vision tower
             shrink = stage.pop("smoke", False)
+            clip = get_recipe(recipe)
+            # the stage's model overrides refine the recipe's (and a smoke run still shrinks the result)
+            clip = replace(clip, model_overrides={**clip.model_overrides, **stage.pop("model_overrides", {})})
+            clip = smoke(clip) if shrink else clip
             fields = {"seed": cfg.seed, "num_workers": cfg.num_workers, "precision": cfg.precision, **stage}
-            clip = smoke(get_recipe(recipe)) if shrink else get_recipe(recipe)
             runs.append((name, override(clip, {**fields, "out": run_out, "resume": cfg.resume})))
             vision = run_out
             continue

@@ -668,7 +668,13 @@ class Trainer:
         )
         step_times: list[float] = []
         last_saved = self.step
-        speed = SpeedCheck(self.threads, peak_gflops=self.precision.peak_gflops)
+        # about CPU cores shared with other processes: not judged on GPUs, where the host CPU mostly waits
+        speed = SpeedCheck(
+            self.threads,
+            peak_gflops=self.precision.peak_gflops,
+            workers=cfg.num_workers,
+            done=self.device.type != "cpu",
+        )
         try:
             self._train_mode()
             while self.step < self.total_steps and not self.stop_requested:
