@@ -152,6 +152,8 @@ def test_stage_configs_chain_and_reject_unknown_keys(shapes):
     assert str(shapes) in s2.tokenizer_data and "train_chat" in s2.tokenizer_data
     with pytest.raises(ConfigError, match="unknown keys"):
         get_recipe("llava-tiny-shapes", stages=[{"name": "a", "learning_rate": 1}])
+    with pytest.raises(ConfigError, match="model_overrides applies to a stage with a recipe"):
+        get_recipe("llava-tiny-shapes", stages=[{"name": "a", "model_overrides": {"decoder.layers": 2}}])
 
 
 def test_cli_caption_chat_and_eval(llava_run, shapes, capsys, tmp_path):

@@ -49,6 +49,7 @@ STAGE_KEYS = (
     "zeroshot_data",
     "zeroshot_templates",
     "smoke",  # with "recipe": shrink that recipe as `vlmkit train --smoke` does
+    "model_overrides",  # with "recipe": refine that recipe's model overrides (dotted keys)
     "time_budget",
     "max_steps",
     "epochs",
@@ -98,6 +99,11 @@ class GenerativeTrainConfig(TrainConfig):
             if unknown:
                 raise ConfigError(
                     f"stages[{i}]: unknown keys {sorted(unknown)}; stage keys are {', '.join(STAGE_KEYS)}"
+                )
+            if "model_overrides" in stage and "recipe" not in stage:
+                raise ConfigError(
+                    f"stages[{i}]: model_overrides applies to a stage with a recipe (the contrastive stage); "
+                    "the generative model's overrides are the config's own model_overrides"
                 )
 
 
