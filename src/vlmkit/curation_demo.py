@@ -79,13 +79,10 @@ def curation_demo(
 
     `data_args` and `recipe_overrides` exist for tests (a smaller pool, a tinier model).
     """
-    import torch
-
     from vlmkit.data.curation import DedupImages, ImageSize, ModelScore, curate, load_pool
     from vlmkit.data.shard_writer import write_shards
     from vlmkit.data.synthetic import generate, is_current
     from vlmkit.recipes import get_recipe
-    from vlmkit.runtime import resolve_precision
     from vlmkit.train.loop import train
 
     t0 = time.perf_counter()
@@ -141,7 +138,7 @@ def curation_demo(
         shutil.rmtree(curated_dir)
     with load_pool(noisy_shards) as pool:
         truth = [s.meta.get("extra", {}).get("corruption") for s in pool.samples]
-        bf16 = resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu").bf16
+        bf16 = None if precision == "auto" else precision == "bf16"  # None: curate decides for its device
         result = curate(pool, filters, curated_dir, progress=progress, bf16=bf16)
     kept = set(result.kept_keys)
     kept_truth = [t for s, t in zip(pool.samples, truth) if s.key in kept]

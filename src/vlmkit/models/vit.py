@@ -29,7 +29,6 @@ class VisionConfig:
     proj: bool = True  # a bias-free linear map to the shared embedding; SigLIP's vision tower has none
     patch_bias: bool = False
     stem: str = "patch"  # "patch" (one linear projection per patch, as CLIP) or "conv" (see ConvStem)
-    stem_channels: int = 0  # conv stem: the first stage's channels, doubling per stage; 0 = width/patch*2
 
     def __post_init__(self):
         if self.pool not in ("cls", "mean", "attn"):
@@ -56,7 +55,7 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         width = cfg.width
         if cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg.patch_size, width, channels=cfg.stem_channels)
+            self.patch_embed = ConvStem(cfg.patch_size, width)
         else:
             self.patch_embed = PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias)
         self.num_prefix_tokens = 1 if cfg.class_token else 0

@@ -38,19 +38,16 @@ class ConvStem(nn.Module):
     Early convolutions give the transformer local edges and corners to start from, which makes it learn
     far faster from little data than a single linear patch projection (Xiao et al., 2021). The patch size
     must be a power of two; each stage halves the resolution and doubles the channels up to `width`.
-    `channels` sets the first stage's channels (default width / patch_size * 2: width/8, width/4, width/2
-    for patch 8); a wider start gives a coarse patch grid (patch 16) enough features to tell shapes apart.
     """
 
-    def __init__(self, patch_size: int, width: int, in_chans: int = 3, channels: int = 0):
+    def __init__(self, patch_size: int, width: int, in_chans: int = 3):
         super().__init__()
         stages = patch_size.bit_length() - 1
         assert 2**stages == patch_size, f"a conv stem needs a power-of-two patch size, not {patch_size}"
         self.patch_size = patch_size
         layers, chans = [], in_chans
         for i in range(stages):
-            default = width // 2 ** (stages - i)  # width/8, width/4, width/2 for patch 8
-            out = min(width, channels * 2**i) if channels else default
+            out = width // 2 ** (stages - i)  # width/8, width/4, width/2 for patch 8
             layers += [
                 nn.Conv2d(chans, out, 3, stride=2, padding=1, bias=False),
                 nn.GroupNorm(1, out),

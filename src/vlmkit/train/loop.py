@@ -741,22 +741,18 @@ class Trainer:
                 signal.signal(s, h)
         return self.finish()
 
-    def _count_flops(self, speed: SpeedCheck, first: bool) -> contextlib.AbstractContextManager:
-        """Counts the first step's matmul FLOPs (forward and backward) for the busy-machine check. Not under
-        torch.compile (the first step compiles) and not on GPUs (the check is about shared CPU cores)."""
-        if not first or self.cfg.compile or self.device.type != "cpu":
-            return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _count_flops(self, speed: SpeedCheck, first: bool):
+        """Counts the first step's matmul FLOPs (forward and backward) for the busy-machine check, when that
+        check runs (CPUs only) and not under torch.compile (the first step compiles)."""
+        if not first or speed.done or self.cfg.compile:
+            yield
+            return
         from torch.utils.flop_counter import FlopCounterMode
 
-        counter = FlopCounterMode(display=False)
-
-        @contextlib.contextmanager
-        def counting():
-            with counter:
-                yield
-            speed.flops_per_step = counter.get_total_flops()
-
-        return counting()
+        with FlopCounterMode(display=False) as counter:
+            yield
+        speed.flops_per_step = counter.get_total_flops()
 
     def _train_step(self, loader) -> float:
         cfg, total = self.cfg, 0.0
