@@ -172,3 +172,13 @@ def test_speed_check_expects_less_cpu_with_dataloader_workers():
     check = SpeedCheck(threads=2, workers=2, flops_per_step=1e6, peak_gflops=120, cpu_time=clock)
     # 40% of two threads' time: what two workers on the same two cores leave this process, not contention
     assert run_check(check, clock, step_s=0.5, cpu_per_step=0.4) is None
+
+
+def test_measuring_leaves_the_global_rng_alone():
+    # a seeded run must initialise the same whether or not this process has measured its matmuls yet
+    runtime._matmul_gflops.cache_clear()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    runtime.cpu_matmul_speeds()
+    assert torch.equal(torch.rand(3), expected)

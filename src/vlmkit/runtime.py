@@ -134,8 +134,11 @@ def _best_seconds(fn: Callable[[], object], reps: int, warmup_s: float = 0.03) -
 @functools.lru_cache(maxsize=8)
 def _matmul_gflops(dtype: torch.dtype, device_type: str, size: int, threads: int) -> float:
     device = torch.device(device_type)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # Own generator: measuring must not move the global RNG, or a seeded run would initialise differently
+    # depending on whether the process had measured before.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device, dtype)
+    b = torch.randn(size, size, generator=g).to(device, dtype)
 
     def run():
         a @ b
