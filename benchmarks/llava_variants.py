@@ -56,7 +56,7 @@ def task_settings(cfg) -> tuple:
 
 
 def run_one(name: str, spec: dict, out: Path, clip: Path | None) -> dict:
-    from vlmkit.train.generative import train_generative
+    from vlmkit.train import train as train_generative
 
     cfg = variant_config(name, spec, out)
     run = Path(cfg.out)
@@ -95,7 +95,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(name, json.loads(spec), out, clip)), flush=True)
         return
     from vlmkit.recipes import get_recipe
-    from vlmkit.train.generative import prepare_synthetic
+    from vlmkit.train.stages import prepare_synthetic
 
     stage_names = {stage["name"] for stage in get_recipe("llava-tiny-shapes").stages}
     configs = []

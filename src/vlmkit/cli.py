@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit.models.hf import register_export_cli
 
     register_export_cli(sub)
+    from vlmkit.demos.transfer import register_transfer_demo_cli
     from vlmkit.train.transfer import register_wise_ft_cli
-    from vlmkit.transfer_demo import register_transfer_demo_cli
 
     register_wise_ft_cli(sub)
     register_transfer_demo_cli(sub)
@@ -232,7 +232,7 @@ def _emit(results: dict, output: str | None) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from vlmkit.quickstart import quickstart
+    from vlmkit.demos.quickstart import quickstart
 
     quickstart(
         out=args.out,
@@ -244,7 +244,7 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_curation_demo(args) -> None:
-    from vlmkit.curation_demo import curation_demo
+    from vlmkit.demos.curation import curation_demo
 
     curation_demo(
         args.out,
@@ -290,7 +290,7 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 def cmd_train(args) -> None:
     from vlmkit.config import override, parse_overrides
     from vlmkit.recipes import get_recipe, list_recipes, smoke
-    from vlmkit.train.loop import train
+    from vlmkit.train import train
 
     if args.list_recipes:
         print("\n".join(list_recipes()))
@@ -317,7 +317,7 @@ def cmd_train(args) -> None:
     overrides.update(transfer_overrides(args))
     overrides.update(parse_overrides(args.set))
     cfg = get_recipe(args.recipe)
-    if getattr(cfg, "stages", None) and (args.train_data or args.val_data):
+    if cfg.synthetic_data and (args.train_data or args.val_data):
         family = cfg.model.split("-")[0]
         raise VlmkitError(
             f"recipe {args.recipe} trains in stages on the built-in data; for your own data use the one-stage "
@@ -326,9 +326,7 @@ def cmd_train(args) -> None:
     if args.smoke:  # shrink first, so that explicit flags still win
         cfg = smoke(cfg)
     cfg = override(cfg, overrides, where="train")
-    from vlmkit.train.generative import GenerativeTrainConfig, train_generative
-
-    summary = train_generative(cfg) if isinstance(cfg, GenerativeTrainConfig) else train(cfg)
+    summary = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
 

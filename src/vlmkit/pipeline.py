@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlmkit.data.chat import IMAGE_TOKEN, get_template, render
+from vlmkit.data.chat import IMAGE_TOKEN, coca_turns, get_template, render
 from vlmkit.data.transforms import ImageTransform, load_image
 from vlmkit.errors import ConfigError
 from vlmkit.models.generation import GenerationConfig, trim_stop_strings
@@ -26,20 +26,6 @@ from vlmkit.models.registry import model_family
 from vlmkit.runtime import resolve_precision
 
 CAPTION_PROMPT = "Describe the image."
-
-
-def coca_turns(conversation: list[dict], is_caption: bool) -> list[dict]:
-    """A conversation as CoCa sees it: no image marker (images come in by cross-attention); a caption is
-    the text alone, `[bos] caption [eos]`, exactly what `encode_text` embeds; a question ends with a line
-    break before its answer."""
-    out = []
-    for turn in conversation:
-        role = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content", ""))
-        if role in ("human", "user"):
-            text = "" if is_caption else text.replace(IMAGE_TOKEN, "").strip() + "\n"
-        out.append({"from": role, "value": text})
-    return out
 
 
 class VLMPipeline:

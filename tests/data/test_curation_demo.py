@@ -2,7 +2,7 @@
 
 import json
 
-from vlmkit.curation_demo import METRICS, curation_demo, format_table
+from vlmkit.demos.curation import METRICS, curation_demo, format_table
 
 TINY_DATA = dict(
     num_train=320, num_val=40, image_size=32, background_noise=0.2,

@@ -14,12 +14,9 @@ from vlmkit.errors import ConfigError, NoSupervisedTokensError
 from vlmkit.models.pretrained import load_pretrained
 from vlmkit.pipeline import VLMPipeline
 from vlmkit.recipes import CLIP_STAGE, get_recipe, smoke
-from vlmkit.train.generative import (
-    GenerativeTrainConfig,
-    prepare_synthetic,
-    stage_configs,
-    train_generative,
-)
+from vlmkit.train import TrainConfig
+from vlmkit.train import train as train_generative
+from vlmkit.train.stages import prepare_synthetic, stage_configs
 
 SYNTH = dict(num_train=48, num_val=8, image_size=32, num_per_class_train=1, num_per_class_val=1)
 
@@ -40,9 +37,7 @@ def llava_run(shapes, tmp_path_factory):
     # equal the CLIP stage's image tower exactly)
     clip, align, instruct = cfg.stages
     stages = [clip, align, {**instruct, "freeze": [r"^vision_tower\."], "lr_scale": {}}]
-    cfg = GenerativeTrainConfig(
-        **{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(out), "stages": stages}
-    )
+    cfg = TrainConfig(**{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(out), "stages": stages})
     summary = train_generative(cfg)
     return out, summary
 
@@ -91,9 +86,27 @@ def test_pipeline_matches_model_generate_on_trained_llava(llava_run, shapes):
 
 def test_coca_recipe_trains_and_answers(shapes, tmp_path):
     cfg = smoke(get_recipe("coca-tiny-shapes"))
-    cfg = GenerativeTrainConfig(**{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(tmp_path)})
+    # 16 rows a batch: enough that some hold two captions or more, which the contrastive loss needs
+    cfg = TrainConfig(
+        **{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(tmp_path), "batch_size": 16}
+    )
     summary = train_generative(cfg)
     assert summary["step"] == 3
+    # both of CoCa's losses are logged by name, and the trained one is their weighted sum
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    c = load_pretrained(tmp_path).model.cfg
+    for r in steps:
+        weighted = (
+            c.caption_loss_weight * r["train/loss/caption"]
+            + c.contrastive_loss_weight * r["train/loss/contrastive"]
+        )
+        assert r["train/loss"] == pytest.approx(weighted, rel=1e-5)
+        assert r["train/loss/caption"] > 1.0  # untrained: far from 0
+    # a batch with fewer than two caption rows has no contrastive loss; with more, an untrained model's is
+    # far from 0
+    assert any(r["train/loss/contrastive"] > 0.1 for r in steps)
     pt = load_pretrained(tmp_path)
     assert type(pt.model).__name__ == "CoCa"
     vlm = VLMPipeline(pt.model, pt.tokenizer, pt.preprocess)
@@ -106,7 +119,7 @@ def test_coca_recipe_trains_and_answers(shapes, tmp_path):
 
 def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_path):
     root = tmp_path / "shapes"
-    cfg = GenerativeTrainConfig(synthetic_data=str(root), synthetic_args=SYNTH, questions_per_image=2)
+    cfg = TrainConfig(synthetic_data=str(root), synthetic_args=SYNTH, questions_per_image=2)
     prepare_synthetic(cfg)  # writes the images and every task file
     images = sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png"))
     before = {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")}
@@ -115,7 +128,7 @@ def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_pat
     assert {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")} == before  # same seed, same files
     assert sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png")) == images  # not redrawn
     # another task setting rewrites the task files (here: more conversations per multi-object scene)
-    more = GenerativeTrainConfig(**{**cfg.__dict__, "multi_object_chats": 2})
+    more = TrainConfig(**{**cfg.__dict__, "multi_object_chats": 2})
     prepare_synthetic(more)
     after = {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")}
     assert {name for name in before if after[name] != before[name]} == {"train_chat.jsonl"}
@@ -126,10 +139,10 @@ def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_pat
 def test_truncated_answers_stop_training_with_a_clear_error(shapes, tmp_path):
     # max_len so short that every answer is cut off: no token is supervised
     cfg = smoke(get_recipe("llava-tiny-shapes"))
-    cfg = GenerativeTrainConfig(
+    cfg = TrainConfig(
         **{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(tmp_path), "stages": [], "max_len": 12}
     )
-    cfg = GenerativeTrainConfig(**{**cfg.__dict__, "train_data": "{data}/train_vqa.jsonl"})
+    cfg = TrainConfig(**{**cfg.__dict__, "train_data": "{data}/train_vqa.jsonl"})
     with pytest.raises(NoSupervisedTokensError, match="template"):
         train_generative(cfg)
 
@@ -138,7 +151,7 @@ def test_stage_configs_chain_and_reject_unknown_keys(shapes):
     cfg = get_recipe("llava-tiny-shapes", synthetic_data=str(shapes), out="runs/x")
     (n1, s1), (n2, s2), (n3, s3) = stage_configs(cfg)
     assert (n1, n2, n3) == ("clip", "align", "instruct")
-    assert not isinstance(s1, GenerativeTrainConfig) and s1.model == "clip-tiny"
+    assert s1.model == "clip-tiny" and s1.stages == []
     assert (s1.out, s2.out, s3.out) == ("runs/x/stage1-clip", "runs/x/stage2-align", "runs/x")
     assert s2.vision_init_from == s1.out and s2.init_from is None
     assert s3.init_from == s2.out and s3.vision_init_from is None

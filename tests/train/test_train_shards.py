@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from vlmkit.config import override
 from vlmkit.recipes import get_recipe, smoke
+from vlmkit.train import train
 from vlmkit.train.checkpoint import list_checkpoints
-from vlmkit.train.loop import train
 
 
 def write_shards(manifest: Path, out: Path, per_shard: int, bad: dict[int, dict] | None = None) -> str:

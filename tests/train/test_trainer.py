@@ -15,8 +15,8 @@ from PIL import Image
 
 from vlmkit.errors import DataError
 from vlmkit.recipes import get_recipe, smoke
+from vlmkit.train import train
 from vlmkit.train.checkpoint import list_checkpoints
-from vlmkit.train.loop import train
 
 
 def tiny_cfg(shapes_dir: Path, out: Path, **kw):
@@ -256,16 +256,63 @@ def test_busy_machine_is_reported_once_in_log_and_bar(shapes_dir, tmp_path, monk
     start = _time.perf_counter()
     monkeypatch.setattr(runtime.time, "process_time", lambda: (_time.perf_counter() - start) * 0.1)
     bar_lines = []
-    monkeypatch.setattr("vlmkit.train.loop.tqdm.write", lambda self, s, *a, **k: bar_lines.append(s))
+    monkeypatch.setattr("vlmkit.train.trainer.tqdm.write", lambda self, s, *a, **k: bar_lines.append(s))
     cfg = tiny_cfg(shapes_dir, tmp_path / "busy", max_steps=12, save_every=0, time_budget=5.0)
     import functools
 
     from vlmkit.runtime import SpeedCheck
 
-    monkeypatch.setattr("vlmkit.train.loop.SpeedCheck", functools.partial(SpeedCheck, min_seconds=0.0))
+    monkeypatch.setattr("vlmkit.train.trainer.SpeedCheck", functools.partial(SpeedCheck, min_seconds=0.0))
     with caplog.at_level("WARNING", logger="vlmkit.train"):
         train(cfg)
     warnings = [r.getMessage() for r in caplog.records if "looks busy" in r.getMessage()]
     assert len(warnings) == 1 and "samples/s" in warnings[0] and "of the CPU time" in warnings[0]
     assert "The time budget now fits 12 steps" in warnings[0]
     assert len(bar_lines) == 1 and "looks busy" in bar_lines[0]
+
+
+def test_flip_recipe_trains_masked_then_unmasked(shapes_dir, tmp_path):
+    """flip-tiny: a masked stage, then an unmasked one that starts from it; every loss is logged by name."""
+    from vlmkit.config import override
+
+    cfg = override(
+        smoke(get_recipe("flip-tiny")), {"train_data": str(shapes_dir / "train.jsonl"), "out": str(tmp_path)}
+    )
+    summary = train(cfg)
+    assert list(summary["stages"]) == ["masked", "unmasked"]
+    masked = json.loads((tmp_path / "stage1-masked" / "config.json").read_text())["model"]
+    final = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert masked["vision"]["patch_dropout"] == 0.5 and final["vision"]["patch_dropout"] == 0.0
+    assert {**masked, "vision": {}} == {**final, "vision": {}}  # nothing else changed
+    # the unmasked stage started from the masked stage's weights and tokenizer, at its own learning rate
+    assert (tmp_path / "tokenizer.json").read_bytes() == (
+        tmp_path / "stage1-masked" / "tokenizer.json"
+    ).read_bytes()
+    run = json.loads((tmp_path / "train_config.json").read_text())["train"]
+    assert run["init_from"] == str(tmp_path / "stage1-masked") and run["lr"] == 2e-4
+    rows = [
+        json.loads(line) for line in (tmp_path / "stage1-masked" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [r for r in rows if "train/loss" in r]
+    assert logged and all(r["train/loss/clip"] == r["train/loss"] for r in logged)
+
+
+def test_init_overrides_that_change_the_weights_are_refused(shapes_dir, tmp_path):
+    from vlmkit.config import override
+    from vlmkit.errors import ConfigError
+
+    base = override(
+        smoke(get_recipe("clip-tiny")), {"train_data": str(shapes_dir / "train.jsonl"), "max_steps": 1}
+    )
+    train(override(base, {"out": str(tmp_path / "a")}))
+    with pytest.raises(ConfigError, match="changes the weights"):
+        train(
+            override(
+                base,
+                {
+                    "out": str(tmp_path / "b"),
+                    "init_from": str(tmp_path / "a"),
+                    "init_overrides": {"vision.layers": 3},
+                },
+            )
+        )

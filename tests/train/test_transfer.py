@@ -21,8 +21,8 @@ from vlmkit.errors import ConfigError, DataError, VlmkitError
 from vlmkit.models import CLIP, create_model
 from vlmkit.models.pretrained import load_pretrained, save_pretrained
 from vlmkit.recipes import get_recipe, smoke
+from vlmkit.train import TrainConfig, Trainer, train
 from vlmkit.train.checkpoint import list_checkpoints
-from vlmkit.train.loop import TrainConfig, Trainer, train
 from vlmkit.train.transfer import (
     LORA_FILE,
     add_transfer_args,
@@ -467,7 +467,7 @@ def test_bad_train_configs_fail_before_training(shapes_dir, source, tmp_path, kw
 
 
 def test_tiny_transfer_demo_prints_the_table(tmp_path, capsys):
-    from vlmkit.transfer_demo import METHODS, format_table, transfer_demo
+    from vlmkit.demos.transfer import METHODS, format_table, transfer_demo
 
     data = dict(num_train=96, num_val=16, image_size=32, background_noise=0.2, num_per_class_val=2)
     data |= dict(object_weights=(5, 3, 1, 1), exclude_shapes=("star", "diamond"))

@@ -256,3 +256,17 @@ def collate_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict
             input_ids[i, T - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[i, T - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def coca_turns(conversation: list[dict], is_caption: bool) -> list[dict]:
+    """A conversation as CoCa sees it: no image marker (images come in by cross-attention); a caption is
+    the text alone, `[bos] caption [eos]`, exactly what `encode_text` embeds; a question ends with a line
+    break before its answer."""
+    out = []
+    for turn in conversation:
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content", ""))
+        if role in ("human", "user"):
+            text = "" if is_caption else text.replace(IMAGE_TOKEN, "").strip() + "\n"
+        out.append({"from": role, "value": text})
+    return out

@@ -48,6 +48,22 @@ MIN_IMAGE_SIZE = 32  # below this the star and the diamond are no longer recogni
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
+# Prompts in the captions' own register: the captions say "a small red circle", "there is ...".
+SHAPES_TEMPLATES = ["a {}.", "there is a {}.", "a picture of a {}.", "one {}.", "an image with a {}."]
+
+# The quickstart's data (and the generative recipes'): half the scenes hold one object, so that colour alone
+# cannot tell a pair from the rest of the batch and a contrastive model has to learn shape too (with uniform
+# 1-4 objects it learns colour and stalls).
+SHAPES_ARGS = dict(
+    num_train=6000,
+    num_val=500,
+    image_size=64,
+    background_noise=0.2,
+    num_per_class_train=20,
+    num_per_class_val=10,
+    object_weights=(5, 3, 1, 1),
+)
+
 _GENERATOR = "vlmkit.data.synthetic"
 _FORMAT_VERSION = 2
 _STREAMS = {"train": 0, "val": 1, "classification/train": 2, "classification/val": 3}

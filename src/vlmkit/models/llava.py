@@ -53,6 +53,10 @@ class LlavaConfig:
         v, d = self.vision, self.decoder
         if v.proj:  # LLaVA reads the tower's hidden states; its projection to a joint embedding has no use
             self.vision = v = dataclasses.replace(v, proj=False)
+        if v.patch_dropout:
+            raise ConfigError(
+                "vision.patch_dropout must be 0 for LLaVA: every image token has a placeholder in the prompt"
+            )
         if self.vision_feature_select not in ("patch", "full"):
             raise ConfigError(
                 f"vision_feature_select must be 'patch' or 'full', not {self.vision_feature_select!r}"

@@ -1,24 +1,29 @@
-"""One table of sizes per kind of model, one `create_model(name, **overrides)`.
+"""One registry of model families, one `create_model(name, **overrides)`.
 
-Names are `<family>-<size>`:
-- dual encoders: families `clip` and `siglip`; sizes `tiny` and `small` for CPU, `B-32`, `B-16`, `L-14`
-  (and `so400m-14` for SigLIP) for GPUs;
-- generative models: families `coca` (dual encoder + captioning decoder) and `llava` (vision tower ->
-  projector -> Llama-style decoder); sizes `tiny` and `small` for CPU, `B-16` for GPUs.
+Names are `<family>-<size>`. Each family is one row of `FAMILIES`: its config class, model class, size table,
+a function from a size row to the config (as a nested dict), and the name of the task that trains it
+(`vlmkit.tasks`). Adding a family is one model file, one row here and, if it trains differently, one task.
+
+- dual encoders: `clip`, `siglip` and `flip` (CLIP trained with half its image patches dropped); sizes
+  `tiny` and `small` for CPU, `B-32`, `B-16`, `L-14` (and `so400m-14`) for GPUs;
+- generative models: `coca` (dual encoder + captioning decoder) and `llava` (vision tower -> projector ->
+  Llama-style decoder); sizes `tiny` and `small` for CPU, `B-16` for GPUs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmkit.config import from_dict, override
+from vlmkit.config import from_dict
 from vlmkit.errors import ConfigError
 from vlmkit.models.clip import CLIP, CLIPConfig
-from vlmkit.models.text import TextConfig
-from vlmkit.models.vit import VisionConfig
+from vlmkit.models.coca import CoCa, CoCaConfig
+from vlmkit.models.llava import Llava, LlavaConfig
 
 # size -> (image_size, patch, vision width/layers/heads, text width/layers/heads, embed_dim, context_length)
 SIZES: dict[str, dict[str, Any]] = {
@@ -39,44 +44,24 @@ GENERATIVE_SIZES: dict[str, dict[str, Any]] = {
     "B-16": dict(image=224, patch=16, v=(768, 12, 12), d=(768, 12, 12), embed=512),
 }
 
-FAMILIES = ("clip", "siglip")
-GENERATIVE_FAMILIES = ("coca", "llava")
+
+def _vision(s: dict, **extra: Any) -> dict[str, Any]:
+    (w, layers, heads) = s["v"]
+    return dict(image_size=s["image"], patch_size=s["patch"], width=w, layers=layers, heads=heads, **extra)
 
 
-def _classes() -> dict[str, tuple[type, type]]:
-    """family -> (config class, model class). Imported on first use: the generative model files import
-    this package's building blocks, so importing them here at module level would be circular."""
-    from vlmkit.models.coca import CoCa, CoCaConfig
-    from vlmkit.models.llava import Llava, LlavaConfig
-
-    return {"clip": (CLIPConfig, CLIP), "coca": (CoCaConfig, CoCa), "llava": (LlavaConfig, Llava)}
+def _clip(s: dict) -> dict[str, Any]:
+    (tw, tl, th) = s["t"]
+    text = dict(context_length=s["ctx"], width=tw, layers=tl, heads=th)
+    return dict(embed_dim=s["embed"], vision=_vision(s), text=text, loss="clip")
 
 
-def config_class(family: str) -> type:
-    """The config dataclass of a family ("clip", "coca", "llava"); ConfigError for others."""
-    if family == "clip":
-        return CLIPConfig
-    classes = _classes()
-    if family not in classes:
-        raise ConfigError(f"unknown model family {family!r}; vlmkit has {', '.join(classes)}")
-    return classes[family][0]
-
-
-def _base_config(family: str, size: str) -> CLIPConfig:
-    s = SIZES[size]
-    (vw, vl, vh), (tw, tl, th) = s["v"], s["t"]
-    vision = VisionConfig(image_size=s["image"], patch_size=s["patch"], width=vw, layers=vl, heads=vh)
-    text = TextConfig(context_length=s["ctx"], width=tw, layers=tl, heads=th)
-    if family == "clip":
-        return CLIPConfig(embed_dim=s["embed"], vision=vision, text=text, loss="clip")
-    # SigLIP: no class token, attention-pooled vision tower without projection, bidirectional text
-    # read at its last token, tanh-GELU, eps 1e-6, and a sigmoid loss with a learnable bias.
-    vision = VisionConfig(
-        image_size=s["image"],
-        patch_size=s["patch"],
-        width=vw,
-        layers=vl,
-        heads=vh,
+def _siglip(s: dict) -> dict[str, Any]:
+    # No class token, an attention-pooled vision tower without projection, bidirectional text read at its
+    # last token, tanh-GELU, eps 1e-6, and a sigmoid loss with a learnable bias.
+    (tw, tl, th) = s["t"]
+    vision = _vision(
+        s,
         act="gelu_tanh",
         norm_eps=1e-6,
         pool="attn",
@@ -85,7 +70,7 @@ def _base_config(family: str, size: str) -> CLIPConfig:
         proj=False,
         patch_bias=True,
     )
-    text = TextConfig(
+    text = dict(
         context_length=s["ctx"],
         width=tw,
         layers=tl,
@@ -96,8 +81,8 @@ def _base_config(family: str, size: str) -> CLIPConfig:
         pool="last",
         proj_bias=True,
     )
-    return CLIPConfig(
-        embed_dim=vw,
+    return dict(
+        embed_dim=s["v"][0],
         vision=vision,
         text=text,
         loss="siglip",
@@ -106,20 +91,45 @@ def _base_config(family: str, size: str) -> CLIPConfig:
     )
 
 
-def _generative_spec(family: str, size: str) -> dict[str, Any]:
-    """A CoCa / LLaVA config as a nested dict. Fields the config derives from others (the decoder's kv_heads,
-    mlp_hidden, encoder_width) stay unset, so that overriding e.g. decoder.width re-derives them."""
-    s = GENERATIVE_SIZES[size]
-    (vw, vl, vh), (dw, dl, dh) = s["v"], s["d"]
-    vision = dict(image_size=s["image"], patch_size=s["patch"], width=vw, layers=vl, heads=vh)
-    if family == "coca":
-        # CoCa: the first half of the decoder encodes text alone (the contrastive text tower), the second
-        # half cross-attends to the image tokens (the captioner).
-        decoder = dict(width=dw, layers=dl, heads=dh, max_seq_len=256, cross_attention_start=dl // 2)
-        return dict(embed_dim=s["embed"], vision=vision, decoder=decoder)
-    # LLaVA reads the vision tower's penultimate layer: its pooling head and projection are unused
-    decoder = dict(width=dw, layers=dl, heads=dh, max_seq_len=1024)
-    return dict(vision={**vision, "proj": False}, decoder=decoder)
+def _flip(s: dict) -> dict[str, Any]:
+    # FLIP (Li et al., 2023): CLIP that sees a random half of each image's patches while training: twice the
+    # pairs per second for little loss per pair. Off in evaluation; a last unmasked stage closes the gap.
+    spec = _clip(s)
+    spec["vision"]["patch_dropout"] = 0.5
+    return spec
+
+
+def _coca(s: dict) -> dict[str, Any]:
+    # The first half of the decoder encodes text alone (the contrastive text tower), the second half
+    # cross-attends to the image tokens (the captioner). Fields the config derives from others (the
+    # decoder's kv_heads, mlp_hidden, encoder_width) stay unset, so that overriding a width re-derives them.
+    (dw, dl, dh) = s["d"]
+    decoder = dict(width=dw, layers=dl, heads=dh, max_seq_len=256, cross_attention_start=dl // 2)
+    return dict(embed_dim=s["embed"], vision=_vision(s), decoder=decoder)
+
+
+def _llava(s: dict) -> dict[str, Any]:
+    # LLaVA reads the vision tower's hidden states: its pooling head and projection are unused.
+    (dw, dl, dh) = s["d"]
+    return dict(vision=_vision(s, proj=False), decoder=dict(width=dw, layers=dl, heads=dh, max_seq_len=1024))
+
+
+@dataclass(frozen=True)
+class Family:
+    config_class: type
+    model_class: type
+    sizes: dict[str, dict[str, Any]]
+    spec: Callable[[dict], dict[str, Any]]  # a size row -> the config as a nested dict
+    task: str  # the vlmkit.tasks task that trains it
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family(CLIPConfig, CLIP, SIZES, _clip, "contrastive"),
+    "siglip": Family(CLIPConfig, CLIP, SIZES, _siglip, "contrastive"),
+    "flip": Family(CLIPConfig, CLIP, SIZES, _flip, "contrastive"),
+    "coca": Family(CoCaConfig, CoCa, GENERATIVE_SIZES, _coca, "coca"),
+    "llava": Family(LlavaConfig, Llava, GENERATIVE_SIZES, _llava, "llava"),
+}
 
 
 def _merge(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -137,42 +147,52 @@ def _merge(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def list_models() -> list[str]:
-    return [f"{f}-{s}" for f in FAMILIES for s in SIZES] + [
-        f"{f}-{s}" for f in GENERATIVE_FAMILIES for s in GENERATIVE_SIZES
-    ]
+    return [f"{name}-{size}" for name, family in FAMILIES.items() for size in family.sizes]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`"clip-B-16"` -> `("clip", "B-16")`; ConfigError for a name the registry does not know."""
+    family, _, size = name.partition("-")
+    if family not in FAMILIES or size not in FAMILIES[family].sizes:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return family, size
 
 
 def get_model_config(name: str, **overrides: Any) -> Any:
     """The config of a named model with overrides (dotted keys or nested dicts) applied."""
-    family, _, size = name.partition("-")
-    if family in FAMILIES and size in SIZES:
-        cfg = _base_config(family, size)
-    elif family in GENERATIVE_FAMILIES and size in GENERATIVE_SIZES:
-        spec = _merge(_generative_spec(family, size), overrides)
-        return from_dict(config_class(family), spec, where=name)
-    else:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return override(cfg, overrides, where=name) if overrides else cfg
+    family, size = split_name(name)
+    row = FAMILIES[family]
+    spec = _merge(row.spec(row.sizes[size]), overrides)
+    return from_dict(row.config_class, spec, where=name)
 
 
-def build_model(cfg: Any) -> torch.nn.Module:
-    """A randomly initialised model for a config (CLIPConfig, CoCaConfig or LlavaConfig)."""
-    if type(cfg) is CLIPConfig:  # without importing the generative families
-        return CLIP(cfg)
-    for config_cls, model_cls in _classes().values():
-        if type(cfg) is config_cls:
-            return model_cls(cfg)
+def config_class(family: str) -> type:
+    """The config dataclass that a model folder's "family" key names; ConfigError for others."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; vlmkit has {', '.join(FAMILIES)}")
+    return FAMILIES[family].config_class
+
+
+def _row(cfg: Any) -> tuple[str, Family]:
+    for name, family in FAMILIES.items():  # the first row of a config class names it (clip, not siglip)
+        if type(cfg) is family.config_class:
+            return name, family
     raise TypeError(f"not a vlmkit model config: {type(cfg).__name__}")
 
 
 def model_family(cfg: Any) -> str:
-    """ "clip" (CLIP and SigLIP), "coca" or "llava": the key config.json records beside the config."""
-    if type(cfg) is CLIPConfig:
-        return "clip"
-    for family, (config_cls, _) in _classes().items():
-        if type(cfg) is config_cls:
-            return family
-    raise TypeError(f"not a vlmkit model config: {type(cfg).__name__}")
+    """The family key a model folder's config.json records: "clip" (for every dual encoder), "coca", "llava"."""
+    return _row(cfg)[0]
+
+
+def task_name(cfg: Any) -> str:
+    """The name of the `vlmkit.tasks` task that trains a model of this config."""
+    return _row(cfg)[1].task
+
+
+def build_model(cfg: Any) -> torch.nn.Module:
+    """A randomly initialised model for a config (CLIPConfig, CoCaConfig or LlavaConfig)."""
+    return _row(cfg)[1].model_class(cfg)
 
 
 def create_model(name: str, **overrides: Any) -> torch.nn.Module:

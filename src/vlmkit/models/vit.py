@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlmkit.errors import ConfigError
-from vlmkit.nn.patch import AttentionPool, ConvStem, PatchEmbed, resample_pos_embed
+from vlmkit.nn.patch import AttentionPool, ConvStem, PatchDropout, PatchEmbed, resample_pos_embed
 from vlmkit.nn.transformer import Transformer
 
 
@@ -29,6 +29,8 @@ class VisionConfig:
     proj: bool = True  # a bias-free linear map to the shared embedding; SigLIP's vision tower has none
     patch_bias: bool = False
     stem: str = "patch"  # "patch" (one linear projection per patch, as CLIP) or "conv" (see ConvStem)
+    # FLIP: the fraction of patch tokens dropped at random per image while training (never in eval mode)
+    patch_dropout: float = 0.0
 
     def __post_init__(self):
         if self.pool not in ("cls", "mean", "attn"):
@@ -39,6 +41,8 @@ class VisionConfig:
             raise ConfigError(f"vision.stem must be 'patch' or 'conv', not {self.stem!r}")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise ConfigError(f"vision.stem='conv' needs a power-of-two patch_size, not {self.patch_size}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"vision.patch_dropout must be in [0, 1), not {self.patch_dropout}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -62,6 +66,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5) if cfg.class_token else None
         num_pos = cfg.grid_size**2 + self.num_prefix_tokens
         self.positional_embedding = nn.Parameter(torch.randn(num_pos, width) * 0.01)
+        self.patch_dropout = PatchDropout(cfg.patch_dropout, self.num_prefix_tokens)
         self.ln_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
         self.ln_post = nn.LayerNorm(width, eps=cfg.norm_eps)
@@ -77,7 +82,8 @@ class VisionTransformer(nn.Module):
         return resample_pos_embed(self.positional_embedding, grid, self.num_prefix_tokens)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings (+ class token) + positions, normalised: the blocks' input (B, T, width)."""
+        """Patch embeddings (+ class token) + positions, normalised: the blocks' input (B, T, width). While
+        training with `patch_dropout`, only the kept tokens: (B, prefix + K, width)."""
         B, _, H, W = images.shape
         p = self.cfg.patch_size
         x = self.patch_embed(images)  # (B, N, C)
@@ -85,7 +91,7 @@ class VisionTransformer(nn.Module):
             cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)  # (B, 1, C)
             x = torch.cat([cls, x], dim=1)  # (B, 1+N, C)
         x = x + self.pos_embed_for((H // p, W // p)).to(x.dtype)
-        return self.ln_pre(x)
+        return self.ln_pre(self.patch_dropout(x))
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """All output tokens after the final norm: (B, N_prefix + H*W, width)."""
@@ -118,7 +124,7 @@ class VisionTransformer(nn.Module):
         if self.cfg.pool == "cls":
             pooled = tokens[:, 0]  # (B, C)
         elif self.cfg.pool == "mean":
-            pooled = tokens[:, self.num_prefix_tokens :].mean(dim=1)  # (B, C)
+            pooled = tokens[:, self.num_prefix_tokens :].mean(dim=1)  # (B, C), over the visible patches
         else:
             pooled = self.attn_pool(tokens)  # (B, C)
         return self.proj(pooled) if self.proj is not None else pooled  # (B, D)
@@ -126,7 +132,8 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool != "cls":
             return self.pool(self.forward_tokens(images))
-        # Only the class token is read out, so the last block runs its query and MLP for it alone.
+        # Only the class token is read out, so the last block runs its query and MLP for it alone (patch
+        # dropout keeps the class token first).
         x = self.embed(images)
         index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         pooled = self.ln_post(self.transformer(x, index=index))  # (B, C)

@@ -1,4 +1,5 @@
-"""Patch embedding, learned position embeddings that resample to a new image size, attention pooling."""
+"""Patch embedding, patch dropout, learned position embeddings that resample to a new image size, attention
+pooling."""
 
 from __future__ import annotations
 
@@ -60,6 +61,45 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, C, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout: while training, keep a random `1 - prob` of each sample's patch tokens.
+
+    Applied after the position embeddings, so every kept token still knows where it came from. Prefix tokens
+    (the class token) are always kept; every sample keeps the same number of patches, so the batch stays one
+    tensor. Nothing is dropped in eval mode: masking is a training speed-up, not an inference one.
+
+    The noise comes from `generator` when one is set (on the input's device), else from the device's global
+    generator, which `torch.manual_seed` seeds and training checkpoints save: runs are reproducible and
+    resume exactly.
+    """
+
+    def __init__(self, prob: float, num_prefix_tokens: int = 1):
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch dropout probability must be in [0, 1), not {prob}")
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+        self.generator: torch.Generator | None = None
+
+    def num_kept(self, num_patches: int) -> int:
+        return max(1, int(num_patches * (1 - self.prob)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + N, C) -> (B, prefix + K, C) in training, K = max(1, int(N * (1 - prob))); else x."""
+        if not self.training or self.prob == 0.0:
+            return x
+        B, T, C = x.shape
+        p = self.num_prefix_tokens
+        keep = self.num_kept(T - p)
+        noise = torch.rand(B, T - p, device=x.device, generator=self.generator)  # (B, N)
+        index = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, K), kept in raster order
+        patches = x[:, p:].gather(1, index[:, :, None].expand(-1, -1, C))  # (B, K, C)
+        return torch.cat([x[:, :p], patches], dim=1)  # (B, prefix + K, C)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
 
 
 def resample_pos_embed(

@@ -1,7 +1,8 @@
 """Named training recipes: configs as code, one dict per recipe on top of `TrainConfig`'s defaults.
 
 `get_recipe(name, **overrides)` returns a `TrainConfig`; `smoke(cfg)` shrinks any recipe to a
-seconds-long run (a tiny model, a handful of steps) for testing a setup end to end.
+seconds-long run (a tiny model, a handful of steps) for testing a setup end to end. Recipes are configs
+only: the model's family picks the task that trains it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from vlmkit.config import override
+from vlmkit.data.synthetic import SHAPES_ARGS, SHAPES_TEMPLATES
 from vlmkit.errors import ConfigError
-from vlmkit.quickstart import DATA_ARGS as QUICKSTART_DATA
-from vlmkit.quickstart import SHAPES_TEMPLATES
-from vlmkit.train.generative import GenerativeTrainConfig
-from vlmkit.train.loop import TrainConfig
+from vlmkit.models.registry import FAMILIES, split_name
+from vlmkit.train.config import TrainConfig
 
 # CPU recipes are tuned to learn fast from small data within minutes: a convolutional stem (far more
 # sample-efficient than a linear patch projection), a short warmup, and moderate crops so that what the
@@ -99,11 +99,32 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
 }
 
+# FLIP: CLIP trained on a random half of each image's patches (twice the pairs per second), then a short
+# unmasked stage at a lower learning rate that closes the gap between masked training and full-image
+# evaluation (Li et al., 2023, section 3). With a time budget the stages share it 90:10.
+_UNMASKED = {"vision.patch_dropout": 0.0}
+RECIPES["flip-tiny"] = dict(
+    RECIPES["clip-tiny"],
+    model="flip-tiny",
+    stages=[
+        dict(name="masked", time_share=0.9),
+        dict(name="unmasked", time_share=0.1, epochs=6, lr=2e-4, warmup_steps=10, init_overrides=_UNMASKED),
+    ],
+)
+RECIPES["flip-B-16"] = dict(
+    RECIPES["clip-B-16"],
+    model="flip-B-16",
+    stages=[
+        dict(name="masked"),
+        dict(name="unmasked", epochs=1, lr=5e-5, warmup_steps=200, init_overrides=_UNMASKED),
+    ],
+)
+
 
 # The built-in shapes data for the generative recipes is the quickstart's (half the scenes hold one object,
 # which makes a contrastive model learn shape as well as colour), with captions and questions about
 # colour, shape, count, position, existence and relations (vlmkit.data.vqa), written on first use.
-SHAPES_VQA = {**QUICKSTART_DATA, "seed": 0}
+SHAPES_VQA = {**SHAPES_ARGS, "seed": 0}
 # The task files both generative recipes share (vlmkit.data.vqa.write_tasks): four single-question rows per
 # image, and three conversations for each training scene of several objects.
 SHAPES_TASKS = dict(questions_per_image=4, multi_object_chats=3)
@@ -128,8 +149,8 @@ CLIP_STAGE = dict(
     time_budget=4.0,
 )
 
-# Generative recipes (GenerativeTrainConfig). "{data}" in a path is the synthetic_data folder.
-GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
+# Generative recipes. "{data}" in a path is the synthetic_data folder.
+RECIPES |= {
     # LLaVA as it is built: a contrastively pretrained vision encoder, a projector aligned on captions,
     # then instruction tuning. Nothing pretrained can be downloaded here, so stage 1 pretrains the encoder
     # (clip-tiny, as the quickstart); stage 2 trains projector and language model on captions with the
@@ -238,69 +259,20 @@ GENERATIVE_RECIPES: dict[str, dict[str, Any]] = {
 
 
 def list_recipes() -> list[str]:
-    return list(RECIPES) + list(GENERATIVE_RECIPES)
+    return list(RECIPES)
 
 
 def get_recipe(name: str, **overrides: Any) -> TrainConfig:
-    """The recipe's config (a TrainConfig, or a GenerativeTrainConfig for CoCa / LLaVA recipes) with
-    `overrides` (field names, or dotted `model_overrides.x`) applied."""
-    if name in RECIPES:
-        cfg = TrainConfig(**RECIPES[name])
-    elif name in GENERATIVE_RECIPES:
-        cfg = GenerativeTrainConfig(**GENERATIVE_RECIPES[name])
-    else:
+    """The recipe's config with `overrides` (field names, or dotted `model_overrides.x`) applied."""
+    if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}")
+    cfg = TrainConfig(**RECIPES[name])
     return override(cfg, overrides, where=f"recipe {name}") if overrides else cfg
 
 
-def _smoke_generative(cfg: GenerativeTrainConfig) -> GenerativeTrainConfig:
-    family = cfg.model.split("-")[0]
-    small = {
-        "vision.image_size": 32,
-        "vision.layers": 2,
-        "vision.width": 64,
-        "vision.heads": 2,
-        "decoder.width": 64,
-        "decoder.layers": 2,
-        "decoder.heads": 2,
-    }
-    if family == "coca":
-        small.update({"embed_dim": 32, "decoder.cross_attention_start": 1, "decoder.encoder_width": 64})
-    steps = {"max_steps": 3, "time_budget": None, "compile": False}  # compiling takes longer than 3 steps
-    stages = [{**stage, **steps, **({"smoke": True} if "recipe" in stage else {})} for stage in cfg.stages]
-    synthetic = {**cfg.synthetic_args, "num_train": 48, "num_val": 8, "image_size": 32}
-    synthetic.update(num_per_class_train=1, num_per_class_val=1)
-    return override(
-        cfg,
-        {
-            "model": f"{family}-tiny",
-            "model_overrides": {**cfg.model_overrides, **small},
-            "stages": stages,
-            "synthetic_args": synthetic,
-            "synthetic_data": f"{cfg.synthetic_data}-smoke" if cfg.synthetic_data else None,
-            "batch_size": 8,
-            "max_steps": 3,
-            "time_budget": None,
-            "warmup_steps": 1,
-            "eval_every": 0,
-            "save_every": 2,
-            "log_every": 1,
-            "num_workers": 0,
-            "vocab_size": 300,
-            "eval_limit": 8,
-            "final_eval_limit": 8,
-            "eval_batch_size": 8,
-            "max_len": 256,  # a 300-token vocabulary spells words out in bytes
-        },
-    )
-
-
-def smoke(cfg: TrainConfig) -> TrainConfig:
-    """A seconds-long version of any recipe: a tiny model and a few steps (big_vision's `runlocal`)."""
-    if isinstance(cfg, GenerativeTrainConfig):
-        return _smoke_generative(cfg)
-    family = cfg.model.split("-")[0]
-    small = {
+# A tiny model of each kind of family for smoke runs: model-config overrides
+_SMOKE_MODELS: dict[str, dict[str, Any]] = {
+    "contrastive": {
         "vision.image_size": 32,
         "vision.layers": 1,
         "text.layers": 1,
@@ -309,24 +281,58 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
         "vision.heads": 2,
         "text.heads": 2,
         "text.context_length": 16,
-    }
+        "embed_dim": 32,
+    },
+    "generative": {
+        "vision.image_size": 32,
+        "vision.layers": 2,
+        "vision.width": 64,
+        "vision.heads": 2,
+        "decoder.width": 64,
+        "decoder.layers": 2,
+        "decoder.heads": 2,
+    },
+}
+
+
+def smoke(cfg: TrainConfig) -> TrainConfig:
+    """A seconds-long version of any recipe: a tiny model and a few steps (big_vision's `runlocal`)."""
+    family = split_name(cfg.model)[0]
+    contrastive = FAMILIES[family].task == "contrastive"
+    small = dict(_SMOKE_MODELS["contrastive" if contrastive else "generative"])
     if family == "siglip":
-        small["embed_dim"] = 64
+        small["embed_dim"] = 64  # the vision tower has no projection: its width is the embedding
+    if family == "coca":
+        small.update({"embed_dim": 32, "decoder.cross_attention_start": 1, "decoder.encoder_width": 64})
+    steps = {"max_steps": 3, "time_budget": None, "compile": False}  # compiling takes longer than 3 steps
+    stages = [{**stage, **steps, **({"smoke": True} if "recipe" in stage else {})} for stage in cfg.stages]
+    changes: dict[str, Any] = {
+        "model": f"{family}-tiny",
+        "model_overrides": {**cfg.model_overrides, **small},
+        "stages": stages,
+        "batch_size": 8,
+        "warmup_steps": 2,
+        "log_every": 1,
+        "num_workers": 0,
+        "grad_checkpointing": False,
+    }
+    if cfg.synthetic_data:
+        synthetic = {**cfg.synthetic_args, "num_train": 48, "num_val": 8, "image_size": 32}
+        synthetic.update(num_per_class_train=1, num_per_class_val=1)
+        changes.update(synthetic_args=synthetic, synthetic_data=f"{cfg.synthetic_data}-smoke")
+    if contrastive:
+        changes.update(max_steps=6, eval_every=3, save_every=3, vocab_size=512)
     else:
-        small["embed_dim"] = 32
-    return override(
-        cfg,
-        {
-            "model": f"{family}-tiny",
-            "model_overrides": {**cfg.model_overrides, **small},
-            "batch_size": 8,
-            "max_steps": 6,
-            "warmup_steps": 2,
-            "eval_every": 3,
-            "save_every": 3,
-            "log_every": 1,
-            "num_workers": 0,
-            "grad_checkpointing": False,
-            "vocab_size": 512,
-        },
-    )
+        changes.update(
+            max_steps=3,
+            time_budget=None,
+            warmup_steps=1,
+            eval_every=0,
+            save_every=2,
+            vocab_size=300,
+            eval_limit=8,
+            final_eval_limit=8,
+            eval_batch_size=8,
+            max_len=256,  # a 300-token vocabulary spells words out in bytes
+        )
+    return override(cfg, changes)

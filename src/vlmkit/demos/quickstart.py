@@ -15,21 +15,6 @@ from pathlib import Path
 
 log = logging.getLogger("vlmkit.quickstart")
 
-# Prompts in the captions' own register: the captions say "a small red circle", "there is ...".
-SHAPES_TEMPLATES = ["a {}.", "there is a {}.", "a picture of a {}.", "one {}.", "an image with a {}."]
-
-# Half the scenes hold one object: colour alone then cannot tell a pair from the rest of the batch,
-# so the model has to learn shape too (with uniform 1-4 objects it learns colour and stalls).
-DATA_ARGS = dict(
-    num_train=6000,
-    num_val=500,
-    image_size=64,
-    background_noise=0.2,
-    num_per_class_train=20,
-    num_per_class_val=10,
-    object_weights=(5, 3, 1, 1),
-)
-
 
 def quickstart(
     out: str | Path = "runs/quickstart",
@@ -39,12 +24,13 @@ def quickstart(
     precision: str = "auto",
 ) -> dict:
     """Run the quickstart; returns the headline metrics. Prints a summary and the report's path."""
-    from vlmkit.data.synthetic import generate, is_current
+    from vlmkit.data.synthetic import SHAPES_ARGS as DATA_ARGS
+    from vlmkit.data.synthetic import SHAPES_TEMPLATES, generate, is_current
     from vlmkit.eval.features import save_results
     from vlmkit.eval.linear_probe import evaluate_linear_probe
     from vlmkit.eval.report import write_report
     from vlmkit.recipes import get_recipe
-    from vlmkit.train.loop import train
+    from vlmkit.train import train
 
     t0 = time.perf_counter()
     out = Path(out)

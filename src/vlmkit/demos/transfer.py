@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from vlmkit.quickstart import SHAPES_TEMPLATES
+from vlmkit.data.synthetic import SHAPES_TEMPLATES
 
 HELD_OUT_SHAPES = ("star", "diamond")
 SHOTS = 8  # training images per held-out class
@@ -103,7 +103,7 @@ def transfer_demo(
     from vlmkit.eval.linear_probe import evaluate_linear_probe
     from vlmkit.models.pretrained import load_pretrained
     from vlmkit.recipes import get_recipe
-    from vlmkit.train.loop import train
+    from vlmkit.train import train
     from vlmkit.train.transfer import imagefolder_to_manifest, prepare_model, wise_ft, zeroshot_accuracy
 
     t0 = time.perf_counter()

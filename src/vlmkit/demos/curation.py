@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from vlmkit.config import load_json
-from vlmkit.quickstart import DATA_ARGS, SHAPES_TEMPLATES
+from vlmkit.data.synthetic import SHAPES_ARGS as DATA_ARGS
+from vlmkit.data.synthetic import SHAPES_TEMPLATES
 
 # About 60% of the pool is noise, in the range DataComp's filters remove from web data.
 NOISE = dict(mismatch_fraction=0.3, duplicate_fraction=0.2, tiny_fraction=0.05, blank_fraction=0.05)
@@ -83,7 +84,7 @@ def curation_demo(
     from vlmkit.data.shard_writer import write_shards
     from vlmkit.data.synthetic import generate, is_current
     from vlmkit.recipes import get_recipe
-    from vlmkit.train.loop import train
+    from vlmkit.train import train
 
     t0 = time.perf_counter()
     out = Path(out)

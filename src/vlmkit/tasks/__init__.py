@@ -1,0 +1,22 @@
+"""Tasks: what differs between kinds of training (see `vlmkit.tasks.base`). The registry row of a model
+family names its task (`vlmkit.models.registry.FAMILIES`)."""
+
+from __future__ import annotations
+
+from vlmkit.errors import ConfigError
+from vlmkit.tasks.base import Task
+
+
+def task_class(name: str) -> type[Task]:
+    """The task class registered under `name` ("contrastive", "coca", "llava")."""
+    from vlmkit.tasks.coca import CocaTask
+    from vlmkit.tasks.contrastive import ContrastiveTask
+    from vlmkit.tasks.llava import LlavaTask
+
+    tasks = {t.name: t for t in (ContrastiveTask, CocaTask, LlavaTask)}
+    if name not in tasks:
+        raise ConfigError(f"unknown task {name!r}; vlmkit has {', '.join(tasks)}")
+    return tasks[name]
+
+
+__all__ = ["Task", "task_class"]

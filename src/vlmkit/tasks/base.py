@@ -1,0 +1,108 @@
+"""What a kind of training supplies to the one `Trainer`: the model, its data and collate, the losses of one
+micro-batch, and its evaluation.
+
+The Trainer owns everything else (processes, schedule, time budget, accumulation, clipping, checkpoints
+and exact resume, signals, logging, stages, parallelism). It calls a task's methods in this order:
+
+    configure()                          check / adjust the run's config before anything is built
+    context_length(), training_texts(),  the tokenizer (built from the training texts unless given)
+    new_tokenizer(), tokenizer_overrides()
+    build_model(), prepare_model()       a new model for the config; freezing what the task never trains
+    train_set(), collate()               manifest data: a map-style dataset and its collate function
+    build_val()                          validation data, once
+    losses(model, batch)                 per micro-batch, inside the wrapped (DDP/FSDP) module's forward
+    evaluate(model), final_evals(model)  periodic / final evaluation
+
+A task reads the run's state from its trainer: `cfg`, `device`, `model_cfg`, `tokenizer`, `preprocess`,
+`train_transform`, `precision`, `out` and `val`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vlmkit.train.trainer import Trainer
+
+log = logging.getLogger("vlmkit.train")
+
+
+class Task:
+    name = "task"
+    shards = False  # whether train_data may be WebDataset shards of (image, caption) pairs
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    @property
+    def cfg(self):
+        return self.trainer.cfg
+
+    # ---------------------------------------------------------------- config, tokenizer, model
+    def configure(self) -> None:
+        """Check (and possibly replace `trainer.cfg`) before anything is built."""
+
+    def context_length(self, model_cfg: Any) -> int:
+        raise NotImplementedError
+
+    def training_texts(self) -> list[str]:
+        """The texts a new tokenizer is trained on."""
+        raise NotImplementedError
+
+    def new_tokenizer(self, texts: list[str], context_length: int) -> Tokenizer:
+        return Tokenizer.train(texts, vocab_size=self.cfg.vocab_size, context_length=context_length)
+
+    def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
+        """Model-config keys (dotted) that come from the tokenizer: vocabulary size, special token ids."""
+        raise NotImplementedError
+
+    def build_model(self, model_cfg: Any) -> nn.Module:
+        from vlmkit.models.registry import build_model
+
+        return build_model(model_cfg)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """After freezing and LoRA (vlmkit.train.transfer): anything the task never trains."""
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    # ---------------------------------------------------------------- data and step
+    def train_set(self) -> torch.utils.data.Dataset:
+        """The training set for manifest data: items by index, with `set_epoch(epoch)` and `len()`."""
+        raise NotImplementedError
+
+    def collate(self) -> Callable[[list], Any]:
+        """Items -> a micro-batch (tensors, or a tuple / dict of them); a picklable function for workers."""
+        raise NotImplementedError
+
+    def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """The losses of one micro-batch (already on the device), under autocast. "loss" is what is
+        back-propagated; every other entry is a named part, logged as train/loss/<name>."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- evaluation
+    def build_val(self) -> dict | None:
+        return None
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Quick metrics on the validation data (keys "val/..."), on every process (the model may be
+        sharded); only rank 0's are logged."""
+        return {}
+
+    def final_evals(self, model: nn.Module) -> None:
+        """Full evaluations of the final model (rank 0, unsharded), written to <run>/eval/."""
+
+
+def reject(option: str, value: Any, task: str, why: str) -> None:
+    """A ConfigError for an option a task does not support, when it is set."""
+    if value:
+        raise ConfigError(f"{option} is not supported by the {task} task: {why}")
