@@ -48,22 +48,30 @@ def save_tensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
     tmp.replace(path)
 
 
-def save_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Atomically write a model's state dict as safetensors (contiguous, de-duplicated tensors)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    save_tensors(state, path)
+def save_weights(
+    model: torch.nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Atomically write a model's state dict (or `state`) as safetensors (contiguous, de-duplicated tensors)."""
+    state = unwrap(model).state_dict() if state is None else state
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, path)
 
 
 def save_pretrained(
-    model: torch.nn.Module, out_dir: str | Path, tokenizer=None, preprocess=None, name: str = ""
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    tokenizer=None,
+    preprocess=None,
+    name: str = "",
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a loadable model folder (see module docstring). Returns the folder."""
+    """Write a loadable model folder (see module docstring); `state`: the weights, when the model's own are
+    sharded across processes. Returns the folder."""
     from vlmkit.models.registry import model_family
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
-    save_weights(model, out / WEIGHTS)
+    save_weights(model, out / WEIGHTS, state)
     meta = {
         "vlmkit_version": vlmkit.__version__,
         "model_name": name,

@@ -161,7 +161,12 @@ class Block(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         packing: Packing | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `index` (B,), the output at one token per row (see `forward_one`).
+        Both go through this forward, so that module hooks (FSDP's gathering of the weights) see them."""
+        if index is not None:
+            return self.forward_one(x, index, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
         x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, packing=packing)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -253,9 +258,7 @@ class Transformer(nn.Module):
                     if packing is not None
                     else x[torch.arange(x.shape[0], device=x.device), index]
                 )
-            return self.blocks[-1].forward_one(
-                x, index, attn_mask=attn_mask, is_causal=is_causal, packing=packing
-            )
+            return self.blocks[-1](x, attn_mask=attn_mask, is_causal=is_causal, packing=packing, index=index)
         return x
 
 

@@ -2,9 +2,12 @@
 
 `<run>/checkpoints/step_00000100/` holds a loadable model folder (model.safetensors, config.json,
 tokenizer.json, preprocess.json) plus what resuming needs: optimizer.safetensors + optimizer.json,
-rng.safetensors, trainer_state.json (step, epoch, position in the epoch, scheduler, time used) and
-train_config.json. A checkpoint is written to a temporary folder and renamed into place, so an
-interruption mid-write never leaves a half checkpoint that `--resume` would pick up.
+rng.safetensors (and rng_rank<r>.safetensors for the other processes), trainer_state.json (step, epoch,
+position in the epoch, scheduler, time used) and train_config.json. A sharded (FSDP) run keeps its model
+and optimizer state as every process wrote it, with `torch.distributed.checkpoint`, in dcp/ instead of
+optimizer.*; model.safetensors is still the whole model. A checkpoint is written to a temporary folder and
+renamed into place, so an interruption mid-write never leaves a half checkpoint that `--resume` would
+pick up.
 """
 
 from __future__ import annotations
@@ -44,11 +47,37 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_dirs(run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """(temporary, final) folder of checkpoint `step`."""
+    final = Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
+    return final.with_name(f".{final.name}.tmp"), final
+
+
+def prepare_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """An empty temporary folder for checkpoint `step` (rank 0 makes it; then every process may write)."""
+    tmp, _ = checkpoint_dirs(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.safetensors" if rank == 0 else f"rng_rank{rank}.safetensors"
+
+
+def save_rng(folder: Path, rank: int = 0) -> None:
+    """This process's random number generators' states, in `folder`."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(folder / _rng_file(rank)))
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainer_state: dict,
     train_config: object,
@@ -56,21 +85,25 @@ def save_checkpoint(
     preprocess=None,
     keep_last: int = 2,
     model_name: str = "",
+    prepared: bool = False,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"{PREFIX}{step:08d}"
-    tmp = ckpt_root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(unwrap(model), tmp, tokenizer=tokenizer, preprocess=preprocess, name=model_name)
-    tensors, meta = _optimizer_to_files(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
+    """Write checkpoint `step` atomically and delete all but the newest `keep_last`.
+
+    `prepared`: other processes have already written their part into `prepare_checkpoint`'s folder (their
+    RNG states; a sharded run's dcp/, whose optimizer state replaces optimizer.*: `optimizer` None).
+    `model_state`: the weights to save, when `model`'s own are sharded."""
+    tmp, final = checkpoint_dirs(run_dir, step)
+    if not prepared:
+        prepare_checkpoint(run_dir, step)
+    save_pretrained(
+        unwrap(model), tmp, tokenizer=tokenizer, preprocess=preprocess, name=model_name, state=model_state
+    )
+    if optimizer is not None:
+        tensors, meta = _optimizer_to_files(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_rng(tmp)
     sched = scheduler.state_dict()  # LambdaLR keeps a callable object's fields: JSON-able here
     save_json({**trainer_state, "step": step, "scheduler": sched}, tmp / "trainer_state.json")
     save_json(train_config, tmp / "train_config.json")
@@ -100,19 +133,26 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
+    sharded: bool = False,
 ) -> dict:
-    """Restore model, optimizer, scheduler and RNG in place; returns the trainer state dict."""
+    """Restore model, optimizer, scheduler and this process's RNG in place; returns the trainer state dict.
+    `sharded`: from dcp/ into an FSDP-sharded model and its optimizer (every process calls it)."""
     ckpt = Path(ckpt)
     try:
-        unwrap(model).load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        optimizer.load_state_dict(
-            _optimizer_from_files(
-                load_file(str(ckpt / "optimizer.safetensors")),
-                json.loads((ckpt / "optimizer.json").read_text()),
+        if sharded:
+            load_sharded(ckpt / "dcp", model, optimizer)
+        else:
+            unwrap(model).load_state_dict(load_file(str(ckpt / "model.safetensors")))
+            optimizer.load_state_dict(
+                _optimizer_from_files(
+                    load_file(str(ckpt / "optimizer.safetensors")),
+                    json.loads((ckpt / "optimizer.json").read_text()),
+                )
             )
-        )
         state = load_json(ckpt / "trainer_state.json")
-        rng = load_file(str(ckpt / "rng.safetensors"))
+        own = ckpt / _rng_file(rank)
+        rng = load_file(str(own if own.is_file() else ckpt / "rng.safetensors"))
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
         raise VlmkitError(
             f"cannot resume from {ckpt}: {e}; delete that checkpoint folder to use an older one"
@@ -122,3 +162,33 @@ def load_checkpoint(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An FSDP model's and optimizer's shards, as each process holds them, with torch.distributed.checkpoint
+    (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """`save_sharded`'s inverse, in place (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} (a sharded run resumes from its dcp/ folder)")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole state dict on rank 0 (on the CPU), {} elsewhere (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -113,7 +113,13 @@ def parallelize(module: TaskModule, cfg, info: dist.DistInfo) -> TrainModule:
         blocks = transformer_blocks(model)
         for block in blocks:
             fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+        # FSDP cannot shard a 0-d tensor (CLIP's logit scale and bias): those stay whole on every process and
+        # have their gradients averaged here, as FSDP averages the others.
+        scalars = {p for p in module.parameters() if p.ndim == 0}
+        fully_shard(module, mesh=mesh, ignored_params=scalars or None)
+        for p in scalars:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(_average_grad)
         if dist.is_main():
             log.info("FSDP2 over %d processes: %d blocks + the root sharded", info.world_size, len(blocks))
         return TrainModule(module, "fsdp")
@@ -121,3 +127,14 @@ def parallelize(module: TaskModule, cfg, info: dist.DistInfo) -> TrainModule:
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return TrainModule(DDP(module, device_ids=ids), "ddp")
+
+
+def _average_grad(param: nn.Parameter) -> None:
+    """All-reduce a parameter's gradient to its mean over processes (a collective, in the backward).
+
+    Accumulated micro-batches are averaged each time: a mean of (already equal) earlier sums plus new local
+    parts is the mean of the whole sum."""
+    import torch.distributed as tdist
+
+    tdist.all_reduce(param.grad, op=tdist.ReduceOp.SUM)
+    param.grad.div_(tdist.get_world_size())

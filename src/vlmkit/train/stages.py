@@ -77,7 +77,7 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
             # the stage's model overrides refine the recipe's (and a smoke run still shrinks the result)
             sub = replace(sub, model_overrides={**sub.model_overrides, **stage.pop("model_overrides", {})})
             sub = smoke(sub) if shrink else sub
-            common = {"seed": cfg.seed, "num_workers": cfg.num_workers, "precision": cfg.precision, **stage}
+            common = {k: getattr(cfg, k) for k in ("seed", "num_workers", "precision", "parallel")} | stage
             runs.append((name, override(sub, {**common, "out": run_out, "resume": cfg.resume})))
             vision = run_out
             continue

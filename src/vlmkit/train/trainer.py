@@ -40,7 +40,16 @@ from vlmkit.nn.lora import has_lora, merged_copy
 from vlmkit.runtime import SpeedCheck, configure_threads, cpu_info, resolve_precision
 from vlmkit.tasks import task_class
 from vlmkit.train import distributed as dist
-from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vlmkit.train.checkpoint import (
+    checkpoint_dirs,
+    full_model_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_checkpoint,
+    save_checkpoint,
+    save_rng,
+    save_sharded,
+)
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.optim import WarmupCosine, create_optimizer, create_scheduler
 from vlmkit.train.parallelize import TaskModule, parallelize
@@ -159,6 +168,10 @@ class Trainer:
         del pretrained, model
         self._prepare_transfer()
         self.task.prepare_model(self.model)
+        if cfg.parallel == "fsdp" and world > 1 and has_lora(self.model):
+            raise ConfigError("LoRA with parallel=fsdp is not supported; use parallel=ddp (the default)")
+        # Before the optimizer: FSDP replaces the parameters with sharded ones.
+        self.train_module = parallelize(TaskModule(self.model, self.task), cfg, self.info)
         self.optimizer = create_optimizer(
             self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps, lr_scale=cfg.lr_scale
         )
@@ -175,7 +188,6 @@ class Trainer:
                 self.feed.restore(state.get("data"), self.step, self.steps_per_epoch)
             if dist.is_main():
                 log.info("resumed from %s at step %d", self.resume_from, self.step)
-        self.train_module = parallelize(TaskModule(self.model, self.task), cfg, self.info)
         if dist.is_main():
             save_json(self.resolved_config(), self.out / "train_config.json")
 
@@ -260,19 +272,33 @@ class Trainer:
                 f"; LoRA rank {cfg.lora_rank} on {len(t.lora)} Linears" if t.lora else "",
             )
 
-    def _plain_model(self) -> torch.nn.Module:
-        """The model to save: LoRA adapters merged into plain weights (the run itself keeps them)."""
+    @property
+    def sharded(self) -> bool:
+        return self.train_module.sharded
+
+    def _plain_model(self) -> torch.nn.Module | None:
+        """The model to save and to evaluate in the end: LoRA adapters merged into plain weights (the run itself
+        keeps them); for a sharded run, a whole copy on rank 0 (None elsewhere; a collective)."""
+        if self.sharded:
+            state = full_model_state(self.model)
+            if not dist.is_main():
+                return None
+            plain = self.task.build_model(self.model_cfg)
+            plain.load_state_dict(state)
+            return plain.to(self.device)
         return merged_copy(self.model) if has_lora(self.model) else self.model
 
     def _load_checkpoint(self, ckpt: Path) -> dict:
         if not has_lora(self.model):
-            return load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+            return load_checkpoint(
+                ckpt, self.model, self.optimizer, self.scheduler, rank=self.info.rank, sharded=self.sharded
+            )
         from vlmkit.train.transfer import LORA_FILE, restore_lora
 
         # model.safetensors holds merged weights: read them into a plain copy, then put the adapters
         # (lora.safetensors) back on the base weights this run starts from (init_from, or the seeded init).
         plain = merged_copy(self.model)
-        state = load_checkpoint(ckpt, plain, self.optimizer, self.scheduler)
+        state = load_checkpoint(ckpt, plain, self.optimizer, self.scheduler, rank=self.info.rank)
         restore_lora(self.model, plain.state_dict(), ckpt / LORA_FILE)
         return state
 
@@ -513,15 +539,28 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """A checkpoint of this step (every process takes part)."""
         state = self.trainer_state()
         if self.train_urls is not None:
-            state["data"] = self.feed.state()  # every process takes part
+            state["data"] = self.feed.state()
+        multi = self.info.world_size > 1
+        if multi:  # every process writes its own RNG state (and shards) into the folder rank 0 prepares
+            if dist.is_main():
+                prepare_checkpoint(self.out, self.step)
+            dist.barrier()
+            tmp, _ = checkpoint_dirs(self.out, self.step)
+            if self.info.rank:
+                save_rng(tmp, self.info.rank)
+        full = full_model_state(self.model) if self.sharded else None
+        if self.sharded:
+            save_sharded(tmp / "dcp", self.model, self.optimizer)
+        dist.barrier()
         if dist.is_main():
             path = save_checkpoint(
                 self.out,
                 self.step,
-                self._plain_model(),
-                self.optimizer,
+                self.model if self.sharded else self._plain_model(),
+                None if self.sharded else self.optimizer,
                 self.scheduler,
                 state,
                 self.resolved_config(),
@@ -529,6 +568,8 @@ class Trainer:
                 preprocess=self.preprocess,
                 keep_last=self.cfg.keep_last,
                 model_name=self.model_name,
+                prepared=multi,
+                model_state=full,
             )
             if has_lora(self.model):  # the unmerged adapters, for --resume
                 from vlmkit.train.transfer import save_lora
@@ -543,18 +584,17 @@ class Trainer:
             results["data_skipped"] = self.feed.total_skips()
             if dist.is_main() and results["data_skipped"]:
                 log.info("samples skipped during training: %s", results["data_skipped"])
+        plain = self._plain_model()  # a collective when sharded
+        final = self.evaluate()  # on every process when sharded
         if dist.is_main():
-            save_pretrained(
-                self._plain_model(), self.out, self.tokenizer, self.preprocess, name=self.model_name
-            )
-            final = self.evaluate()
+            save_pretrained(plain, self.out, self.tokenizer, self.preprocess, name=self.model_name)
             self.log_metrics(final)
             results.update(final)
             self.metrics_file.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
-            self.model.eval()
-            self.task.final_evals(self.model)
+            plain.eval()
+            self.task.final_evals(plain)
             from vlmkit.eval.report import write_report
 
             results["report"] = str(write_report(self.out))
