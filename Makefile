@@ -27,6 +27,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports  # dependencies point one way; argparse only in vlmkit.cli (pyproject.toml)
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks

@@ -28,3 +28,32 @@ def shapes_dir(tmp_path_factory):
         progress=False,
     )
     return out
+
+
+# A reference test skipped because a dev dependency is missing (pytest.importorskip) would let the suite pass
+# without checking anything against its reference: such a skip is a failure. `make test` installs them all.
+def _missing_dependency(report) -> bool:
+    return report.skipped and "could not import" in str(report.longrepr)
+
+
+def _fail(report) -> None:
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{report.longrepr}\na dev dependency is missing: pip install -e '.[dev]' (make test does)"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if _missing_dependency(report):
+        _fail(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if _missing_dependency(report):
+        _fail(report)

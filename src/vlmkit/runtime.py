@@ -193,16 +193,6 @@ def _once(level: int, message: str) -> None:
         log.log(level, message)
 
 
-def add_precision_arg(parser) -> None:
-    """The `--precision` option of every command that runs a model."""
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="bf16 autocast or fp32; auto (default): bf16 only where this machine runs it fast",
-    )
-
-
 def check_precision(name: str, where: str = "precision") -> str:
     if name not in PRECISIONS:
         raise ConfigError(f"{where} must be one of {', '.join(PRECISIONS)}, not {name!r}")

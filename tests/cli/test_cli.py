@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from vlmkit.cli import build_parser, main
+from vlmkit.cli.main import build_parser, main
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

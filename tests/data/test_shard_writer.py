@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vlmkit.cli.shards import register_cli
 from vlmkit.data import shard_writer
-from vlmkit.data.shard_writer import ShardWriter, parse_colour, register_cli, resize_image, write_shards
+from vlmkit.data.shard_writer import ShardWriter, parse_colour, resize_image, write_shards
 from vlmkit.errors import ConfigError
 
 CAPTIONS = [

@@ -16,10 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from vlmkit import distributed
+from vlmkit.distributed import DistInfo
 from vlmkit.losses import contrastive, create_loss, gather_features
 from vlmkit.models import create_model
-from vlmkit.train import distributed
-from vlmkit.train.distributed import DistInfo
 
 WORLD = 2
 GLOBAL_BATCH = 8

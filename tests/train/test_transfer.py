@@ -15,6 +15,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from vlmkit.cli.transfer import (
+    add_transfer_args,
+    register_manifest_cli,
+    register_wise_ft_cli,
+    transfer_overrides,
+)
 from vlmkit.config import override
 from vlmkit.data.manifest import read_manifest
 from vlmkit.errors import ConfigError, DataError, VlmkitError
@@ -23,16 +29,7 @@ from vlmkit.models.pretrained import load_pretrained, save_pretrained
 from vlmkit.recipes import get_recipe, smoke
 from vlmkit.train import TrainConfig, Trainer, train
 from vlmkit.train.checkpoint import list_checkpoints
-from vlmkit.train.transfer import (
-    LORA_FILE,
-    add_transfer_args,
-    imagefolder_to_manifest,
-    prepare_model,
-    register_manifest_cli,
-    register_wise_ft_cli,
-    transfer_overrides,
-    wise_ft,
-)
+from vlmkit.train.transfer import LORA_FILE, imagefolder_to_manifest, prepare_model, wise_ft
 
 TEMPLATES = ["a {}.", "there is a {}."]
 

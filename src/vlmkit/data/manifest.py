@@ -370,20 +370,6 @@ def _match_plain_names(
     return [line for _, line in lines], "positional (sorted folder order, as asked)"
 
 
-def add_classes_args(p) -> None:
-    """The `--classes` and `--positional-classes` options of every command that reads an ImageFolder."""
-    p.add_argument(
-        "--classes",
-        help="class names file: folder<TAB>name lines, a JSON {folder: name}, or one name per line (folder "
-        "names in any order; default: classes.txt inside the image folder, else the folder names)",
-    )
-    p.add_argument(
-        "--positional-classes",
-        action="store_true",
-        help="the classes file lists names that are not the folder names, in sorted-folder order",
-    )
-
-
 def read_image_folder(
     root: str | os.PathLike, classes_file: str | os.PathLike | None = None, positional_classes: bool = False
 ) -> tuple[list[Path], list[int], list[str]]:

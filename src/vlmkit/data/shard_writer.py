@@ -13,7 +13,6 @@ byte-identical for any number of workers. Bad inputs are skipped, logged and cou
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -37,7 +36,6 @@ from PIL import Image, ImageColor
 from tqdm import tqdm
 
 from vlmkit.data.ingest import Chunk, InputRecord, InputSource, open_input
-from vlmkit.data.manifest import add_classes_args
 from vlmkit.data.shards import SKIP_REASONS
 from vlmkit.data.transforms import DecodeFailure, center_crop_box, decode
 from vlmkit.errors import ConfigError, DataError
@@ -666,85 +664,3 @@ def _drain(pending: set, queue, bar: tqdm, finished: Callable) -> set:
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add `shard` to the `vlmkit data` subcommands; its handler returns the totals dict."""
-    p = subparsers.add_parser(
-        "shard",
-        help="write WebDataset tar shards from a manifest, image folder, parquet or HF dataset",
-        description="Write img2dataset-style WebDataset shards (OUT/00000.tar with {key}.jpg, {key}.txt, "
-        "{key}.json; OUT/00000_stats.json; OUT/00000.parquet). Bad inputs are skipped and counted.",
-    )
-    p.add_argument(
-        "--input",
-        required=True,
-        help="a manifest (.jsonl/.csv/.tsv), an image folder (sidecar .txt captions or class subfolders), "
-        "a Hugging Face save_to_disk folder, or a .parquet file / folder of them",
-    )
-    p.add_argument("--out", required=True, help="output folder for the shards")
-    p.add_argument("--shard-size", type=int, default=10_000, help="inputs per shard (default 10000)")
-    p.add_argument("--image-size", type=int, default=256, help="target size in pixels (default 256)")
-    p.add_argument(
-        "--resize-mode",
-        choices=RESIZE_MODES,
-        default="keep_ratio",
-        help="keep_ratio: shorter side to SIZE (default); center_crop: then crop SIZExSIZE; "
-        "border: longer side to SIZE, pad to SIZExSIZE; no: keep the size",
-    )
-    p.add_argument(
-        "--resize-only-if-bigger", action="store_true", help="leave images no bigger than SIZE as they are"
-    )
-    p.add_argument(
-        "--pad-colour", default="255,255,255", help="border mode padding: R,G,B, #rrggbb or a name"
-    )
-    p.add_argument(
-        "--encode-format", choices=list(ENCODE_FORMATS), default="jpg", help="image format (default jpg)"
-    )
-    p.add_argument("--quality", type=int, default=95, help="jpg/webp quality 1-100 (default 95)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default min(4, CPUs))")
-    p.add_argument("--image-column", help="parquet / dataset column holding the image (default: detected)")
-    p.add_argument("--text-column", help="parquet / dataset column holding the caption (default: detected)")
-    p.add_argument("--split", default="train", help="split of a saved DatasetDict (default train)")
-    add_classes_args(p)
-    p.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=None,
-        help=f"decompression-bomb guard: skip larger images (default Pillow's, {PILLOW_MAX_IMAGE_PIXELS})",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_shard)
-    return p
-
-
-def cmd_shard(args: argparse.Namespace) -> dict:
-    """Handler of `vlmkit data shard`: write the shards and print a totals summary."""
-    totals = write_shards(
-        args.input,
-        args.out,
-        shard_size=args.shard_size,
-        image_size=args.image_size,
-        resize_mode=args.resize_mode,
-        resize_only_if_bigger=args.resize_only_if_bigger,
-        pad_colour=args.pad_colour,
-        encode_format=args.encode_format,
-        quality=args.quality,
-        workers=args.workers,
-        image_column=args.image_column,
-        text_column=args.text_column,
-        split=args.split,
-        classes_file=args.classes,
-        positional_classes=args.positional_classes,
-        max_image_pixels=args.max_image_pixels,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    print(
-        f"wrote {totals['shards']} shards to {totals['out']} in {totals['seconds']:.1f} s: "
-        f"{totals['samples']} samples, {totals['successes']} successes, {totals['failed']} failed"
-    )
-    for reason, count in totals["failures"].items():
-        print(f"  {reason}: {count}")
-    return totals

@@ -233,26 +233,3 @@ def format_table(results: dict) -> str:
         lines.append(f"{r['method']:<28}{r['heldout']:>20.3f}{seen_acc:>22}{r['trainable']:>16,}")
     lines.append(f"plot: {results['plot']}  ({results['minutes']:.1f} min in all)")
     return "\n".join(lines)
-
-
-def register_transfer_demo_cli(subparsers) -> None:
-    """Add `vlmkit transfer-demo`."""
-    from vlmkit.runtime import add_precision_arg
-
-    p = subparsers.add_parser(
-        "transfer-demo",
-        help="pretrain without some classes, then zero-shot vs linear probe vs fine-tune/LiT/LoRA/WiSE-FT on them",
-    )
-    p.add_argument("--out", default="runs/transfer", help="folder for the data, runs, table and plot")
-    p.add_argument("--time-budget", type=float, default=3.0, help="minutes of pretraining (default 3)")
-    p.add_argument("--shots", type=int, default=SHOTS, help=f"training images per held-out class ({SHOTS})")
-    p.add_argument("--recipe", default="clip-tiny", help="clip-tiny or siglip-tiny")
-    p.add_argument("--seed", type=int, default=0)
-    add_precision_arg(p)
-    p.set_defaults(func=_cmd_transfer_demo)
-
-
-def _cmd_transfer_demo(args) -> None:
-    transfer_demo(
-        args.out, args.time_budget, args.recipe, args.seed, shots=args.shots, precision=args.precision
-    )

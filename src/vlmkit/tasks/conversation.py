@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmkit import distributed as dist
 from vlmkit.config import to_dict
 from vlmkit.data.chat import IMAGE_TOKEN, render
 from vlmkit.data.conversations import ConversationDataset, collate_conversations, read_rows, split_files
@@ -23,7 +24,6 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import ConfigError
 from vlmkit.tasks.base import Task, log, reject
-from vlmkit.train import distributed as dist
 
 
 class ConversationTask(Task):

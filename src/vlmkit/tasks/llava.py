@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmkit import distributed as dist
 from vlmkit.data.chat import IMAGE_TOKEN, get_template
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.losses.captioning import next_token_loss
 from vlmkit.tasks.base import log
 from vlmkit.tasks.conversation import ConversationTask
-from vlmkit.train import distributed as dist
 
 
 class LlavaTask(ConversationTask):

@@ -19,8 +19,8 @@ import logging
 import torch
 from torch import nn
 
+from vlmkit import distributed as dist
 from vlmkit.errors import ConfigError
-from vlmkit.train import distributed as dist
 
 log = logging.getLogger("vlmkit.train")
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vlmkit import distributed as dist
 from vlmkit.data.shards import SKIP_REASONS, ShardStream, StreamPosition
 from vlmkit.errors import DataError
-from vlmkit.train import distributed as dist
 
 log = logging.getLogger("vlmkit.train")
 

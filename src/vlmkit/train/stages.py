@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from vlmkit import distributed as dist
 from vlmkit.config import override
 from vlmkit.models.registry import FAMILIES, split_name
-from vlmkit.train import distributed as dist
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.trainer import Trainer
 

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vlmkit import distributed as dist
 from vlmkit.config import override, save_json, to_dict
 from vlmkit.data.shards import count_samples, expand_shards, is_shard_spec
 from vlmkit.data.tokenizer import Tokenizer
@@ -39,7 +40,6 @@ from vlmkit.models.registry import FAMILIES, get_model_config, split_name, task_
 from vlmkit.nn.lora import has_lora, merged_copy
 from vlmkit.runtime import SpeedCheck, configure_threads, cpu_info, resolve_precision
 from vlmkit.tasks import task_class
-from vlmkit.train import distributed as dist
 from vlmkit.train.checkpoint import (
     checkpoint_dirs,
     full_model_state,

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlmkit.data import curation
-from vlmkit.data.curation import (
+from vlmkit.cli import curation as curation_cli
+from vlmkit.cli.curation import register_cli
+from vlmkit.curation.curate import (
     CaptionLength,
     DedupCaptions,
     DedupImages,
@@ -31,7 +32,6 @@ from vlmkit.data.curation import (
     concept_pattern,
     curate,
     load_pool,
-    register_cli,
     top_count,
 )
 from vlmkit.data.manifest import read_manifest
@@ -480,12 +480,12 @@ def test_cli_runs_filters_in_flag_order(tmp_path):
     args = parse(
         ["--input", "x.jsonl", "--out", "o", "--dedup-images", "--max-words", "9", "--min-side", "4"]
     )
-    names = [f.name for f in curation.filters_from_args(args)]
+    names = [f.name for f in curation_cli.filters_from_args(args)]
     assert names == ["dedup_images", "caption_length", "image_size"]
     args = parse(
         ["--input", "x", "--out", "o", "--text-concepts", "dog", "--min-words", "1", "--max-words", "3"]
     )
-    filters = curation.filters_from_args(args)
+    filters = curation_cli.filters_from_args(args)
     assert [f.name for f in filters] == ["text_concepts", "caption_length"]
     assert (filters[1].min_words, filters[1].max_words) == (1, 3)
 

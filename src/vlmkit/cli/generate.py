@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from vlmkit.cli.common import add_precision_arg
 from vlmkit.errors import VlmkitError
-from vlmkit.runtime import add_precision_arg
 
 _MODEL_HELP = "a model folder: a vlmkit CoCa / LLaVA run or checkpoint, or a Hugging Face LLaVA folder"
 
@@ -48,7 +48,7 @@ def _generation(args) -> dict:
 
 
 def _pipeline(args):
-    from vlmkit.cli import _device
+    from vlmkit.cli.main import _device
     from vlmkit.pipeline import VLMPipeline
 
     return VLMPipeline.from_pretrained(args.model, device=_device(args.device), precision=args.precision)

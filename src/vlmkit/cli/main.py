@@ -35,7 +35,7 @@ from vlmkit.errors import VlmkitError
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    from vlmkit.runtime import add_precision_arg
+    from vlmkit.cli.common import add_precision_arg
 
     p.add_argument(
         "--model",
@@ -48,8 +48,7 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlmkit.data.manifest import add_classes_args
-    from vlmkit.runtime import add_precision_arg
+    from vlmkit.cli.common import add_classes_args, add_precision_arg
 
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="Vision-language models: train, evaluate, embed."
@@ -87,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--tiny-fraction", type=float, default=0.0, help="images shrunk to 8x8 px")
     noise.add_argument("--blank-fraction", type=float, default=0.0, help="flat grey images")
     p.set_defaults(func=cmd_data_synth)
-    from vlmkit.data.shard_writer import register_cli as register_shard
+    from vlmkit.cli.shards import register_cli as register_shard
 
     register_shard(data)
-    from vlmkit.train.transfer import register_manifest_cli
+    from vlmkit.cli.transfer import register_manifest_cli
 
     register_manifest_cli(data)
-    from vlmkit.data.curation import register_cli as register_filter
+    from vlmkit.cli.curation import register_cli as register_filter
 
     register_filter(data)
     p = data.add_parser(
@@ -139,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config field, e.g. --set lr=1e-3 "
         "--set model_overrides.vision.layers=6 (repeatable)",
     )
-    from vlmkit.train.transfer import add_transfer_args
+    from vlmkit.cli.transfer import add_transfer_args
 
     add_transfer_args(p)
     p.set_defaults(func=cmd_train)
@@ -181,14 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
     p.set_defaults(func=cmd_classify)
 
-    from vlmkit.generate_cli import register as register_generative
+    from vlmkit.cli.generate import register as register_generative
 
     register_generative(sub, ev, data)
-    from vlmkit.models.hf import register_export_cli
+    from vlmkit.cli.export import register_export_cli
 
     register_export_cli(sub)
-    from vlmkit.demos.transfer import register_transfer_demo_cli
-    from vlmkit.train.transfer import register_wise_ft_cli
+    from vlmkit.cli.transfer import register_transfer_demo_cli, register_wise_ft_cli
 
     register_wise_ft_cli(sub)
     register_transfer_demo_cli(sub)
@@ -312,7 +310,7 @@ def cmd_train(args) -> None:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.resume:
         overrides["resume"] = True
-    from vlmkit.train.transfer import transfer_overrides
+    from vlmkit.cli.transfer import transfer_overrides
 
     overrides.update(transfer_overrides(args))
     overrides.update(parse_overrides(args.set))
