@@ -9,6 +9,10 @@ Model FLOPs utilisation (MFU) = analytic training FLOPs per pair * pairs/s / mat
 median of large square matmuls at the same precision, measured between the rounds of this run.
 
     PYTHONPATH=src python benchmarks/train_throughput.py --model clip-B-32 --batch 64 --precision bf16
+
+On a GPU (`--device cuda`) the same script measures training MFU against the GPU's measured bf16 matmul peak,
+e.g. clip-B-16 compiled: `--model clip-B-16 --device cuda --batch 256 --precision bf16 --compile --no-eager
+--hf sdpa`.
 """
 
 from __future__ import annotations
@@ -90,16 +94,31 @@ def training_flops_per_pair(cfg: CLIPConfig, text_lengths: list[int] | None = No
     return total
 
 
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), reps: int = 3) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    dtype: torch.dtype,
+    sizes: tuple[int, ...] = (2048, 4096),
+    reps: int = 3,
+    device: torch.device | None = None,
+) -> float:
     """FLOP/s of the fastest of a few large square matmuls (median of `reps` each)."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        sizes = (8192, 16384)
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         a @ b  # warm-up
         times = []
         for _ in range(reps):
+            sync(device)
             t0 = time.perf_counter()
             a @ b
+            sync(device)
             times.append(time.perf_counter() - t0)
         best = max(best, 2 * n**3 / statistics.median(times))
     return best
@@ -108,7 +127,17 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), reps:
 class Contender:
     """A model, its AdamW and a function that runs one training step on (images, text)."""
 
-    def __init__(self, name: str, model: nn.Module, forward: Callable, precision: str, fused_adamw: bool):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        forward: Callable,
+        precision: str,
+        fused_adamw: bool,
+        device: torch.device,
+    ):
+        self.device = device
+        model = model.to(device)
         self.name, self.model, self.forward = name, model.train(), forward
         self.autocast = precision == "bf16"
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused_adamw)
@@ -116,7 +145,7 @@ class Contender:
         self.step_times: list[float] = []
 
     def step(self, images: torch.Tensor, text: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             image_features, text_features, logit_scale = self.forward(images, text)
             loss = self.loss(image_features, text_features, logit_scale)
         loss.backward()
@@ -134,7 +163,7 @@ def vlmkit_contender(name: str, cfg: CLIPConfig, args) -> Contender:
         out = run(images, text)
         return out.image_features, out.text_features, out.logit_scale
 
-    return Contender(name, model, forward, args.precision, args.fused_adamw)
+    return Contender(name, model, forward, args.precision, args.fused_adamw, args.device)
 
 
 def hf_contender(name: str, cfg: CLIPConfig, args) -> Contender:
@@ -144,7 +173,7 @@ def hf_contender(name: str, cfg: CLIPConfig, args) -> Contender:
         out = model(input_ids=text, pixel_values=images)
         return out.image_embeds, out.text_embeds, model.logit_scale.exp()
 
-    return Contender(name, model, forward, args.precision, args.fused_adamw)
+    return Contender(name, model, forward, args.precision, args.fused_adamw, args.device)
 
 
 def make_batch(cfg: CLIPConfig, batch: int, captions: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,17 +229,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hf", default="eager,sdpa", help="transformers attention implementations to time")
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.override = parse_overrides(args.override)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    args.precision = resolve_precision(args.precision, "cpu").name
-    print(describe_machine(args.precision))
+    args.device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, args.device).name
+    print(
+        describe_machine(args.precision)
+        if args.device.type == "cpu"
+        else torch.cuda.get_device_name(args.device)
+    )
     torch.manual_seed(0)
     cfg = get_model_config(args.model, **args.override)
     images, text = make_batch(cfg, args.batch, args.captions)
+    images, text = images.to(args.device), text.to(args.device)
     lengths = text_lengths(cfg, text)
     flops = training_flops_per_pair(cfg, lengths)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -225,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             c.step(images, text)
+        sync(args.device)
         warmup_s[name] = time.perf_counter() - t0
         contenders.append(c)
         print(f"{name}: {sum(p.numel() for p in c.model.parameters()) / 1e6:.1f}M params, "
@@ -232,12 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     peaks = []
     for r in range(args.reps):
-        peaks.append(matmul_peak(dtype))
+        peaks.append(matmul_peak(dtype, device=args.device))
         k = r % len(contenders)  # rotate the order so no contender always runs first
         for c in contenders[k:] + contenders[:k]:
+            sync(args.device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 c.step(images, text)
+            sync(args.device)
             c.step_times.append((time.perf_counter() - t0) / args.steps)
         print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{c.name} {c.step_times[-1]:.2f}s" for c in contenders),
               flush=True)  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from vlmkit.config import from_dict, to_dict
 from vlmkit.errors import ConfigError
 from vlmkit.models import SIZES, create_model, get_model_config, list_models
-from vlmkit.nn.transformer import Packing
+from vlmkit.nn.packing import Packing
 
 # A fast stand-in for the tiny models wherever the test is about behaviour, not the real sizes.
 SMALL = {

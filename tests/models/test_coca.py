@@ -414,3 +414,118 @@ def test_works_with_zeroshot_classifier_and_text_features():
         torch.testing.assert_close(features, model.encode_text(tokenizer(texts[:5]), normalize=True))
         logits = zeroshot_logits(model.encode_image(images(4)), classifier)
     assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------- an independent reference
+
+
+def reference_coca(state: dict, cfg: CoCaConfig, pixels, ids, mask, labels):
+    """CoCa written out from its weights with plain float64 tensor ops, none of vlmkit's modules: the
+    embeddings, the caption decoder's hidden states, and both losses (CLIP's InfoNCE, next-token CE)."""
+    w = {k: v.double() for k, v in state.items()}
+    v, d = cfg.vision, cfg.decoder
+
+    def attend(q, k, v_, allowed=None):  # (B, nh, T, hs), (B, nh, S, hs); allowed (B, 1, T, S) bool
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1) @ v_
+
+    def heads(x, n):  # (B, T, n*hs) -> (B, n, T, hs)
+        return x.view(x.shape[0], x.shape[1], n, -1).transpose(1, 2)
+
+    def merge(x):  # (B, n, T, hs) -> (B, T, n*hs)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+    # the image tower: conv patches, class token, positions, pre-norm blocks, final norm
+    p = "visual."
+    x = (
+        F.conv2d(pixels.double(), w[p + "patch_embed.proj.weight"], stride=v.patch_size)
+        .flatten(2)
+        .transpose(1, 2)
+    )
+    x = torch.cat([w[p + "class_embedding"].expand(len(x), 1, -1), x], dim=1) + w[p + "positional_embedding"]
+    ln = lambda t, name: F.layer_norm(t, t.shape[-1:], w[name + ".weight"], w[name + ".bias"], v.norm_eps)  # noqa: E731
+    x = ln(x, p + "ln_pre")
+    for i in range(v.layers):
+        b = f"{p}transformer.blocks.{i}."
+        q, k, v_ = (ln(x, b + "ln_1") @ w[b + "attn.qkv.weight"].T + w[b + "attn.qkv.bias"]).chunk(3, dim=-1)
+        y = merge(attend(heads(q, v.heads), heads(k, v.heads), heads(v_, v.heads)))
+        x = x + y @ w[b + "attn.proj.weight"].T + w[b + "attn.proj.bias"]
+        h = F.gelu(ln(x, b + "ln_2") @ w[b + "mlp.fc1.weight"].T + w[b + "mlp.fc1.bias"])
+        x = x + h @ w[b + "mlp.fc2.weight"].T + w[b + "mlp.fc2.bias"]
+    tokens = ln(x, p + "ln_post")  # (B, 1 + N, Cv): the decoder's memory
+    image = tokens[:, 0] @ w[p + "proj.weight"].T  # (B, D)
+
+    # the decoder: Llama blocks (RMSNorm, rotary positions counted over real tokens, causal + padding mask,
+    # SwiGLU), the layers from cross_attention_start on also cross-attending to the image tokens
+    rms = lambda t, name: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + d.norm_eps) * w[name]  # noqa: E731
+    B, T = ids.shape
+    hs = d.width // d.heads
+    pos = (mask.cumsum(-1) - 1).clamp(min=0).double()  # (B, T)
+    freqs = pos[..., None] / d.rope_theta ** (
+        torch.arange(0, hs, 2, dtype=torch.float64) / hs
+    )  # (B, T, hs/2)
+    cos, sin = torch.cat([freqs, freqs], -1).cos()[:, None], torch.cat([freqs, freqs], -1).sin()[:, None]
+
+    def rotate(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    allowed = allowed | torch.eye(T, dtype=torch.bool)  # a padded query still sees itself
+    x = w["decoder.embed_tokens.weight"][ids]
+    unimodal = None
+    for i in range(d.layers):
+        b = f"decoder.layers.{i}."
+        if i == d.cross_attention_start:
+            unimodal = x
+        h = rms(x, b + "input_layernorm.weight")
+        q, k, v_ = (h @ w[b + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+        y = attend(rotate(heads(q, d.heads)), rotate(heads(k, d.heads)), heads(v_, d.heads), allowed)
+        x = x + merge(y) @ w[b + "self_attn.o_proj.weight"].T
+        if i >= d.cross_attention_start:
+            h = rms(x, b + "cross_attn_norm.weight")
+            q = h @ w[b + "cross_attn.q_proj.weight"].T
+            k, v_ = (tokens @ w[b + f"cross_attn.{n}_proj.weight"].T for n in "kv")
+            y = attend(heads(q, d.heads), heads(k, d.heads), heads(v_, d.heads))
+            x = x + merge(y) @ w[b + "cross_attn.o_proj.weight"].T
+        h = rms(x, b + "post_attention_layernorm.weight")
+        gate, up = h @ w[b + "mlp.gate_proj.weight"].T, h @ w[b + "mlp.up_proj.weight"].T
+        x = x + (F.silu(gate) * up) @ w[b + "mlp.down_proj.weight"].T
+    hidden = rms(x, "decoder.norm.weight")  # (B, T, C)
+    first_eos = [row.tolist().index(d.eos_token_id) for row in ids]
+    text = rms(unimodal[torch.arange(B), first_eos], "text_norm.weight") @ w["text_proj.weight"].T  # (B, D)
+
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = w["logit_scale"].clamp(max=cfg.max_logit_scale).exp() * image @ text.T  # (B, B)
+    targets = torch.arange(B)
+    contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    token_logits = hidden @ w["decoder.lm_head.weight"].T  # (B, T, V)
+    caption = F.cross_entropy(token_logits[:, :-1].reshape(-1, d.vocab_size), labels[:, 1:].reshape(-1))
+    total = cfg.contrastive_loss_weight * contrastive + cfg.caption_loss_weight * caption
+    return dict(image=image, text=text, hidden=hidden, contrastive=contrastive, caption=caption, loss=total)
+
+
+def test_coca_matches_an_independent_float64_reference():
+    model = tiny_model(seed=3).double()
+    ids, mask = captions([2, 6, 4, 3])
+    pixels = images(4, seed=2).double()
+    labels = caption_labels(ids)
+    out = model(pixels, ids, mask)
+    ours = CoCaLoss(caption_weight=model.cfg.caption_loss_weight)(out, labels, model.decoder.lm_head)
+    ref = reference_coca(model.state_dict(), model.cfg, pixels, ids, mask, labels)
+    torch.testing.assert_close(out.image_features, ref["image"])
+    torch.testing.assert_close(out.text_features, ref["text"])
+    real = mask.bool()
+    torch.testing.assert_close(out.hidden[real], ref["hidden"][real])  # padded positions carry no loss
+    torch.testing.assert_close(ours["contrastive_loss"].double(), ref["contrastive"])
+    torch.testing.assert_close(ours["caption_loss"].double(), ref["caption"])
+    torch.testing.assert_close(ours["loss"].double(), ref["loss"])
+    # and the gradient of the whole loss, through both towers, the decoder and the logit scale
+    ours["loss"].backward()
+    params = dict(model.named_parameters())
+    state = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    reference_coca(state, model.cfg, pixels, ids, mask, labels)["loss"].backward()
+    for k, p in params.items():
+        torch.testing.assert_close(p.grad, state[k].grad, msg=k)

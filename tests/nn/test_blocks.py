@@ -8,17 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from vlmkit.errors import ConfigError
+from vlmkit.nn.attention import Attention, attention
+from vlmkit.nn.mlp import MLP, get_activation
+from vlmkit.nn.packing import Packing
 from vlmkit.nn.patch import AttentionPool, PatchEmbed, resample_pos_embed
-from vlmkit.nn.transformer import (
-    MLP,
-    Attention,
-    Block,
-    Packing,
-    Transformer,
-    attention,
-    get_activation,
-    padding_mask,
-)
+from vlmkit.nn.transformer import Block, Transformer, padding_mask
 
 B, T, C, NH = 3, 7, 16, 4
 HS = C // NH
@@ -454,7 +448,7 @@ def test_attention_pool_bf16_training_matches_float64_reference():
 
 def test_long_sequences_keep_the_fused_kernel():
     """Past the length where the explicit path stops paying, bf16 training attention is SDPA bit for bit."""
-    from vlmkit.nn.transformer import EXPLICIT_ATTENTION_MAX_LEN
+    from vlmkit.nn.attention import EXPLICIT_ATTENTION_MAX_LEN
 
     q, k, v = (randn(1, 2, EXPLICIT_ATTENTION_MAX_LEN + 1, 8, seed=s).bfloat16() for s in (1, 2, 3))
     q.requires_grad_()

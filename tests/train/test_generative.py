@@ -58,7 +58,12 @@ def test_llava_stages_train_save_and_freeze(llava_run):
     assert changed, "the last stage trained nothing"
     # the final evaluations ran through generation and wrote their results
     vqa = json.loads((out / "eval" / "vqa.json").read_text())
-    assert vqa["task"] == "vqa" and 0 <= vqa["metrics"]["accuracy"] <= 1
+    m = vqa["metrics"]
+    assert vqa["task"] == "vqa" and m["num_questions"] == 8  # the smoke recipe's final_eval_limit
+    # the overall accuracy is the question-weighted mean over the question types
+    by_type = sum(m["accuracy_by_type"][t] * m["num_by_type"][t] for t in m["num_by_type"])
+    assert sum(m["num_by_type"].values()) == m["num_questions"]
+    assert m["accuracy"] == pytest.approx(by_type / m["num_questions"])
     assert (out / "eval" / "captioning.json").is_file() and (out / "report.html").is_file()
 
 
@@ -239,4 +244,9 @@ def test_own_data_trains_the_one_stage_recipe(shapes, tmp_path, capsys):
     assert e.value.code == 2 and "llava-tiny" in capsys.readouterr().err
     main(["train", "--recipe", "llava-tiny", "--smoke", "--out", str(tmp_path), *data])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["step"] == 3 and (tmp_path / "eval" / "vqa.json").is_file()
+    assert summary["step"] == 3
+    # trained on the given file and evaluated on the given questions, not the recipe's built-in data
+    run = json.loads((tmp_path / "train_config.json").read_text())["train"]
+    assert run["train_data"] == str(shapes / "train_vqa.jsonl") and run["synthetic_data"] is None
+    vqa = json.loads((tmp_path / "eval" / "vqa.json").read_text())
+    assert vqa["dataset"] == "val_vqa" and vqa["metrics"]["num_questions"] == 8

@@ -100,7 +100,9 @@ def test_run_folder_is_a_model_and_keeps_last_checkpoints(shapes_dir, tmp_path):
         assert (ckpt / f).is_file(), f
     cfg_json = json.loads((ckpt / "train_config.json").read_text())
     assert cfg_json["model"]["text"]["vocab_size"] > 0 and cfg_json["train"]["max_steps"] == 6
-    assert 0.0 <= summary["val/zeroshot_acc1"] <= 1.0
+    # the trainer's in-memory evaluation and the file-based final one agree on the final model
+    final = json.loads((run / "eval" / "zeroshot.json").read_text())["metrics"]
+    assert summary["val/zeroshot_acc1"] == pytest.approx(final["acc1"], abs=1e-6)
     from vlmkit.models.pretrained import load_pretrained
 
     pt = load_pretrained(run)
@@ -227,6 +229,18 @@ def test_grayscale_and_rgba_training_images_work(tmp_path):
 
     summary = train(override(cfg, {"max_steps": 2, "eval_every": 0}))
     assert summary["step"] == 2
+    # no row was skipped: all 16 images of every mode were read, and the model trained on them
+    assert "skipped" not in (tmp_path / "run" / "train.log").read_text()
+    from safetensors.torch import load_file
+
+    from vlmkit.models import create_model
+
+    torch.manual_seed(cfg.seed)  # the run's initial weights (same seed, same config)
+    start = create_model(cfg.model, **json.loads((tmp_path / "run" / "config.json").read_text())["model"])
+    final = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert not torch.equal(
+        final["visual.patch_embed.proj.0.weight"], start.state_dict()["visual.patch_embed.proj.0.weight"]
+    )
 
 
 def test_auto_precision_trains_and_records_its_choice(shapes_dir, tmp_path, caplog):

@@ -16,7 +16,8 @@ from torch import nn
 from vlmkit.errors import ConfigError
 from vlmkit.models.text import TextConfig, TextTransformer
 from vlmkit.models.vit import VisionConfig, VisionTransformer
-from vlmkit.nn.transformer import Attention, Block
+from vlmkit.nn.attention import Attention
+from vlmkit.nn.transformer import Block
 
 
 @dataclass

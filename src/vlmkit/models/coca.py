@@ -24,10 +24,11 @@ from torch import nn
 
 from vlmkit.errors import ConfigError
 from vlmkit.models.clip import CLIP, CLIPOutput, init_tower
-from vlmkit.models.decoder import Decoder, DecoderConfig, RMSNorm
+from vlmkit.models.decoder import Decoder, DecoderConfig
 from vlmkit.models.generation import GenerationConfig, generate
 from vlmkit.models.vit import VisionConfig, VisionTransformer
-from vlmkit.nn.transformer import attention
+from vlmkit.nn.attention import attention
+from vlmkit.nn.norm import RMSNorm
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Llama-style decoder LM: tokens -> blocks (RoPE attention, SwiGLU MLP, RMSNorm) -> norm -> lm_head.
 
-Reads top to bottom: RMSNorm -> rotary embedding -> Attention (self, cross) -> MLP -> Block -> Decoder.
+Reads top to bottom: DecoderConfig -> Block -> Decoder; the blocks' parts (RMSNorm, rotary embeddings,
+grouped-query self- and cross-attention, SwiGLU) are the shared ones in `vlmkit.nn`.
 Module names, separate q/k/v projections and the rotate_half RoPE layout are those of Hugging Face's
 LlamaForCausalLM, so Llama weights load one to one (models/hf_llama.py). Layers i >= `cross_attention_start`
 add a cross-attention sub-block over `encoder_states`: CoCa's multimodal text decoder, whose layers below
@@ -9,7 +10,7 @@ KVCache (nn/kv_cache.py); generation itself lives in models/generation.py.
 
 Training batches are right-padded: their real tokens are packed (nn/transformer.py `Packing`), so the
 projections, norms and MLPs never run on padding, and only attention sees (B, T) rows. Attention is the
-shared `vlmkit.nn.transformer.attention` (explicit matmuls for bf16 training on CPU, SDPA otherwise).
+shared `vlmkit.nn.attention.attention` (explicit matmuls for bf16 training on CPU, SDPA otherwise).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkit.errors import ConfigError
+from vlmkit.nn.attention import CrossAttention, SelfAttention
 from vlmkit.nn.kv_cache import KVCache
-from vlmkit.nn.transformer import Packing, attention
+from vlmkit.nn.mlp import SwiGLU
+from vlmkit.nn.norm import RMSNorm
+from vlmkit.nn.packing import Packing
+from vlmkit.nn.rope import rotary_cos_sin
 
 
 def llama_mlp_hidden(width: int, multiple_of: int = 256) -> int:
@@ -102,158 +106,21 @@ class DecoderOutput:
     unimodal: Tensor | None  # (B, T, C) output of the last layer before cross_attention_start (not normed)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 (a bf16 mean of squares loses precision), scale in the input dtype, as Llama.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rotary_cos_sin(
-    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles for (B, T) positions: two (B, 1, T, hs) tensors.
-
-    Angles are computed in float32 on every call (cheap) rather than read from a buffer, so casting the model
-    to bf16 cannot round the frequencies.
-    """
-    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / theta**exponent  # (hs/2,)
-    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hs/2)
-    # Llama's layout: channel i rotates with channel i + hs/2 (rotate_half), not with its neighbour i + 1.
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # In x's dtype: under bf16 autocast the projections give bf16 q and k, and float32 angles would promote
-    # them (a slower rotation, and attention inputs of mixed dtypes).
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)  # (B, nh, T, hs)
-
-
-class Attention(nn.Module):
-    """Grouped-query attention: nh query heads share nkv key/value heads (nh // nkv queries per kv head)."""
-
-    def __init__(self, cfg: DecoderConfig, kv_dim: int):
-        super().__init__()
-        self.nh, self.nkv, self.hs = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.width, self.nh * self.hs, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(kv_dim, self.nkv * self.hs, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(kv_dim, self.nkv * self.hs, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.nh * self.hs, cfg.width, bias=cfg.attention_bias)
-
-    def split(self, x: Tensor, n: int, packing: Packing | None = None) -> Tensor:
-        """(B, T, n * hs), or packed tokens (N, n * hs) with `packing`, -> (B, n, T, hs)"""
-        if packing is not None:
-            x = packing.unpack(x)
-        B, T, _ = x.shape
-        return x.view(B, T, n, self.hs).transpose(1, 2)  # (B, n, T, hs)
-
-    def attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None,
-        is_causal: bool = False,
-        packing: Packing | None = None,
-    ) -> Tensor:
-        if self.nkv != self.nh and mask is not None:
-            # SDPA's own GQA path has no masked kernel on GPU; repeating k/v keeps the fast one (as HF does).
-            k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        # SDPA, or in bf16 training on CPU two matmuls and a float32 softmax (vlmkit.nn.transformer.attention)
-        y = attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.nkv != self.nh and mask is None
-        )  # (B, nh, T, hs)
-        B, _, T, _ = y.shape
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, C)
-        return self.o_proj(packing.pack(y) if packing is not None else y)  # (B, T, C) or packed (N, C)
-
-
-class SelfAttention(Attention):
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__(cfg, cfg.width)
-
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        mask: Tensor | None,
-        is_causal: bool,
-        cache: KVCache | None,
-        layer: int,
-        packing: Packing | None = None,
-    ) -> Tensor:
-        q = apply_rotary(self.split(self.q_proj(x), self.nh, packing), *rope)  # (B, nh, T, hs)
-        k = apply_rotary(self.split(self.k_proj(x), self.nkv, packing), *rope)  # (B, nkv, T, hs)
-        v = self.split(self.v_proj(x), self.nkv, packing)  # (B, nkv, T, hs)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): cached tokens + these
-        return self.attend(q, k, v, mask, is_causal, packing)
-
-
-class CrossAttention(Attention):
-    """Queries from the text, keys and values from `encoder_states` (no positions: image tokens are a set)."""
-
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__(cfg, cfg.encoder_width)
-
-    def forward(
-        self,
-        x: Tensor,
-        encoder_states: Tensor | None,
-        encoder_mask: Tensor | None,
-        cache: KVCache | None,
-        layer: int,
-        packing: Packing | None = None,
-    ) -> Tensor:
-        q = self.split(self.q_proj(x), self.nh, packing)  # (B, nh, T, hs)
-        if cache is not None and layer in cache.cross:
-            k, v = cache.cross[layer]  # the encoder does not change while decoding: project it once
-        else:
-            k = self.split(self.k_proj(encoder_states), self.nkv)  # (B, nkv, N, hs)
-            v = self.split(self.v_proj(encoder_states), self.nkv)
-            if cache is not None:
-                cache.cross[layer] = (k, v)
-        return self.attend(q, k, v, encoder_mask, packing=packing)
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_hidden, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.width, cfg.mlp_hidden, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.width, bias=cfg.mlp_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + self_attn(norm(x)) [+ cross_attn(norm(x), enc)], then x + mlp(norm(x))."""
 
     def __init__(self, cfg: DecoderConfig, cross: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.width, cfg.norm_eps)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg.width, cfg.heads, cfg.kv_heads, cfg.attention_bias)
         self.cross_attn_norm = RMSNorm(cfg.width, cfg.norm_eps) if cross else None
-        self.cross_attn = CrossAttention(cfg) if cross else None
+        self.cross_attn = (
+            CrossAttention(cfg.width, cfg.heads, cfg.kv_heads, cfg.encoder_width, cfg.attention_bias)
+            if cross
+            else None
+        )
         self.post_attention_layernorm = RMSNorm(cfg.width, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden, cfg.mlp_bias)
 
     def forward(
         self,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.models.decoder import Decoder, DecoderConfig, DecoderOutput
 from vlmkit.models.vit import VisionConfig, VisionTransformer
-from vlmkit.nn.transformer import get_activation
+from vlmkit.nn.mlp import get_activation
 
 PARTS = ("vision_tower", "projector", "language_model")
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from vlmkit.errors import ConfigError
-from vlmkit.nn.transformer import Packing, Transformer, padding_mask
+from vlmkit.nn.packing import Packing
+from vlmkit.nn.transformer import Transformer, padding_mask
 
 
 @dataclass

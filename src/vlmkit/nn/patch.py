@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.nn.transformer import MLP, attention
+from vlmkit.nn.attention import attention
+from vlmkit.nn.mlp import MLP
 
 
 class PatchEmbed(nn.Module):

@@ -1,8 +1,7 @@
-"""Pre-norm transformer blocks shared by every tower: MLP -> Attention -> Block -> Transformer.
+"""Pre-norm transformer blocks shared by the image and text towers: Packing -> Block -> Transformer.
 
-Attention is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CPU and GPU), except
-bf16 training on CPU, where two batched matmuls and a softmax are much faster (see `attention`).
-q, k and v come from one fused projection: one large matmul is faster than three small ones.
+A block is `x + attn(ln(x))`, then `x + mlp(ln(x))`, with the fused-qkv `Attention` (nn/attention.py) and the
+GELU `MLP` (nn/mlp.py).
 """
 
 from __future__ import annotations
@@ -11,136 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    # The sigmoid approximation of GELU that OpenAI's CLIP was trained with.
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": quick_gelu,
-}
-
-
-def get_activation(name: str):
-    if name not in ACTIVATIONS:
-        from vlmkit.errors import ConfigError
-
-        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", out_dim: int | None = None):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
-        self.act_name = act
-        self.act = get_activation(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-# Longest key sequence for which `attention` trains in bf16 on CPU with explicit matmuls rather than the
-# flash kernel: measured faster up to 257 tokens (ViT-L/14 at 224), slower at 577 (ViT-L/14 at 336).
-EXPLICIT_ATTENTION_MAX_LEN = 320
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs) + mask) v for (B, nh, T, hs) inputs; a boolean `attn_mask` is True = attend.
-
-    This is `F.scaled_dot_product_attention`, except when training in bf16/fp16 on CPU on short sequences:
-    there the backward of its flash kernel is ~4x slower than two batched matmuls and a float32 softmax.
-    `enable_gqa`: k and v have fewer heads (B, nkv, S, hs), each shared by nh // nkv query heads.
-    """
-    explicit = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
-    if not explicit or k.shape[-2] > EXPLICIT_ATTENTION_MAX_LEN:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa
-        )
-    if enable_gqa and k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, S, hs)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    T, S = q.shape[-2], k.shape[-2]
-    att = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, nh, T, S), scaled in float32
-    if is_causal:  # adding a -inf triangle is cheaper than a masked fill
-        att = att + torch.full((T, S), float("-inf"), device=q.device).triu(1)
-    elif attn_mask is not None:
-        att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
-    return att.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
-
-
-class Packing:
-    """Rows of different lengths packed into one (N, C) tensor of their N real tokens, without padding.
-
-    Row b holds tokens 0 .. lengths[b]-1 of a (B, T) batch. The per-token layers (norms, projections, MLP)
-    run on the packed tokens; only attention, which needs each row's sequence, unpacks them to (B, T, .)
-    and back. A causal tower read out at each row's last real token (CLIP's end-of-text) computes nothing
-    for the padding after it, which no real token can see.
-    """
-
-    def __init__(self, lengths: torch.Tensor, T: int):
-        B = lengths.shape[0]
-        self.B, self.T = B, T
-        keep = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
-        self.index = keep.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened (B * T)
-        self.last = lengths.cumsum(0) - 1  # (B,) each row's last token in the packed (N,)
-
-    @classmethod
-    def maybe(cls, lengths: torch.Tensor, T: int, min_saving: float = 0.15) -> Packing | None:
-        """A packing when it removes at least `min_saving` of the B x T tokens (else None: not worth it)."""
-        return cls(lengths, T) if int(lengths.sum()) <= (1 - min_saving) * lengths.shape[0] * T else None
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) -> (N, ...)"""
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (B, T, D) with zeros at the padding."""
-        out = x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.index, x)
-        return out.view(self.B, self.T, -1)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        packing: Packing | None = None,
-    ) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with `packing`, packed tokens (N, C) -> (N, C)."""
-        qkv = self.qkv(x)
-        if packing is not None:
-            qkv = packing.unpack(qkv)  # (N, 3C) -> (B, T, 3C)
-        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        hs = C // self.num_heads
-        # Three views of one matmul's output; in bf16 training split's backward beat unbind's on the text tower.
-        q, k, v = (t.view(B, T, self.num_heads, hs).transpose(1, 2) for t in qkv.split(C, dim=-1))
-        y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        if packing is not None:
-            y = packing.pack(y)  # (N, C)
-        return self.proj(y)
+from vlmkit.nn.attention import Attention, attention
+from vlmkit.nn.mlp import MLP
+from vlmkit.nn.packing import Packing
 
 
 class Block(nn.Module):
