@@ -9,9 +9,9 @@
             identical weights. Each greedily generates `--new-tokens` tokens for one image and a short
             text prompt (image placeholders already expanded, as transformers' processor does). transformers
             runs with its defaults (DynamicCache), under `torch.inference_mode()`, with "sdpa" and "eager"
-            attention; the faster is the peer. Target: vlmkit >= 1.0x. Without models/hf_llava.py
+            attention; the faster is the peer. Target: vlmkit >= 1.0x. Without convert/llava.py
             (`--peer llama`) the same comparison runs on a transformers `LlamaForCausalLM` loaded with
-            models/hf_llama.py's converter.
+            convert/llama.py's converter.
 
 Both in fp32 and/or bf16 (weights cast with `.to(torch.bfloat16)`). Each round runs every contender once, in
 an order that rotates; tokens/s is new tokens / the median time of the whole `generate` call (prefill
@@ -130,10 +130,10 @@ def bench_vs_hf(args, precisions: list[torch.dtype]) -> dict:
     peer = args.peer
     if peer == "llava":
         try:
-            from vlmkit.models.hf_llava import load_hf_llava
+            from vlmkit.convert.llava import load_hf_llava
         except ImportError:
             print(
-                "\n(b) vlmkit.models.hf_llava is missing: comparing on LlamaForCausalLM instead (--peer llama)"
+                "\n(b) vlmkit.convert.llava is missing: comparing on LlamaForCausalLM instead (--peer llama)"
             )
             peer = "llama"
     g = torch.Generator().manual_seed(2)
@@ -156,7 +156,7 @@ def bench_vs_hf(args, precisions: list[torch.dtype]) -> dict:
             )
             pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
         else:
-            from vlmkit.models.hf_llama import decoder_config_from_hf, decoder_state_from_hf
+            from vlmkit.convert.llama import decoder_config_from_hf, decoder_state_from_hf
 
             folder = Path(tmp) / "llama"
             torch.manual_seed(0)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmkit.models.pretrained import load_pretrained
+from vlmkit.convert import load_pretrained
 from vlmkit.runtime import describe_machine, resolve_precision
 
 B32 = dict(

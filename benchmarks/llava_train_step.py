@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.convert.llava import load_hf_llava
 from vlmkit.losses.captioning import next_token_loss
-from vlmkit.models.hf_llava import load_hf_llava
 from vlmkit.runtime import describe_machine, resolve_precision
 
 IMAGE_ID = 3

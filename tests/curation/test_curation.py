@@ -112,7 +112,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def reference_features(model_dir: Path, images: list[Path], captions: list[str]):
     """Float64 image and caption embeddings with the model's own encoders, normalised in float64."""
-    from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.convert import load_pretrained
 
     pt = load_pretrained(model_dir)
     model = pt.model.double()
@@ -290,7 +290,7 @@ def test_model_score_matches_float64_reference(tmp_path, model_dir):
 def test_model_score_with_a_hugging_face_folder_matches_transformers(tmp_path):
     """A transformers CLIP folder scores pairs as transformers itself does (its processor and tokenizer)."""
     transformers = pytest.importorskip("transformers")
-    from vlmkit.models.hf import save_hf
+    from vlmkit.convert.clip import save_hf
     from vlmkit.models.registry import create_model
 
     torch.manual_seed(0)

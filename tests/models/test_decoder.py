@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmkit.errors import ConfigError
-from vlmkit.models.decoder import Decoder, DecoderConfig, right_padded_packing
-from vlmkit.models.hf_llama import (
+from vlmkit.convert.llama import (
     decoder_config_from_hf,
     decoder_config_to_hf,
     decoder_state_from_hf,
     decoder_state_to_hf,
 )
+from vlmkit.errors import ConfigError
+from vlmkit.models.decoder import Decoder, DecoderConfig, right_padded_packing
 
 transformers = pytest.importorskip("transformers")
 

@@ -129,7 +129,7 @@ def test_beam_search_cache_matches_recompute_with_cross_attention():
 
 def test_matches_transformers_greedy_and_beam(eos):
     transformers = pytest.importorskip("transformers")
-    from vlmkit.models.hf_llama import decoder_config_from_hf, decoder_state_from_hf
+    from vlmkit.convert.llama import decoder_config_from_hf, decoder_state_from_hf
 
     hf_cfg = transformers.LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

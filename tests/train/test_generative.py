@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from vlmkit.cli import main
+from vlmkit.convert import load_pretrained
 from vlmkit.data.synthetic import generate
 from vlmkit.data.vqa import write_tasks
 from vlmkit.errors import ConfigError, NoSupervisedTokensError
-from vlmkit.models.pretrained import load_pretrained
-from vlmkit.pipeline import VLMPipeline
+from vlmkit.inference import VLMPipeline
 from vlmkit.recipes import CLIP_STAGE, get_recipe, smoke
 from vlmkit.train import TrainConfig
 from vlmkit.train import train as train_generative

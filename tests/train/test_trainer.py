@@ -103,7 +103,7 @@ def test_run_folder_is_a_model_and_keeps_last_checkpoints(shapes_dir, tmp_path):
     # the trainer's in-memory evaluation and the file-based final one agree on the final model
     final = json.loads((run / "eval" / "zeroshot.json").read_text())["metrics"]
     assert summary["val/zeroshot_acc1"] == pytest.approx(final["acc1"], abs=1e-6)
-    from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.convert import load_pretrained
 
     pt = load_pretrained(run)
     img = torch.randn(2, 3, 32, 32)

@@ -22,10 +22,11 @@ from vlmkit.cli.transfer import (
     transfer_overrides,
 )
 from vlmkit.config import override
+from vlmkit.convert import load_pretrained
 from vlmkit.data.manifest import read_manifest
 from vlmkit.errors import ConfigError, DataError, VlmkitError
 from vlmkit.models import CLIP, create_model
-from vlmkit.models.pretrained import load_pretrained, save_pretrained
+from vlmkit.models.pretrained import save_pretrained
 from vlmkit.recipes import get_recipe, smoke
 from vlmkit.train import TrainConfig, Trainer, train
 from vlmkit.train.checkpoint import list_checkpoints
@@ -116,8 +117,8 @@ def test_init_from_starts_from_the_exact_weights_tokenizer_and_preprocessing(sha
 
 
 def test_init_from_a_hugging_face_folder(shapes_dir, source, tmp_path):
+    from vlmkit.convert.clip import save_hf
     from vlmkit.data.transforms import PreprocessConfig
-    from vlmkit.models.hf import save_hf
 
     tok = load_pretrained(source).tokenizer
     small = {

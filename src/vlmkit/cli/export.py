@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmkit.convert.clip import layout_of, save_hf
 from vlmkit.errors import ConfigError
-from vlmkit.models.hf import layout_of, save_hf
 
 
 def register_export_cli(subparsers) -> None:
@@ -29,7 +29,7 @@ def register_export_cli(subparsers) -> None:
 
 
 def cmd_export(args) -> None:
-    from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.convert import load_pretrained
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -39,7 +39,7 @@ def cmd_export(args) -> None:
 
     family = model_family(pt.model.cfg)
     if family == "llava":
-        from vlmkit.models.hf_llava import save_hf_llava
+        from vlmkit.convert.llava import save_hf_llava
 
         save_hf_llava(pt.model, out, pt.tokenizer, pt.preprocess)
         print(

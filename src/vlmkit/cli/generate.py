@@ -1,5 +1,5 @@
 """The CLI of the generative models: `vlmkit caption`, `vlmkit chat`, `vlmkit eval captioning|vqa` and
-`vlmkit data tasks`. Thin wrappers over `vlmkit.pipeline.VLMPipeline` and `vlmkit.eval.vqa`."""
+`vlmkit data tasks`. Thin wrappers over `vlmkit.inference.generate.VLMPipeline` and `vlmkit.eval.vqa`."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _generation(args) -> dict:
 
 def _pipeline(args):
     from vlmkit.cli.main import _device
-    from vlmkit.pipeline import VLMPipeline
+    from vlmkit.inference import VLMPipeline
 
     return VLMPipeline.from_pretrained(args.model, device=_device(args.device), precision=args.precision)
 

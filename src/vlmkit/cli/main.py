@@ -330,9 +330,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval_zeroshot(args) -> None:
+    from vlmkit.convert import load_pretrained
     from vlmkit.eval.templates import load_templates
     from vlmkit.eval.zeroshot import evaluate_zeroshot
-    from vlmkit.models.pretrained import load_pretrained
 
     pt = load_pretrained(args.model, _device(args.device))
     out_dir = Path(args.output).parent if args.output else None
@@ -354,8 +354,8 @@ def cmd_eval_zeroshot(args) -> None:
 
 
 def cmd_eval_retrieval(args) -> None:
+    from vlmkit.convert import load_pretrained
     from vlmkit.eval.retrieval import evaluate_retrieval
-    from vlmkit.models.pretrained import load_pretrained
 
     pt = load_pretrained(args.model, _device(args.device))
     out_dir = Path(args.output).parent if args.output else None
@@ -374,8 +374,8 @@ def cmd_eval_retrieval(args) -> None:
 
 
 def cmd_eval_linear_probe(args) -> None:
+    from vlmkit.convert import load_pretrained
     from vlmkit.eval.linear_probe import evaluate_linear_probe
-    from vlmkit.models.pretrained import load_pretrained
 
     pt = load_pretrained(args.model, _device(args.device))
     results = evaluate_linear_probe(
@@ -401,50 +401,28 @@ def _require_tokenizer(pt, where: str):
     return pt.tokenizer
 
 
-def _load_images(paths: list[str], preprocess):
-    import torch
-
-    from vlmkit.data.transforms import ImageDecodeError, ImageTransform, load_image
-
-    tf = ImageTransform(preprocess, train=False)
-    try:
-        return torch.stack([tf(load_image(p)) for p in paths])
-    except ImageDecodeError as e:
-        raise VlmkitError(str(e)) from e
-
-
-def _unit(features):
-    """Embeddings as unit-norm float32 on the CPU (normalised in float32, also after bf16 autocast)."""
-    import torch.nn.functional as F
-
-    return F.normalize(features.float(), dim=-1).cpu()
-
-
 def cmd_embed(args) -> None:
-    import torch
-
-    from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.convert import load_pretrained
+    from vlmkit.inference import embed_images, embed_texts
 
     if not args.image and not args.text:
         raise VlmkitError("nothing to embed: pass --image FILE ... and/or --text TEXT ...")
     device = _device(args.device)
+    precision = _precision(args, device)
     pt = load_pretrained(args.model, device)
     out = {}
-    with torch.no_grad(), _precision(args, device).autocast(device):
-        if args.image:
-            images = _load_images(args.image, pt.preprocess)
-            out["image_embeds"] = torch.cat(
-                [
-                    _unit(pt.model.encode_image(images[i : i + args.batch_size].to(device)))
-                    for i in range(0, len(images), args.batch_size)
-                ]
-            )
-        if args.text:
-            tokens = _require_tokenizer(pt, args.model)(args.text)
-            out["text_embeds"] = _unit(pt.model.encode_text(tokens.to(device)))
+    if args.image:
+        out["image_embeds"] = embed_images(
+            pt.model, pt.preprocess, args.image, device, precision, args.batch_size
+        )
+    if args.text:
+        out["text_embeds"] = embed_texts(
+            pt.model, _require_tokenizer(pt, args.model), args.text, device, precision
+        )
     if args.output:
         if args.output.endswith(".npy"):
             import numpy as np
+            import torch
 
             np.save(args.output, torch.cat(list(out.values())).numpy())
         else:
@@ -461,33 +439,19 @@ def cmd_embed(args) -> None:
 
 
 def cmd_classify(args) -> None:
-    import torch
-
+    from vlmkit.convert import load_pretrained
     from vlmkit.eval.templates import load_templates
-    from vlmkit.eval.zeroshot import build_zeroshot_classifier
-    from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.inference import classify
 
     device = _device(args.device)
     pt = load_pretrained(args.model, device)
-    precision = _precision(args, device)
     tokenizer = _require_tokenizer(pt, args.model)
-    with torch.no_grad():
-        clf = build_zeroshot_classifier(
-            pt.model,
-            tokenizer,
-            args.labels,
-            load_templates(args.templates),
-            device=device,
-            bf16=precision.bf16,
-        )  # (D, C) on the CPU
-        with precision.autocast(device):
-            image = _load_images([args.image], pt.preprocess).to(device)
-            feats = _unit(pt.model.encode_image(image))  # (1, D)
-        scale, bias = (v.float().cpu() if v is not None else None for v in pt.model.scale_and_bias())
-        logits = scale * feats @ clf  # (1, C)
-        probs = torch.sigmoid(logits + bias) if bias is not None else logits.softmax(dim=-1)
-    for i in probs[0].argsort(descending=True).tolist():
-        print(f"{probs[0, i].item():.4f}  {args.labels[i]}")
+    ranked = classify(
+        pt.model, tokenizer, pt.preprocess, args.image, args.labels, load_templates(args.templates), device,
+        _precision(args, device),
+    )  # fmt: skip
+    for label, prob in ranked:
+        print(f"{prob:.4f}  {label}")
 
 
 def cmd_env(args) -> None:

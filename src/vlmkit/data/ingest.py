@@ -1,5 +1,7 @@
 """Turn every supported input into one stream of `InputRecord`s for the shard writer.
 
+(Over 500 lines: one reader per input format, all producing the same record with the same error rules.)
+
 Inputs: an image-caption manifest (JSONL / CSV / TSV), an image folder (sidecar `.txt` captions or
 ImageFolder class names), a Hugging Face `datasets` folder written by `save_to_disk` (read with pyarrow
 only), and parquet files with an image column and a text column.

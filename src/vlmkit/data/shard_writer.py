@@ -1,5 +1,8 @@
 """Write image-text data as WebDataset tar shards, the way img2dataset lays them out.
 
+(Over 500 lines: resizing, encoding, worker processes, the per-shard stats and the failure accounting
+of one writer, which must agree byte for byte across worker counts.)
+
     OUT/00000.tar            {key}.jpg, {key}.txt (UTF-8 caption), {key}.json per successful sample
     OUT/00000_stats.json     count, successes, failed, failures by reason, timing
     OUT/00000.parquet        one row per input, failed ones included with their reason

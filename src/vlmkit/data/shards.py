@@ -1,5 +1,8 @@
 """Reading WebDataset tar shards (img2dataset layout) for training, evaluation and curation.
 
+(Over 500 lines: the shard spec, the stream with its resumable position and the skip accounting are
+one reader.)
+
     urls = expand_shards("data/shards/{00000..00127}.tar")
     n = count_samples(urls)                        # from the per-shard _stats.json files
     for s in iter_samples(urls, stats=SkipStats()):  # in order, in this process

@@ -1,5 +1,8 @@
 """The built-in synthetic "shapes" dataset: coloured shapes on a light, optionally speckled background.
 
+(Over 500 lines: scene sampling, rendering, captions and the noisy-pool corruptions share one seeded
+generator and one metadata format, and change together.)
+
 Every image comes with structured metadata (colour, shape, size, box and position of each object),
 so one dataset serves captioning, contrastive training, classification, counting and VQA. Rendering
 uses Pillow and NumPy only. Each image draws from its own seed `(seed, stream, index)`, so the files

@@ -56,7 +56,7 @@ def quickstart(
     )
     train(cfg)
     print("[3/4] linear probe on frozen image features")
-    from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.convert import load_pretrained
     from vlmkit.runtime import resolve_precision
 
     pt = load_pretrained(run)

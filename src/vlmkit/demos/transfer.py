@@ -99,9 +99,9 @@ def transfer_demo(
     `time_budget` is minutes of pretraining (None: the recipe's step budget). `data_args`,
     `recipe_overrides` (pretraining) and `finetune` (every fine-tuning run) exist to make tests tiny.
     """
+    from vlmkit.convert import load_pretrained
     from vlmkit.data.synthetic import generate, is_current
     from vlmkit.eval.linear_probe import evaluate_linear_probe
-    from vlmkit.models.pretrained import load_pretrained
     from vlmkit.recipes import get_recipe
     from vlmkit.train import train
     from vlmkit.train.transfer import imagefolder_to_manifest, prepare_model, wise_ft, zeroshot_accuracy

@@ -3,7 +3,7 @@
 Reads top to bottom: DecoderConfig -> Block -> Decoder; the blocks' parts (RMSNorm, rotary embeddings,
 grouped-query self- and cross-attention, SwiGLU) are the shared ones in `vlmkit.nn`.
 Module names, separate q/k/v projections and the rotate_half RoPE layout are those of Hugging Face's
-LlamaForCausalLM, so Llama weights load one to one (models/hf_llama.py). Layers i >= `cross_attention_start`
+LlamaForCausalLM, so Llama weights load one to one (convert/llama.py). Layers i >= `cross_attention_start`
 add a cross-attention sub-block over `encoder_states`: CoCa's multimodal text decoder, whose layers below
 that index are the unimodal text encoder. Incremental decoding writes keys and values into a preallocated
 KVCache (nn/kv_cache.py); generation itself lives in models/generation.py.

@@ -8,7 +8,7 @@ The prompt already holds `num_image_tokens` copies of `image_token_id` per image
 expands `<image>`, as Hugging Face's LlavaProcessor does); the model writes the image features over those
 positions in order, so one batch may hold any number of images per row. Parameter names start with
 `vision_tower.`, `projector.` or `language_model.`, so a training stage freezes parts by name (`freeze`).
-Hugging Face `LlavaForConditionalGeneration` import / export: vlmkit.models.hf_llava.
+Hugging Face `LlavaForConditionalGeneration` import / export: vlmkit.convert.llava.
 """
 
 from __future__ import annotations

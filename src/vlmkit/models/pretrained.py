@@ -7,8 +7,8 @@ A vlmkit model folder (a finished training run, or any checkpoint inside one) ho
     tokenizer.json      the Hugging Face `tokenizers` file the model was trained with
     preprocess.json     image size, mean/std, resize mode
 
-`load_pretrained` also reads Hugging Face CLIP / SigLIP folders (a `config.json` with "model_type"; see
-`vlmkit.models.hf`), so every command that takes `--model` accepts either kind.
+`vlmkit.convert.load_pretrained` reads these and Hugging Face CLIP / SigLIP / LLaVA folders (a `config.json`
+with "model_type"), so every command that takes `--model` accepts either kind.
 """
 
 from __future__ import annotations
@@ -92,29 +92,20 @@ def _json(d: dict) -> str:
     return json.dumps(d, indent=2) + "\n"
 
 
-def is_model_dir(path: str | Path) -> bool:
-    """True for a vlmkit model folder or a Hugging Face CLIP/SigLIP-style folder (config.json + weights)."""
-    from vlmkit.models.hf import is_hf_dir
-
+def is_vlmkit_dir(path: str | Path) -> bool:
+    """True for a folder with vlmkit's weights and config.json."""
     path = Path(path)
-    return ((path / WEIGHTS).is_file() and (path / CONFIG).is_file()) or is_hf_dir(path)
+    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Load a model folder, vlmkit's or Hugging Face's: model (eval mode), tokenizer and preprocessing config."""
+def load_vlmkit(path: str | Path, meta: dict, device: str | torch.device = "cpu") -> Pretrained:
+    """Load a vlmkit model folder whose config.json holds `meta`: model (eval mode), tokenizer and
+    preprocessing config. (`vlmkit.convert.load_pretrained` reads Hugging Face folders too.)"""
     from vlmkit.data.tokenizer import Tokenizer
     from vlmkit.data.transforms import PreprocessConfig
-    from vlmkit.models.hf import load_hf
 
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"model folder not found: {path}")
-    if not (path / CONFIG).is_file():
-        raise ConfigError(f"{path} is not a model folder: expected {CONFIG} and {WEIGHTS} in it")
-    meta = load_json(path / CONFIG)
-    if isinstance(meta, dict) and "model_type" in meta and "model" not in meta:
-        return load_hf(path, device)  # a Hugging Face folder
-    if not is_model_dir(path):
+    if not is_vlmkit_dir(path):
         raise ConfigError(f"{path} is not a model folder: expected {WEIGHTS} and {CONFIG} in it")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ConfigError(f"{path / CONFIG}: no 'model' key; is this a vlmkit model folder?")

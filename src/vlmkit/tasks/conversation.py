@@ -40,7 +40,7 @@ class ConversationTask(Task):
             raise ConfigError("no training data: pass --train-data CONVERSATIONS.jsonl (LLaVA format)")
         self.vision_source = None
         if cfg.vision_init_from and not cfg.init_from:
-            from vlmkit.models.pretrained import load_pretrained
+            from vlmkit.convert import load_pretrained
             from vlmkit.models.registry import task_name
 
             source = load_pretrained(cfg.vision_init_from)
@@ -144,7 +144,7 @@ class ConversationTask(Task):
         return {"rows": rows, "captions": {f: r[0].get("type") == "caption" for f, r in files.items()}}
 
     def pipeline(self, model: nn.Module):
-        from vlmkit.pipeline import VLMPipeline
+        from vlmkit.inference import VLMPipeline
 
         t = self.trainer
         return VLMPipeline(model, t.tokenizer, t.preprocess, t.device, precision=t.precision.name)

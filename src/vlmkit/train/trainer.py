@@ -1,5 +1,8 @@
 """The one training loop, for every model family: one process or many under `torchrun`.
 
+(Over 500 lines: it is the one Trainer; what differs between families lives in `vlmkit.tasks`, shard
+streaming in shard_feed.py, stages in stages.py, parallelism in parallelize.py.)
+
     cfg = get_recipe("clip-tiny", train_data="train.jsonl", out="runs/demo")
     Trainer(cfg).fit()          # or vlmkit.train.train(cfg), which also runs multi-stage recipes
 
@@ -211,7 +214,7 @@ class Trainer:
     def _load_init_from(self):
         """The `init_from` model folder, loaded (vlmkit run or Hugging Face folder) on this process's device,
         with `init_overrides` applied to its config."""
-        from vlmkit.models.pretrained import load_pretrained
+        from vlmkit.convert import load_pretrained
         from vlmkit.models.registry import build_model
 
         cfg = self.cfg

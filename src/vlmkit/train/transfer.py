@@ -169,7 +169,7 @@ def _first_difference(a, b, where: str = "") -> str:
 
 
 def _load_pair(zeroshot_dir, finetuned_dir, device="cpu"):
-    from vlmkit.models.pretrained import load_pretrained
+    from vlmkit.convert import load_pretrained
 
     zs, ft = load_pretrained(zeroshot_dir, device), load_pretrained(finetuned_dir, device)
     a, b = to_dict(zs.model.cfg), to_dict(ft.model.cfg)
@@ -275,9 +275,9 @@ def zeroshot_accuracy(
     device: str | torch.device = "cpu",
 ) -> dict:
     """{"acc1", "mean_per_class_recall"} of the model folder's zero-shot classifier on an ImageFolder."""
+    from vlmkit.convert import load_pretrained
     from vlmkit.eval.templates import load_templates
     from vlmkit.eval.zeroshot import evaluate_zeroshot
-    from vlmkit.models.pretrained import load_pretrained
 
     pt = load_pretrained(model_dir, device)
     if pt.tokenizer is None:

@@ -16,12 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from vlmkit.cli.export import register_export_cli
 from vlmkit.config import save_json
+from vlmkit.convert import is_model_dir, load_pretrained
+from vlmkit.convert.clip import ACTS_TO_HF, config_from_hf, save_hf
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import PreprocessConfig
 from vlmkit.errors import ConfigError
 from vlmkit.models import create_model
-from vlmkit.models.hf import ACTS_TO_HF, config_from_hf, save_hf
-from vlmkit.models.pretrained import is_model_dir, load_pretrained, save_pretrained
+from vlmkit.models.pretrained import save_pretrained
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -1,5 +1,9 @@
 """Hugging Face CLIP / SigLIP checkpoint folders <-> vlmkit dual encoders.
 
+One file over 500 lines, as the layout has one adapter per family: the config mapping, the weight-name
+rules and loading / saving of both layouts (CLIP, SigLIP) read together; the model card and image
+preprocessing live beside it (card.py, preprocess.py).
+
 A Hugging Face folder holds `config.json` (with "model_type": "clip" or "siglip"), weights
 (`model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin`, read with
 `torch.load(weights_only=True)` only), `tokenizer.json` (+ `tokenizer_config.json`) and
@@ -25,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import vlmkit
 from vlmkit.config import atomic_write_text, load_json
+from vlmkit.convert.preprocess import preprocess_from_hf, preprocess_to_hf
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import PreprocessConfig
 from vlmkit.errors import ConfigError
@@ -57,8 +61,6 @@ ACTS_FROM_HF = {
 }
 ACTS_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # PIL.Image.Resampling values, as preprocessor_config.json stores "resample"
-RESAMPLE_FROM_HF = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}
-RESAMPLE_TO_HF = {v: k for k, v in RESAMPLE_FROM_HF.items()}
 
 # transformers' defaults for what a config.json may leave out (CLIPTextConfig, SiglipVisionConfig, ...)
 _DEFAULTS = {
@@ -573,117 +575,6 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# image preprocessing
-
-
-def _size(value, where: str, key: str) -> dict:
-    """A preprocessor size: an int (the shortest edge, as transformers reads it) or a dict."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return {"shortest_edge": value}
-    if isinstance(value, dict):
-        return value
-    raise ConfigError(f"{where}: {key} must be an integer or an object, got {value!r}")
-
-
-def preprocess_from_hf(d: dict, where: str) -> PreprocessConfig:
-    """The vlmkit PreprocessConfig equal to a CLIP / SigLIP image processor's `preprocessor_config.json`.
-
-    CLIPImageProcessor: resize the shortest edge to `size`, centre crop `crop_size`. SiglipImageProcessor:
-    resize to `size` height x width, no crop. Both rescale by 1/255 and normalise with image_mean/std.
-    """
-    kind = d.get("image_processor_type") or d.get("feature_extractor_type") or ""
-    if kind.startswith("CLIP"):
-        defaults = dict(
-            size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True
-        )
-        mean_std = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    elif kind.startswith("Siglip"):
-        defaults = dict(size={"height": 224, "width": 224}, crop_size=None, do_center_crop=False)
-        mean_std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    else:
-        raise ConfigError(
-            f"{where}: image_processor_type {kind!r} is not supported; vlmkit reads CLIPImageProcessor and SiglipImageProcessor"
-        )
-    d = {**defaults, **{k: v for k, v in d.items() if v is not None}}
-    if not d.get("do_resize", True):
-        raise ConfigError(
-            f"{where}: do_resize false is not supported (images must be resized to the model's size)"
-        )
-    if d.get("do_rescale", True) is False or abs(d.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
-        raise ConfigError(f"{where}: only do_rescale true with rescale_factor 1/255 is supported")
-    if d.get("do_pad"):
-        raise ConfigError(f"{where}: do_pad is not supported")
-    resample = d.get("resample", 3)
-    if resample not in RESAMPLE_FROM_HF:
-        raise ConfigError(
-            f"{where}: resample {resample!r} is not supported; use one of {sorted(RESAMPLE_FROM_HF)} ({', '.join(RESAMPLE_FROM_HF.values())})"
-        )
-    size = _size(d["size"], where, "size")
-    crop = _size(d["crop_size"], where, "crop_size") if d.get("do_center_crop") else None
-    if crop is not None:
-        if "shortest_edge" in crop:  # an int crop_size means a square
-            crop = {"height": crop["shortest_edge"], "width": crop["shortest_edge"]}
-        if crop.get("height") != crop.get("width") or not isinstance(crop.get("height"), int):
-            raise ConfigError(f"{where}: crop_size must be a square (height == width), got {d['crop_size']}")
-    if set(size) == {"shortest_edge"}:
-        if crop is None:
-            raise ConfigError(f"{where}: a shortest_edge resize needs do_center_crop true for a square image")
-        resize, image_size, mode = size["shortest_edge"], crop["height"], "shortest"
-        if resize < image_size:
-            raise ConfigError(f"{where}: size.shortest_edge {resize} is smaller than crop_size {image_size}")
-    elif set(size) == {"height", "width"} and size["height"] == size["width"]:
-        image_size, resize, mode = size["height"], None, "squash"
-        if crop is not None and crop["height"] != image_size:
-            raise ConfigError(f"{where}: a square resize followed by a smaller crop is not supported")
-    else:
-        raise ConfigError(
-            f'{where}: size {d["size"]} is not supported; use {{"shortest_edge": N}} or a square height/width'
-        )
-    mean, std = (d.get("image_mean", mean_std[0]), d.get("image_std", mean_std[1]))
-    if not d.get("do_normalize", True):
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    mean, std = (tuple([m] * 3) if isinstance(m, (int, float)) else tuple(m) for m in (mean, std))
-    try:
-        return PreprocessConfig(
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            interpolation=RESAMPLE_FROM_HF[resample],
-            resize_mode=mode,
-            resize_size=resize if resize != image_size else None,
-            resize_then_crop=mode == "shortest",
-        )
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def preprocess_to_hf(pre: PreprocessConfig, layout: str) -> dict:
-    """`preprocessor_config.json` for a vlmkit PreprocessConfig: a CLIPImageProcessor (shortest-edge resize and
-    centre crop), or for a SigLIP model with "squash" resizing, a SiglipImageProcessor."""
-    common = dict(
-        do_resize=True,
-        resample=RESAMPLE_TO_HF[pre.interpolation],
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(pre.mean),
-        image_std=list(pre.std),
-        do_convert_rgb=True,
-    )
-    square = {"height": pre.image_size, "width": pre.image_size}
-    if pre.resize_mode == "squash":
-        kind = "SiglipImageProcessor" if layout == "siglip" else "CLIPImageProcessor"
-        return dict(image_processor_type=kind, size=square, do_center_crop=False, **common)
-    return dict(
-        image_processor_type="CLIPImageProcessor",
-        size={"shortest_edge": pre.resize_size or pre.image_size},
-        do_center_crop=True,
-        crop_size=square,
-        **common,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # loading
 
 
@@ -719,14 +610,14 @@ def _load_tokenizer(path: Path, cfg: CLIPConfig) -> Tokenizer | None:
 
 def load_hf(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     """Load a Hugging Face CLIP / SigLIP folder as a vlmkit model (eval mode), tokenizer and preprocessing.
-    A LLaVA folder ("model_type": "llava") goes to `vlmkit.models.hf_llava.load_hf_llava`."""
+    A LLaVA folder ("model_type": "llava") goes to `vlmkit.convert.llava.load_hf_llava`."""
     path = Path(path)
     where = str(path / CONFIG)
     meta = load_json(path / CONFIG)
     if not isinstance(meta, dict):
         raise ConfigError(f"{where}: expected a JSON object")
     if meta.get("model_type") == "llava":
-        from vlmkit.models.hf_llava import load_hf_llava
+        from vlmkit.convert.llava import load_hf_llava
 
         return load_hf_llava(path, device)
     _model_type(meta, where)  # before reading possibly large weights
@@ -821,226 +712,11 @@ def save_hf(
     atomic_write_text(out / CONFIG, json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save_hf(out)
     atomic_write_text(out / PREPROCESSOR, json.dumps(preprocess_to_hf(preprocess, layout), indent=2) + "\n")
+    from vlmkit.convert.card import model_card
+
     card = model_card(name or out.resolve().name, cfg, layout, tokenizer, source_dir)
     atomic_write_text(out / MODEL_CARD, card)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# model card
-
-# CLIP_benchmark task -> (Hugging Face task type, task name)
-_TASKS = {
-    "zeroshot_classification": ("zero-shot-image-classification", "Zero-shot image classification"),
-    "zeroshot_retrieval": ("zero-shot-image-retrieval", "Zero-shot image-text retrieval"),
-    "linear_probe": ("image-classification", "Linear probe on frozen image features"),
-}
-_METRICS = {"acc1": ("accuracy", "top-1 accuracy"), "acc5": ("accuracy", "top-5 accuracy")}
-_METRICS["mean_per_class_recall"] = ("recall", "mean per-class recall")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        log.warning("model card: skipping %s (%s)", path, e)
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def eval_results(source_dir: str | Path | None) -> list[dict]:
-    """vlmkit evaluation results (`eval/*.json`, CLIP_benchmark form) as model-index entries."""
-    if source_dir is None or not (Path(source_dir) / "eval").is_dir():
-        return []
-    results = []
-    for path in sorted((Path(source_dir) / "eval").glob("*.json")):
-        data = _read_json(path)
-        if not data or not isinstance(data.get("metrics"), dict) or "task" not in data:
-            continue
-        task = str(data["task"])
-        metrics = []
-        for key, value in data["metrics"].items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or key.startswith("num_"):
-                continue
-            kind, label = _METRICS.get(key, ("recall" if "recall@" in key else key, key.replace("_", " ")))
-            metrics.append({"type": kind, "name": label, "value": round(float(value), 4)})
-        if metrics:
-            kind, label = _TASKS.get(task, (task.replace("_", "-"), task.replace("_", " ")))
-            dataset = str(data.get("dataset") or path.stem)
-            results.append(
-                {
-                    "task": {"type": kind, "name": label},
-                    "dataset": {"name": dataset, "type": dataset},
-                    "metrics": metrics,
-                }
-            )
-    return results
-
-
-def _yaml(value, indent: int = 0) -> list[str]:
-    """A small YAML writer for the card's front matter: dicts, lists, numbers and (JSON-quoted) strings."""
-    pad = " " * indent
-    lines = []
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(v, (dict, list)) and v:
-                lines.append(f"{pad}{k}:")
-                lines.extend(_yaml(v, indent + 2))
-            else:
-                lines.append(f"{pad}{k}: {_scalar(v)}")
-    else:
-        for item in value:
-            sub = _yaml(item, indent + 2) if isinstance(item, (dict, list)) else [f"{pad}  {_scalar(item)}"]
-            lines.append(f"{pad}- {sub[0].lstrip()}")
-            lines.extend(sub[1:])
-    return lines
-
-
-def _scalar(v) -> str:
-    if isinstance(v, bool) or v is None:
-        return json.dumps(v)
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (dict, list)):
-        return "{}" if isinstance(v, dict) else "[]"
-    return json.dumps(str(v), ensure_ascii=False)
-
-
-def _training_section(source_dir: str | Path | None) -> str:
-    file = Path(source_dir) / "train_config.json" if source_dir else None
-    meta = _read_json(file) if file is not None and file.is_file() else None
-    train = meta.get("train") if meta else None
-    if not isinstance(train, dict):
-        return (
-            "Not recorded: the exported folder has no vlmkit `train_config.json` (the model was not trained "
-            "by vlmkit, or only its weights were kept). Describe the training data here before publishing."
-        )
-    summary = (
-        _read_json(Path(source_dir) / "summary.json")
-        if (Path(source_dir) / "summary.json").is_file()
-        else None
-    )
-    rows = [
-        ("Training data", train.get("train_data")),
-        ("Validation data", train.get("val_data")),
-        ("Zero-shot evaluation data", train.get("zeroshot_data")),
-        ("Model preset", train.get("model")),
-        ("Global batch size", train.get("batch_size")),
-        ("Epochs", train.get("epochs")),
-        ("Optimizer steps", (summary or {}).get("step")),
-        ("Learning rate", train.get("lr")),
-        ("Tokenizer", train.get("tokenizer") or "byte-level BPE trained on the training captions"),
-    ]
-    table = "\n".join(f"| {k} | `{v}` |" for k, v in rows if v not in (None, ""))
-    return (
-        "Trained with vlmkit (`vlmkit train`); the full settings are in the run's `train_config.json`.\n\n"
-        f"| | |\n|---|---|\n{table}\n\n"
-        "The captions and images of that data are all the model knows: it has seen nothing else."
-    )
-
-
-def model_card(
-    name: str, cfg: CLIPConfig, layout: str, tokenizer: Tokenizer, source_dir: str | Path | None = None
-) -> str:
-    """README.md for an exported model: Hugging Face YAML front matter (library_name, pipeline_tag,
-    model-index from vlmkit's evaluations) and sections on usage, training data, evaluation, intended use,
-    limitations and bias."""
-    results = eval_results(source_dir)
-    family = "SigLIP" if layout == "siglip" else "CLIP"
-    front = {
-        "library_name": "vlmkit",
-        "pipeline_tag": "zero-shot-image-classification",
-        "tags": ["vlmkit", layout, "vision-language", "zero-shot-image-classification"],
-    }
-    if results:
-        front["model-index"] = [{"name": name, "results": results}]
-    v, t = cfg.vision, cfg.text
-    arch = "\n".join(
-        f"| {k} | {val} |"
-        for k, val in [
-            ("Image size / patch size", f"{v.image_size} / {v.patch_size}"),
-            ("Image tower (width, layers, heads)", f"{v.width}, {v.layers}, {v.heads}"),
-            ("Text tower (width, layers, heads)", f"{t.width}, {t.layers}, {t.heads}"),
-            ("Context length / vocabulary", f"{t.context_length} / {t.vocab_size}"),
-            ("Embedding dimension", cfg.embed_dim),
-            ("Activation", f"{v.act} (image), {t.act} (text)"),
-        ]
-    )
-    if results:
-        rows = [
-            f"| {r['dataset']['name']} | {r['task']['name']} | {m['name']} | {m['value']:.4f} |"
-            for r in results
-            for m in r["metrics"]
-        ]
-        evaluation = "| Dataset | Task | Metric | Value |\n|---|---|---|---|\n" + "\n".join(rows)
-    else:
-        evaluation = "No vlmkit evaluation results (`eval/*.json`) were found for this model."
-    cls = "SiglipModel" if layout == "siglip" else "CLIPModel"
-    usage = f"""```python
-from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, {cls}
-
-model = {cls}.from_pretrained("PATH")  # this folder, or the Hub repository it is uploaded to
-tokenizer = AutoTokenizer.from_pretrained("PATH")
-processor = AutoImageProcessor.from_pretrained("PATH")
-text = tokenizer(["a photo of a cat", "a photo of a dog"], padding="max_length", truncation=True,
-                 max_length={t.context_length}, return_tensors="pt")
-pixels = processor(images=[Image.open("cat.jpg")], return_tensors="pt")
-logits_per_image = model(input_ids=text["input_ids"], pixel_values=pixels["pixel_values"]).logits_per_image
-```
-
-or with vlmkit, which reads this folder directly: `vlmkit classify --model PATH --image cat.jpg --labels cat dog`.
-Pad text to the full `max_length`, as above: that is how the model was trained and evaluated."""
-    body = f"""# {name}
-
-A {family} image-text dual encoder, exported by vlmkit {vlmkit.__version__} in the Hugging Face transformers
-format (`{cls}`, tokenizer, image processor).
-
-| Architecture | |
-|---|---|
-{arch}
-
-## Usage
-
-{usage}
-
-## Training data
-
-{_training_section(source_dir)}
-
-## Evaluation
-
-{evaluation}
-
-## Intended use
-
-Research, teaching and prototyping: zero-shot image classification, image-text retrieval and image or
-text embeddings (search, deduplication, data curation) on data that resembles the training data. Check
-accuracy on your own labelled sample before relying on it; the numbers above hold only for the datasets
-named there.
-
-## Limitations
-
-- The model recognises only what its training captions describe; on other images and words its scores
-  are unreliable, and it does not say when it is outside what it knows.
-- Zero-shot accuracy depends on the wording of the labels and prompt templates.
-- The tokenizer cuts text after {t.context_length - 2} tokens.
-- Small models and small or synthetic training sets give representations far weaker than published
-  CLIP/SigLIP models; compare against one before choosing this model.
-
-## Bias, risks and fairness
-
-Image-text models learn the associations in their training pairs, including stereotypes about gender,
-age, skin tone, culture and occupation, and they can perform unevenly across groups of people. This
-card records no fairness evaluation. Do not use the model to make decisions about people (hiring,
-policing, surveillance, credit); before any use on images of people, measure its accuracy separately
-for the groups concerned.
-
-## License
-
-No license was recorded at export; add one (`license:` in the front matter) before publishing.
-"""
-    return "---\n" + "\n".join(_yaml(front)) + "\n---\n\n" + body
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ A folder holds `config.json` ("model_type": "llava", with a CLIP or SigLIP `visi
 `text_config`), weights (single or sharded safetensors, or `pytorch_model.bin` read with
 `torch.load(weights_only=True)`), and usually `tokenizer.json` and `preprocessor_config.json`.
 
-The vision tower converts with vlmkit.models.hf's CLIP / SigLIP rules, the language model with
-vlmkit.models.hf_llama's, and the projector's `linear_1` / `linear_2` map one to one. Checkpoints name
+The vision tower converts with vlmkit.convert.clip's CLIP / SigLIP rules, the language model with
+vlmkit.convert.llama's, and the projector's `linear_1` / `linear_2` map one to one. Checkpoints name
 the parts in one of several ways: transformers 4.x and the Hub use `language_model.model.*`,
 `language_model.lm_head.weight`, `multi_modal_projector.*`, `vision_tower.vision_model.*`; transformers
 5 holds `model.language_model.*`, `lm_head.weight`, `model.multi_modal_projector.*`,
@@ -23,10 +23,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import atomic_write_text, load_json
-from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.transforms import PreprocessConfig
-from vlmkit.errors import ConfigError
-from vlmkit.models.hf import (
+from vlmkit.convert.clip import (
     ACTS_FROM_HF,
     ACTS_TO_HF,
     CONFIG,
@@ -37,19 +34,21 @@ from vlmkit.models.hf import (
     convert_state_from_hf,
     convert_state_to_hf,
     hf_model_type,
-    preprocess_from_hf,
-    preprocess_to_hf,
     read_hf_weights,
     vision_config_from_hf,
     vision_config_to_hf,
     vision_rules,
 )
-from vlmkit.models.hf_llama import (
+from vlmkit.convert.llama import (
     decoder_config_from_hf,
     decoder_config_to_hf,
     decoder_state_from_hf,
     decoder_state_to_hf,
 )
+from vlmkit.convert.preprocess import preprocess_from_hf, preprocess_to_hf
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.transforms import PreprocessConfig
+from vlmkit.errors import ConfigError
 from vlmkit.models.llava import Llava, LlavaConfig
 from vlmkit.models.pretrained import Pretrained, save_tensors, unwrap
 from vlmkit.models.vit import VisionConfig
@@ -211,7 +210,7 @@ def config_to_hf_llava(cfg: LlavaConfig, where: str = "model") -> dict:
 
 
 def _rules(cfg: LlavaConfig, layout: str):
-    """Vision tower and projector rules: (vlmkit names, Hugging Face names), as in vlmkit.models.hf."""
+    """Vision tower and projector rules: (vlmkit names, Hugging Face names), as in vlmkit.convert.clip."""
     rules = vision_rules(cfg.vision, layout, ours="vision_tower", theirs=VISION)
     params = ("weight", "bias") if cfg.projector_bias else ("weight",)
     for i in (1, 2):

@@ -10,14 +10,14 @@ from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 
+from vlmkit.convert.clip import is_hf_dir, load_hf  # noqa: E402
+from vlmkit.convert.llava import is_hf_llava_dir, load_hf_llava, save_hf_llava  # noqa: E402
 from vlmkit.data.chat import IMAGE_TOKEN, collate, render  # noqa: E402
 from vlmkit.data.tokenizer import Tokenizer  # noqa: E402
 from vlmkit.errors import ConfigError, DataError  # noqa: E402
 from vlmkit.losses.captioning import next_token_loss  # noqa: E402
 from vlmkit.models.decoder import DecoderConfig  # noqa: E402
 from vlmkit.models.generation import GenerationConfig  # noqa: E402
-from vlmkit.models.hf import is_hf_dir, load_hf  # noqa: E402
-from vlmkit.models.hf_llava import is_hf_llava_dir, load_hf_llava, save_hf_llava  # noqa: E402
 from vlmkit.models.llava import Llava, LlavaConfig, pixel_shuffle  # noqa: E402
 from vlmkit.models.vit import VisionConfig  # noqa: E402
 

@@ -59,7 +59,7 @@ class VLMPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> VLMPipeline:
         """Load a vlmkit CoCa/LLaVA folder or a Hugging Face LLaVA folder."""
-        from vlmkit.models.pretrained import load_pretrained
+        from vlmkit.convert import load_pretrained
 
         pt = load_pretrained(path, device)
         return cls(pt.model, pt.tokenizer, pt.preprocess, device=device, **kwargs)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmkit.convert.preprocess import preprocess_from_hf, preprocess_to_hf
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import ConfigError
-from vlmkit.models.hf import preprocess_from_hf, preprocess_to_hf
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402

@@ -1,7 +1,7 @@
 """Hugging Face Llama (`LlamaConfig` dicts, `LlamaForCausalLM` state dicts) <-> vlmkit DecoderConfig / Decoder.
 
 vlmkit's Decoder uses Llama's module names, so a weight maps by adding or removing a prefix: "model." in
-LlamaForCausalLM, "model.language_model." in transformers 5's LlavaForConditionalGeneration (models/hf_llava.py
+LlamaForCausalLM, "model.language_model." in transformers 5's LlavaForConditionalGeneration (convert/llava.py
 reuses these functions), and the head is "lm_head.weight" in both. Rotary embeddings use the same rotate_half
 layout, so q_proj / k_proj need no permutation. A config vlmkit cannot represent (scaled RoPE, sliding windows,
 another activation, a head size other than width / heads, ...) is rejected with a ConfigError naming the key.

@@ -1,0 +1,80 @@
+"""Embeddings and zero-shot classification with a dual encoder (CLIP, SigLIP, FLIP, or CoCa's contrastive
+side): what `vlmkit embed` and `vlmkit classify` run, and what a server calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlmkit.data.transforms import ImageDecodeError, ImageTransform, load_image
+from vlmkit.errors import DataError
+from vlmkit.runtime import Precision
+
+
+def load_images(images: Sequence[str | Path | Image.Image], preprocess) -> torch.Tensor:
+    """Paths or PIL images -> the evaluation transform's (B, 3, S, S) tensor; a file that cannot be decoded
+    is a DataError naming it."""
+    tf = ImageTransform(preprocess, train=False)
+    try:
+        return torch.stack([tf(load_image(im) if isinstance(im, (str, Path)) else im) for im in images])
+    except ImageDecodeError as e:
+        raise DataError(str(e)) from e
+
+
+def unit(features: torch.Tensor) -> torch.Tensor:
+    """Embeddings as unit-norm float32 on the CPU (normalised in float32, also after bf16 autocast)."""
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def embed_images(
+    model, preprocess, images, device: torch.device, precision: Precision, batch_size: int = 64
+) -> torch.Tensor:
+    """(N, D) unit-norm image embeddings of paths or PIL images, in batches."""
+    pixels = load_images(images, preprocess)
+    with precision.autocast(device):
+        return torch.cat(
+            [
+                unit(model.encode_image(pixels[i : i + batch_size].to(device)))
+                for i in range(0, len(pixels), batch_size)
+            ]
+        )
+
+
+@torch.no_grad()
+def embed_texts(
+    model, tokenizer, texts: Sequence[str], device: torch.device, precision: Precision
+) -> torch.Tensor:
+    """(N, D) unit-norm text embeddings."""
+    with precision.autocast(device):
+        return unit(model.encode_text(tokenizer(list(texts)).to(device)))
+
+
+@torch.no_grad()
+def classify(
+    model,
+    tokenizer,
+    preprocess,
+    image,
+    labels: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device,
+    precision: Precision,
+) -> list[tuple[str, float]]:
+    """Zero-shot classification of one image among `labels` (prompts from `templates`): (label, probability)
+    pairs, most likely first. Probabilities are a softmax over the labels, or for a model trained with a
+    sigmoid loss (SigLIP) each label's own sigmoid."""
+    from vlmkit.eval.zeroshot import build_zeroshot_classifier
+
+    clf = build_zeroshot_classifier(
+        model, tokenizer, list(labels), list(templates), device=device, bf16=precision.bf16
+    )  # (D, C) on the CPU
+    feats = embed_images(model, preprocess, [image], device, precision)  # (1, D)
+    scale, bias = (v.float().cpu() if v is not None else None for v in model.scale_and_bias())
+    logits = scale * feats @ clf  # (1, C)
+    probs = (torch.sigmoid(logits + bias) if bias is not None else logits.softmax(dim=-1))[0]
+    return [(labels[i], probs[i].item()) for i in probs.argsort(descending=True).tolist()]
