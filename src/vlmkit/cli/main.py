@@ -466,6 +466,7 @@ def cmd_env(args) -> None:
         print(f"matmul: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
     else:
         print(f"device: {torch.cuda.get_device_name(device)}")
+    logging.getLogger("vlmkit.runtime").setLevel(logging.WARNING)  # printed below, not logged as well
     p = resolve_precision("auto", device)
     print(f"precision auto -> {p.name}: {p.reason}")
 
