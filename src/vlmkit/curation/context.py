@@ -81,23 +81,27 @@ class Embedder:
             except ImageDecodeError as e:
                 return item, None, e.reason
 
+        from vlmkit.eval.features import encode_image_batches
+
         chunks, done, failed = [], [], {}
         bs = ctx.batch_size
         with (
             ThreadPoolExecutor(ctx.workers) as threads,
             tqdm(total=len(items), desc=desc, unit="img", disable=not ctx.progress) as bar,
         ):
-            for start in range(0, len(items), bs):
-                batch = list(threads.map(prepare, items[start : start + bs]))
-                failed.update({item: reason for item, x, reason in batch if x is None})
-                good = [(item, x) for item, x, _ in batch if x is not None]
-                if good:
-                    x = torch.stack([t for _, t in good]).to(ctx.device)  # (B, 3, S, S)
-                    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-                        feats = model.encode_image(x)  # (B, D)
-                    chunks.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
-                    done.extend(item for item, _ in good)
-                bar.update(len(batch))
+
+            def batches():
+                for start in range(0, len(items), bs):
+                    batch = list(threads.map(prepare, items[start : start + bs]))
+                    failed.update({item: reason for item, x, reason in batch if x is None})
+                    good = [(item, x) for item, x, _ in batch if x is not None]
+                    bar.update(len(batch))
+                    if good:
+                        yield [item for item, _ in good], torch.stack([t for _, t in good])  # (B, 3, S, S)
+
+            for batch_items, feats in encode_image_batches(model, batches(), ctx.device, ctx.bf16):
+                chunks.append(feats.numpy())
+                done.extend(batch_items)
         dim = model.cfg.embed_dim
         return (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), done, failed
 

@@ -1,4 +1,5 @@
-"""Frozen-feature extraction shared by the zero-shot, retrieval and linear-probe evaluations.
+"""Frozen-feature extraction: the one image-encoding loop (`encode_image_batches`) and text-encoding loop
+(`extract_text_features`) that the evaluations, the trainer's evaluation, curation and inference share.
 
 Images are decoded and transformed (optionally in DataLoader workers), encoded in batches under
 no_grad, and returned as float32 CPU tensors. An image that cannot be decoded is logged and skipped
@@ -10,9 +11,10 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,34 @@ def _autocast(device: str | torch.device, bf16: bool) -> contextlib.AbstractCont
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def encode_image_batches(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    device: str | torch.device,
+    bf16: bool,
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """For each `(items, images)` of `batches` (images (B, 3, S, S), transformed): `(items, features)`, the
+    features (B, D) from `model.encode_image` (under bf16 autocast if `bf16`), L2-normalised in float32, on
+    the CPU. The model is in eval mode meanwhile; gradients are off."""
+    with eval_mode(model), torch.no_grad():
+        for items, images in batches:
+            with _autocast(device, bf16):
+                features = model.encode_image(images.to(device))  # (B, D)
+            yield items, F.normalize(features.float(), dim=-1).cpu()
+
+
+def encode_images(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+) -> torch.Tensor:
+    """L2-normalised float32 CPU features (N, D) of transformed images already in memory (N, 3, S, S)."""
+    batches = ((None, images[i : i + batch_size]) for i in range(0, len(images), batch_size))
+    return torch.cat([f for _, f in encode_image_batches(model, batches, device, bf16)])
+
+
 class _ImageFiles(Dataset):
     """Decoded, transformed images; a failure is returned as a reason instead of raised, so one bad
     file does not kill a DataLoader worker."""
@@ -99,20 +129,22 @@ def extract_image_features(
     )
     chunks, kept, skipped = [], [], []
     bar = tqdm(total=len(paths), desc="images", unit="img", disable=len(paths) < PROGRESS_MIN_ITEMS)
-    with eval_mode(model), bar:
+
+    def batches():
         for batch in loader:
             good = [(i, image) for i, image, _ in batch if image is not None]
             for i, _, reason in batch:
                 if reason is not None:
                     log.warning("skipping %s: %s", paths[i], reason)
                     skipped.append((paths[i], reason))
-            if good:
-                images = torch.stack([image for _, image in good]).to(device)  # (B, 3, S, S)
-                with _autocast(device, bf16):
-                    features = model.encode_image(images)  # (B, D)
-                chunks.append(F.normalize(features.float(), dim=-1).cpu())
-                kept.extend(i for i, _ in good)
             bar.update(len(batch))
+            if good:
+                yield [i for i, _ in good], torch.stack([image for _, image in good])  # (B, 3, S, S)
+
+    with bar:
+        for items, features in encode_image_batches(model, batches(), device, bf16):
+            chunks.append(features)
+            kept.extend(items)
     if not kept:
         path, reason = skipped[0]
         raise DataError(f"none of the {len(paths)} images could be decoded (first: {path}: {reason})")
@@ -177,7 +209,8 @@ def extract_shard_features(
     )
     chunks, rows, skipped = [], [], Counter()
     bar = tqdm(total=total, desc="images", unit="img", disable=(total or 0) < PROGRESS_MIN_ITEMS)
-    with eval_mode(model), bar:
+
+    def batches():
         for batch in loader:
             good = []
             for item in batch:
@@ -185,13 +218,15 @@ def extract_shard_features(
                     skipped.update(dict(zip(SKIP_REASONS, item[1])))
                 elif item[1] is not None:
                     good.append(item)
-            if good:
-                images = torch.stack([item[1] for item in good]).to(device)  # (B, 3, S, S)
-                with _autocast(device, bf16):
-                    features = model.encode_image(images)  # (B, D)
-                chunks.append(F.normalize(features.float(), dim=-1).cpu())
-                rows.extend((order, caption, group, key) for order, _, caption, group, key in good)
             bar.update(len(batch))
+            if good:
+                rows_of_batch = [(order, caption, group, key) for order, _, caption, group, key in good]
+                yield rows_of_batch, torch.stack([item[1] for item in good])  # (B, 3, S, S)
+
+    with bar:
+        for batch_rows, features in encode_image_batches(model, batches(), device, bf16):
+            chunks.append(features)
+            rows.extend(batch_rows)
     skipped = {k: v for k, v in skipped.items() if v}
     if not rows:
         raise DataError(f"no usable sample in the {len(urls)} shards (skipped: {skipped or 'none'})")

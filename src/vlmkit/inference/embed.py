@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from vlmkit.data.transforms import ImageDecodeError, ImageTransform, load_image
 from vlmkit.errors import DataError
+from vlmkit.eval.features import encode_images, extract_text_features
 from vlmkit.runtime import Precision
 
 
@@ -25,33 +25,18 @@ def load_images(images: Sequence[str | Path | Image.Image], preprocess) -> torch
         raise DataError(str(e)) from e
 
 
-def unit(features: torch.Tensor) -> torch.Tensor:
-    """Embeddings as unit-norm float32 on the CPU (normalised in float32, also after bf16 autocast)."""
-    return F.normalize(features.float(), dim=-1).cpu()
-
-
-@torch.no_grad()
 def embed_images(
     model, preprocess, images, device: torch.device, precision: Precision, batch_size: int = 64
 ) -> torch.Tensor:
-    """(N, D) unit-norm image embeddings of paths or PIL images, in batches."""
-    pixels = load_images(images, preprocess)
-    with precision.autocast(device):
-        return torch.cat(
-            [
-                unit(model.encode_image(pixels[i : i + batch_size].to(device)))
-                for i in range(0, len(pixels), batch_size)
-            ]
-        )
+    """(N, D) unit-norm float32 image embeddings of paths or PIL images, in batches."""
+    return encode_images(model, load_images(images, preprocess), batch_size, device, precision.bf16)
 
 
-@torch.no_grad()
 def embed_texts(
     model, tokenizer, texts: Sequence[str], device: torch.device, precision: Precision
 ) -> torch.Tensor:
-    """(N, D) unit-norm text embeddings."""
-    with precision.autocast(device):
-        return unit(model.encode_text(tokenizer(list(texts)).to(device)))
+    """(N, D) unit-norm float32 text embeddings."""
+    return extract_text_features(model, tokenizer, list(texts), device=device, bf16=precision.bf16)
 
 
 @torch.no_grad()

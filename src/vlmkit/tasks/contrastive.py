@@ -22,15 +22,6 @@ def collate_pairs(tokenizer: Tokenizer, items: list) -> tuple[torch.Tensor, torc
     return images, tokenizer([it[1] for it in items])  # (B, T)
 
 
-def encode_all(fn, x: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:
-    """`fn` over `x` in batches on `device`: L2-normalised float32 features on the CPU."""
-    out = [
-        torch.nn.functional.normalize(fn(x[i : i + batch].to(device)).float(), dim=-1)
-        for i in range(0, len(x), batch)
-    ]
-    return torch.cat(out).cpu()
-
-
 class ContrastiveTask(Task):
     name = "contrastive"
     shards = True
@@ -103,7 +94,7 @@ class ContrastiveTask(Task):
                 images = [ds[i][0] for i in range(len(ds))]
                 captions, paths = ds.captions, [str(p) for p in ds.image_paths]
             val["images"] = torch.stack(images)
-            val["tokens"] = t.tokenizer(captions)
+            val["captions"] = list(captions)
             # Rows that share an image path (shard samples that share a source) are one image with
             # several captions.
             first_row: dict[str, int] = {}
@@ -127,13 +118,15 @@ class ContrastiveTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Retrieval recall and zero-shot accuracy on the in-memory validation data."""
+        from vlmkit.eval.features import encode_images, extract_text_features
         from vlmkit.eval.retrieval import retrieval_metrics
         from vlmkit.eval.zeroshot import build_zeroshot_classifier
 
         t, val, metrics = self.trainer, self.trainer.val, {}
+        bf16 = t.precision.bf16
         if "images" in val:
-            img = encode_all(model.encode_image, val["images"][val["image_rows"]], t.device)
-            txt = encode_all(model.encode_text, val["tokens"], t.device)
+            img = encode_images(model, val["images"][val["image_rows"]], device=t.device, bf16=bf16)
+            txt = extract_text_features(model, t.tokenizer, val["captions"], device=t.device, bf16=bf16)
             r = retrieval_metrics(img, txt, val["text_to_image"], ks=(1, 5))
             metrics["val/image_retrieval_recall@1"] = r["image_retrieval_recall@1"]
             metrics["val/text_retrieval_recall@1"] = r["text_retrieval_recall@1"]
@@ -147,7 +140,7 @@ class ContrastiveTask(Task):
                 device=t.device,
                 bf16=t.precision.bf16,
             )
-            feats = encode_all(model.encode_image, val["zs_images"], t.device)
+            feats = encode_images(model, val["zs_images"], device=t.device, bf16=bf16)
             pred = (feats @ clf.to(feats.dtype)).argmax(dim=1)  # both on the CPU
             metrics["val/zeroshot_acc1"] = (pred.cpu() == val["zs_labels"]).float().mean().item()
         return metrics
