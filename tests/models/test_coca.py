@@ -17,7 +17,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.eval.features import extract_text_features
 from vlmkit.eval.zeroshot import build_zeroshot_classifier, zeroshot_logits
 from vlmkit.losses import IGNORE_INDEX, CoCaLoss
-from vlmkit.losses.coca import _global_clip_loss
+from vlmkit.losses.contrastive import ClipLoss
 from vlmkit.models.coca import CoCa, CoCaConfig, CoCaOutput
 from vlmkit.models.decoder import Decoder, DecoderConfig
 from vlmkit.models.generation import GenerationConfig
@@ -305,7 +305,9 @@ def test_coca_loss_equals_float64_reference_with_caption_mask():
                 torch.testing.assert_close(got[key].double(), want[key], atol=1e-5, rtol=1e-5)
         # the distributed path (every rank scores the global caption rows) gives the same in one process
         torch.testing.assert_close(
-            _global_clip_loss(out.image_features, out.text_features, out.logit_scale, is_caption).double(),
+            ClipLoss()
+            .global_loss(out.image_features, out.text_features, out.logit_scale, is_caption)
+            .double(),
             reference_loss(out, labels, lm.weight, is_caption, 2.0, 0.5)["contrastive_loss"],
             atol=1e-5,
             rtol=1e-5,

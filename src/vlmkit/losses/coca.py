@@ -12,36 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.errors import ConfigError
 from vlmkit.losses.captioning import next_token_loss
-from vlmkit.losses.contrastive import _rank_and_world, create_loss, gather_features
-
-
-def _global_clip_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    is_caption: torch.Tensor,
-) -> torch.Tensor:
-    """CLIP's InfoNCE over the caption rows of the global batch, for distributed runs with `is_caption`.
-
-    ClipLoss scores local rows against gathered columns, which needs the same number of rows on every
-    rank; the caption rows per rank differ. So every rank gathers all rows (same shape everywhere, with
-    gradient), keeps the global caption rows and computes the whole loss. Each rank's value is the global
-    loss, and after the gather's backward and DDP's averaging the gradients equal a one-process run's.
-    """
-    with torch.autocast(device_type=image_features.device.type, enabled=False):
-        keep = gather_features(is_caption.to(torch.uint8)).bool()  # (N,)
-        image = gather_features(image_features).float()[keep]  # (n, D)
-        text = gather_features(text_features).float()[keep]  # (n, D)
-        if not len(image):  # no caption in the global batch
-            return (image.sum() + text.sum()) * 0.0
-        logits = logit_scale.float() * image @ text.T  # (n, n)
-        labels = torch.arange(len(logits), device=logits.device)  # (n,)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+from vlmkit.losses.contrastive import _rank_and_world, create_loss
 
 
 class CoCaLoss(nn.Module):
@@ -77,13 +52,12 @@ class CoCaLoss(nn.Module):
             raise ValueError(
                 f"is_caption has shape {tuple(is_caption.shape)}; expected one flag per row ({image_features.shape[0]},)"
             )
-        _, world = _rank_and_world()
-        if world > 1:
-            if self.loss_name != "clip":
-                raise ConfigError(
-                    f"is_caption with loss={self.loss_name!r} is only supported in one process; use loss='clip'"
-                )
-            return _global_clip_loss(image_features, text_features, logit_scale, is_caption)
+        if self.loss_name == "clip":
+            return self.contrastive(image_features, text_features, logit_scale, logit_bias, rows=is_caption)
+        if _rank_and_world()[1] > 1:
+            raise ConfigError(
+                f"is_caption with loss={self.loss_name!r} is only supported in one process; use loss='clip'"
+            )
         if not is_caption.any():
             return (image_features.sum() + text_features.sum()) * 0.0  # keeps every parameter in the graph
         return self.contrastive(

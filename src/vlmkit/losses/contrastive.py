@@ -89,7 +89,8 @@ class _ContrastiveLoss(nn.Module):
 
 
 class ClipLoss(_ContrastiveLoss):
-    """Symmetric InfoNCE: the mean of image->text and text->image cross-entropy (CLIP)."""
+    """Symmetric InfoNCE: the mean of image->text and text->image cross-entropy (CLIP). The one InfoNCE of
+    vlmkit: CoCa's contrastive loss is this one over its caption rows (`rows`)."""
 
     def forward(
         self,
@@ -97,13 +98,28 @@ class ClipLoss(_ContrastiveLoss):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, D) normalised features, the exp'd scale and an optional bias -> scalar loss.
 
         The bias adds the same constant to every logit, so it cancels in the softmax; it is
-        accepted so that both losses take a `CLIPOutput`'s fields.
+        accepted so that both losses take a `CLIPOutput`'s fields. `rows` (B,) bool: only those rows are
+        pairs (and negatives) of the loss; a (global) batch without one gives 0, still in the graph.
         """
         self.check_shapes(image_features, text_features)
+        if rows is not None:
+            rows = rows.to(device=image_features.device, dtype=torch.bool)
+            if rows.shape != image_features.shape[:1]:
+                raise ValueError(
+                    f"rows has shape {tuple(rows.shape)}; expected one flag per row ({image_features.shape[0]},)"
+                )
+            if _rank_and_world()[1] > 1:
+                return self.global_loss(image_features, text_features, logit_scale, rows)
+            if not rows.any():
+                return (
+                    image_features.sum() + text_features.sum()
+                ) * 0.0  # keeps every parameter in the graph
+            image_features, text_features = image_features[rows], text_features[rows]
         # Autocast would run the matmuls below in bfloat16 again; keep them in float32.
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             image, text = _upcast(image_features), _upcast(text_features)  # (B, D)
@@ -117,6 +133,30 @@ class ClipLoss(_ContrastiveLoss):
                 logits_per_text = logits_per_text + _upcast(logit_bias)
             labels = self.positives(image.shape[0], image.device)  # (B,)
             return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+    def global_loss(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """The loss over the flagged rows of the global batch, computed whole on every rank.
+
+        The local-rows-against-gathered-columns form needs the same number of rows on every rank; flagged
+        rows per rank differ. So every rank gathers all rows (same shape everywhere, with gradient), keeps
+        the flagged ones and computes the whole loss: each rank's value is the global loss, and after the
+        gather's backward and DDP's averaging the gradients equal a one-process run's.
+        """
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            keep = gather_features(rows.to(torch.uint8)).bool()  # (N,)
+            image = _upcast(gather_features(image_features))[keep]  # (n, D)
+            text = _upcast(gather_features(text_features))[keep]  # (n, D)
+            if not len(image):  # no flagged row in the global batch
+                return (image.sum() + text.sum()) * 0.0
+            logits = _upcast(logit_scale) * image @ text.T  # (n, n)
+            labels = torch.arange(len(logits), device=logits.device)  # (n,)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 class SigLipLoss(_ContrastiveLoss):
