@@ -35,8 +35,8 @@ from vlmkit.curation.curate import (
     top_count,
 )
 from vlmkit.data.manifest import read_manifest
-from vlmkit.data.shard_writer import ShardWriter
 from vlmkit.data.shards import iter_samples
+from vlmkit.data.shards.write import ShardWriter
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig, load_image
 from vlmkit.errors import ConfigError

@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlmkit.data.ingest import (
+from vlmkit.data.shards.ingest import (
     ImageFolderInput,
     RecordList,
     TableInput,
     open_input,
     read_manifest_input,
 )
-from vlmkit.data.shard_writer import write_shards
+from vlmkit.data.shards.write import write_shards
 from vlmkit.errors import ConfigError, DataError
 
 

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from vlmkit.cli.shards import register_cli
-from vlmkit.data import shard_writer
-from vlmkit.data.shard_writer import ShardWriter, parse_colour, resize_image, write_shards
+from vlmkit.data.shards import write as shard_writer
+from vlmkit.data.shards.write import ShardWriter, parse_colour, resize_image, write_shards
 from vlmkit.errors import ConfigError
 
 CAPTIONS = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vlmkit.cli.common import add_classes_args
-from vlmkit.data.shard_writer import ENCODE_FORMATS, PILLOW_MAX_IMAGE_PIXELS, RESIZE_MODES, write_shards
+from vlmkit.data.shards.write import ENCODE_FORMATS, PILLOW_MAX_IMAGE_PIXELS, RESIZE_MODES, write_shards
 
 
 def register_cli(subparsers) -> argparse.ArgumentParser:

@@ -193,7 +193,7 @@ def _write_manifest(result: CurationResult, out: Path) -> Path:
 def _write_shards(result: CurationResult, ctx: CurationContext, out: Path, shard_size: int) -> list[Path]:
     """Kept samples as shards: raw image bytes copied, except manifest images in a format the shard
     reader does not read (BMP, GIF, TIFF, ...), which are re-encoded as PNG."""
-    from vlmkit.data.shard_writer import ShardWriter
+    from vlmkit.data.shards.write import ShardWriter
 
     pool = result.pool
     with ShardWriter(out, shard_size=shard_size) as writer:

@@ -81,7 +81,7 @@ def curation_demo(
     `data_args` and `recipe_overrides` exist for tests (a smaller pool, a tinier model).
     """
     from vlmkit.curation.curate import DedupImages, ImageSize, ModelScore, curate, load_pool
-    from vlmkit.data.shard_writer import write_shards
+    from vlmkit.data.shards.write import write_shards
     from vlmkit.data.synthetic import generate, is_current
     from vlmkit.recipes import get_recipe
     from vlmkit.train import train

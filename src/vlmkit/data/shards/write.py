@@ -8,7 +8,7 @@ of one writer, which must agree byte for byte across worker counts.)
     OUT/00000.parquet        one row per input, failed ones included with their reason
 
 `ShardWriter` writes already-encoded samples (curation uses it to copy kept subsets); `write_shards`
-reads any input `vlmkit.data.ingest.open_input` understands, decodes, resizes and re-encodes every image,
+reads any input `vlmkit.data.shards.ingest.open_input` understands, decodes, resizes and re-encodes every image,
 and writes shards on a pool of worker processes, one whole shard per task. Keys depend only on an
 input's position (shard i holds inputs [i * shard_size, (i + 1) * shard_size)), so the shards are
 byte-identical for any number of workers. Bad inputs are skipped, logged and counted, never fatal.
@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageColor
 from tqdm import tqdm
 
-from vlmkit.data.ingest import Chunk, InputRecord, InputSource, open_input
-from vlmkit.data.shards import SKIP_REASONS
+from vlmkit.data.shards.ingest import Chunk, InputRecord, InputSource, open_input
+from vlmkit.data.shards.read import SKIP_REASONS
 from vlmkit.data.transforms import DecodeFailure, center_crop_box, decode
 from vlmkit.errors import ConfigError, DataError
 

@@ -1,0 +1,47 @@
+"""WebDataset tar shards (img2dataset layout): reading for training, evaluation and curation (read.py),
+writing from manifests, folders and Hugging Face datasets (write.py, with every input format in ingest.py).
+`vlmkit.data.shards` names the reading API."""
+
+from vlmkit.data.shards.read import (
+    IMAGE_EXTS,
+    READ_EXTS,
+    SHARD_SUFFIX,
+    SKIP_REASONS,
+    ShardSample,
+    ShardStream,
+    SkipStats,
+    StreamPosition,
+    count_samples,
+    decode_image_bytes,
+    decode_sample,
+    draft_size_for,
+    expand_shards,
+    fetch_images,
+    is_shard_spec,
+    iter_captions,
+    iter_samples,
+    load_pairs,
+    sample_group,
+)
+
+__all__ = [
+    "IMAGE_EXTS",
+    "READ_EXTS",
+    "SHARD_SUFFIX",
+    "SKIP_REASONS",
+    "ShardSample",
+    "ShardStream",
+    "SkipStats",
+    "StreamPosition",
+    "count_samples",
+    "decode_image_bytes",
+    "decode_sample",
+    "draft_size_for",
+    "expand_shards",
+    "fetch_images",
+    "is_shard_spec",
+    "iter_captions",
+    "iter_samples",
+    "load_pairs",
+    "sample_group",
+]
