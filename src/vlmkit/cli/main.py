@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="synthetic data -> train a small CLIP -> evaluate -> report.html")
     p.add_argument("--out", default="runs/quickstart", help="folder for data, run and report")
-    p.add_argument("--time-budget", type=float, default=3.9, help="minutes of training (default 3.9)")
+    p.add_argument("--time-budget", type=float, default=4.2, help="minutes of training (default 4.2)")
     p.add_argument("--recipe", default="clip-tiny", help="clip-tiny, siglip-tiny or flip-tiny")
     p.add_argument("--seed", type=int, default=0)
     add_precision_arg(p)

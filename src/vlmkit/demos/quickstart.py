@@ -18,7 +18,7 @@ log = logging.getLogger("vlmkit.quickstart")
 
 def quickstart(
     out: str | Path = "runs/quickstart",
-    time_budget: float = 3.9,
+    time_budget: float = 4.2,
     recipe: str = "clip-tiny",
     seed: int = 0,
     precision: str = "auto",
