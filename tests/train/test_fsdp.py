@@ -26,7 +26,8 @@ def vlmkit_train(out: Path, shapes_dir: Path, processes: int, *extra: str) -> No
     args = [
         "-m", "vlmkit", "train", "--recipe", "clip-tiny", "--smoke", "--train-data", str(shapes_dir / "train.jsonl"),
         "--out", str(out), "--set", "precision=fp32", "--set", f"max_steps={STEPS}", "--set", "eval_every=0",
-        "--set", "save_every=3", "--set", "keep_last=5", *extra,
+        "--set", "save_every=3", "--set", "keep_last=5", "--zeroshot-data", str(shapes_dir / "classification" / "val"),
+        *extra,
     ]  # fmt: skip
     if processes > 1:
         torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -96,3 +97,13 @@ def test_fsdp_resumes_exactly(runs, shapes_dir, tmp_path):
     want, got = load_file(str(runs / "fsdp" / "model.safetensors")), load_file(str(run / "model.safetensors"))
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_sharded_evaluation_equals_the_whole_models(runs):
+    """The final evaluation runs on every process with the model sharded; it must agree with the final
+    file-based evaluation of the gathered whole model and with the one-process run's."""
+    fsdp = json.loads((runs / "fsdp" / "summary.json").read_text())
+    written = json.loads((runs / "fsdp" / "eval" / "zeroshot.json").read_text())["metrics"]["acc1"]
+    one = json.loads((runs / "one" / "summary.json").read_text())
+    assert fsdp["val/zeroshot_acc1"] == pytest.approx(written, abs=1e-6)
+    assert fsdp["val/zeroshot_acc1"] == pytest.approx(one["val/zeroshot_acc1"], abs=1e-6)
