@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmkit.data.transforms import ImageDecodeError
-from vlmkit.eval.report import CSS, THUMBNAIL_SIZE, _figure, _table, new_figure, save_figure
+from vlmkit.eval.report import THUMBNAIL_SIZE, _figure, _table, new_figure, save_figure, write_page
 
 MAX_EXAMPLES = 16  # removed examples shown per filter
 GRID_COLUMNS = 4
@@ -157,11 +157,4 @@ def write_curation_report(result, out_dir: str | Path) -> Path:
             parts.append(_figure(png, out_dir))
         sections.append("\n".join(parts))
 
-    title = html.escape(f"vlmkit curation: {Path(pool.source).name}")
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{CSS}</style></head>\n<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
-    )
-    path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_page(out_dir / "report.html", f"vlmkit curation: {Path(pool.source).name}", sections)

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vlmkit.config import atomic_write_text
 from vlmkit.data.transforms import load_image
 from vlmkit.errors import DataError
 
@@ -170,6 +171,20 @@ def _figure(png: Path, out_dir: Path) -> str:
     return f'<figure><img src="{src}" alt="{name}"><figcaption>{name}</figcaption></figure>'
 
 
+def write_page(path: str | Path, title: str, sections: list[str], css: str = "") -> Path:
+    """The one HTML page writer of every vlmkit report: a title, the sections (HTML), the shared style
+    (plus `css`); written atomically. `title` is plain text."""
+    title = html.escape(title)
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{CSS}{css}</style></head>\n<body><h1>{title}</h1>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
+    atomic_write_text(path, page)
+    return Path(path)
+
+
 def _results_html(results: list[tuple[Path, dict]]) -> str:
     """One table per task: a row per result, a column per scalar metric; dict-valued metrics
     (per-class accuracy) go in collapsible blocks under the table."""
@@ -243,10 +258,4 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         sections.append(
             "<p>Nothing to show yet: no metrics.jsonl, eval/ results or config.json in this run.</p>"
         )
-    title = html.escape(f"vlmkit run: {run_dir.resolve().name}")
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{CSS}</style></head>\n<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
-    )
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_page(out, f"vlmkit run: {run_dir.resolve().name}", sections)

@@ -33,7 +33,7 @@ from vlmkit.data.vqa import QUESTION_TYPES, read_conversations
 from vlmkit.errors import DataError
 from vlmkit.eval.captioning import caption_scores
 from vlmkit.eval.features import result_dict, save_results
-from vlmkit.eval.report import CSS, _figure, _table, new_figure, save_figure
+from vlmkit.eval.report import _figure, _table, new_figure, save_figure, write_page
 
 AnswerFn = Callable[[list[Path], list[str]], list[str]]
 CaptionFn = Callable[[list[Path]], list[str]]
@@ -414,15 +414,5 @@ def write_eval_report(out_dir: str | Path) -> Path:
         for f in ("vqa.json", "captioning.json")
         if (out_dir / f).is_file()
     }
-    title = html.escape(
-        "vlmkit evaluation" + (f": {', '.join(sorted(m for m in models if m))}" if any(models) else "")
-    )
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{CSS}{_REPORT_CSS}</style></head>\n<body><h1>{title}</h1>\n"
-        + "\n".join(sections)
-        + "\n</body></html>\n"
-    )
-    path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    title = "vlmkit evaluation" + (f": {', '.join(sorted(m for m in models if m))}" if any(models) else "")
+    return write_page(out_dir / "report.html", title, sections, css=_REPORT_CSS)
