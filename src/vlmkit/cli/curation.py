@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from vlmkit.curation.curate import (
-    _FILTER_OF_FLAG,
     SEMDEDUP_CLUSTER_SIZE,
     TARGET_CLUSTER_SIZE,
     CaptionLength,
@@ -21,6 +20,23 @@ from vlmkit.curation.curate import (
     format_summary,
 )
 from vlmkit.errors import ConfigError
+
+# flag -> the filter it configures (the order of first mention is the order the filters run in)
+_FILTER_OF_FLAG = {
+    "min_words": "caption_length",
+    "max_words": "caption_length",
+    "min_side": "image_size",
+    "max_aspect": "image_size",
+    "dedup_images": "dedup_images",
+    "dedup_captions": "dedup_captions",
+    "min_score": "model_score",
+    "top_fraction": "model_score",
+    "semdedup_clusters": "semdedup",
+    "semdedup_eps": "semdedup",
+    "text_concepts": "text_concepts",
+    "image_targets": "image_targets",
+    "image_clusters": "image_targets",
+}
 
 
 class _FilterFlag(argparse.Action):

@@ -351,21 +351,6 @@ def _write_outputs(
 # CLI
 
 # flag dest -> the filter it configures; a filter takes its place in the pipeline at its first flag
-_FILTER_OF_FLAG = {
-    "min_words": "caption_length",
-    "max_words": "caption_length",
-    "min_side": "image_size",
-    "max_aspect": "image_size",
-    "dedup_images": "dedup_images",
-    "dedup_captions": "dedup_captions",
-    "min_score": "model_score",
-    "top_fraction": "model_score",
-    "semdedup_clusters": "semdedup",
-    "semdedup_eps": "semdedup",
-    "text_concepts": "text_concepts",
-    "image_targets": "image_targets",
-    "image_clusters": "image_targets",
-}
 
 
 __all__ = [

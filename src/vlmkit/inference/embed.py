@@ -15,12 +15,16 @@ from vlmkit.eval.features import encode_images, extract_text_features
 from vlmkit.runtime import Precision
 
 
+def image_batch(images: Sequence[str | Path | Image.Image], transform: ImageTransform) -> torch.Tensor:
+    """Paths (decoded with `load_image`) or PIL images -> `transform`ed and stacked: (B, 3, S, S)."""
+    return torch.stack([transform(load_image(im) if isinstance(im, (str, Path)) else im) for im in images])
+
+
 def load_images(images: Sequence[str | Path | Image.Image], preprocess) -> torch.Tensor:
     """Paths or PIL images -> the evaluation transform's (B, 3, S, S) tensor; a file that cannot be decoded
     is a DataError naming it."""
-    tf = ImageTransform(preprocess, train=False)
     try:
-        return torch.stack([tf(load_image(im) if isinstance(im, (str, Path)) else im) for im in images])
+        return image_batch(images, ImageTransform(preprocess, train=False))
     except ImageDecodeError as e:
         raise DataError(str(e)) from e
 

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from vlmkit.data.chat import IMAGE_TOKEN, coca_turns, get_template, render
-from vlmkit.data.transforms import ImageTransform, load_image
+from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import ConfigError
+from vlmkit.inference.embed import image_batch
 from vlmkit.models.generation import GenerationConfig, trim_stop_strings
 from vlmkit.models.registry import model_family
 from vlmkit.runtime import resolve_precision
@@ -67,8 +68,7 @@ class VLMPipeline:
     # ---------------------------------------------------------------- inputs
     def pixel_values(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
         """Paths or PIL images -> normalised (B, 3, S, S) on the model's device."""
-        tensors = [self.transform(load_image(im) if isinstance(im, (str, Path)) else im) for im in images]
-        return torch.stack(tensors).to(self.device)
+        return image_batch(images, self.transform).to(self.device)
 
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
         """The conversation rendered up to the assistant's turn, as token ids."""

@@ -190,6 +190,11 @@ def task_name(cfg: Any) -> str:
     return _row(cfg)[1].task
 
 
+def task_of(name: str) -> str:
+    """The name of the task that trains the named model (e.g. "flip-tiny" -> "contrastive")."""
+    return FAMILIES[split_name(name)[0]].task
+
+
 def build_model(cfg: Any) -> torch.nn.Module:
     """A randomly initialised model for a config (CLIPConfig, CoCaConfig or LlavaConfig)."""
     return _row(cfg)[1].model_class(cfg)

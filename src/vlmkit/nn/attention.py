@@ -149,9 +149,6 @@ class SelfAttention(GroupedQueryAttention):
 class CrossAttention(GroupedQueryAttention):
     """Queries from the text, keys and values from `encoder_states` (no positions: image tokens are a set)."""
 
-    def __init__(self, width: int, heads: int, kv_heads: int, kv_dim: int, bias: bool = False):
-        super().__init__(width, heads, kv_heads, kv_dim, bias)
-
     def forward(
         self,
         x: Tensor,

@@ -12,7 +12,7 @@ from typing import Any
 from vlmkit.config import override
 from vlmkit.data.synthetic import SHAPES_ARGS, SHAPES_TEMPLATES
 from vlmkit.errors import ConfigError
-from vlmkit.models.registry import FAMILIES, split_name
+from vlmkit.models.registry import split_name, task_of
 from vlmkit.train.config import TrainConfig
 
 # CPU recipes are tuned to learn fast from small data within minutes: a convolutional stem (far more
@@ -298,7 +298,7 @@ _SMOKE_MODELS: dict[str, dict[str, Any]] = {
 def smoke(cfg: TrainConfig) -> TrainConfig:
     """A seconds-long version of any recipe: a tiny model and a few steps (big_vision's `runlocal`)."""
     family = split_name(cfg.model)[0]
-    contrastive = FAMILIES[family].task == "contrastive"
+    contrastive = task_of(cfg.model) == "contrastive"
     small = dict(_SMOKE_MODELS["contrastive" if contrastive else "generative"])
     if family == "siglip":
         small["embed_dim"] = 64  # the vision tower has no projection: its width is the embedding

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vlmkit import distributed as dist
 from vlmkit.config import override
-from vlmkit.models.registry import FAMILIES, split_name
+from vlmkit.models.registry import task_of
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.trainer import Trainer
 
@@ -44,10 +44,6 @@ def _fill(spec, data: str | None):
     return spec.replace("{data}", data) if isinstance(spec, str) and data else spec
 
 
-def _generative(cfg: TrainConfig) -> bool:
-    return FAMILIES[split_name(cfg.model)[0]].task != "contrastive"
-
-
 def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """(name, config) per stage. A stage with a "recipe" trains that recipe; a generative stage after it
     starts its image tower from it (vision_init_from); every other stage starts from the previous stage's
@@ -59,6 +55,7 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     base = replace(cfg, **{f: _fill(getattr(cfg, f), data) for f in fields})
     if not cfg.stages:
         return [("train", base)]
+    generative = task_of(cfg.model) != "contrastive"  # a later stage's image tower can come from a recipe's
     own = [s for s in cfg.stages if "recipe" not in s]
     tokenizer_data = "::".join(_fill(s.get("train_data", cfg.train_data), data) for s in own)
     out, prev, vision, runs = Path(cfg.out), cfg.init_from, cfg.vision_init_from, []
@@ -90,9 +87,9 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         stage_cfg = replace(
             stage_cfg,
             init_from=prev,
-            vision_init_from=vision if first and _generative(cfg) else None,
+            vision_init_from=vision if first and generative else None,
             tokenizer=cfg.tokenizer if first else None,
-            tokenizer_data=tokenizer_data if first and _generative(cfg) else None,
+            tokenizer_data=tokenizer_data if first and generative else None,
             init_overrides=init_overrides if not first else {},
         )
         runs.append((name, stage_cfg))

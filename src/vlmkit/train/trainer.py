@@ -39,7 +39,7 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import ConfigError, DataError, VlmkitError
 from vlmkit.models.pretrained import save_pretrained
-from vlmkit.models.registry import FAMILIES, get_model_config, split_name, task_name
+from vlmkit.models.registry import get_model_config, task_name, task_of
 from vlmkit.nn.lora import has_lora, merged_copy
 from vlmkit.runtime import SpeedCheck, configure_threads, cpu_info, resolve_precision
 from vlmkit.tasks import task_class
@@ -111,11 +111,7 @@ class Trainer:
 
         # The task, from the model's family: a pretrained model's config, or the registry's row for the name.
         pretrained = self._load_init_from() if cfg.init_from else None
-        name = (
-            task_name(pretrained.model.cfg)
-            if pretrained is not None
-            else FAMILIES[split_name(cfg.model)[0]].task
-        )
+        name = task_name(pretrained.model.cfg) if pretrained is not None else task_of(cfg.model)
         self.task = task_class(name)(self)
         self.task.configure()  # may replace self.cfg
         cfg = self.cfg
@@ -234,11 +230,10 @@ class Trainer:
             model = build_model(new_cfg).to(self.device)
             try:
                 model.load_state_dict(pretrained.model.state_dict())
-            except RuntimeError as e:
+            except RuntimeError as e:  # the last line names a mismatched tensor
                 raise ConfigError(
                     f"init_overrides {cfg.init_overrides} changes the weights of {cfg.init_from} "
-                    f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); only "
-                    "settings that keep them can change"
+                    f"({str(e).splitlines()[-1].strip()}); only settings that keep them can change"
                 ) from None
             pretrained = replace(pretrained, model=model)
         if dist.is_main():
@@ -345,8 +340,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The task's quick evaluation: on rank 0, or on every rank when the model is sharded (the forward
         needs them all); rank 0's metrics are returned, {} elsewhere."""
-        sharded = getattr(self.train_module, "sharded", False)
-        if not self.val or not (dist.is_main() or sharded):
+        if not self.val or not (dist.is_main() or self.sharded):
             return {}
         self.model.eval()
         with self.autocast(), self.train_module.gathered():
@@ -554,8 +548,9 @@ class Trainer:
             tmp, _ = checkpoint_dirs(self.out, self.step)
             if self.info.rank:
                 save_rng(tmp, self.info.rank)
-        full = full_model_state(self.model) if self.sharded else None
+        full = None
         if self.sharded:
+            full = full_model_state(self.model)
             save_sharded(tmp / "dcp", self.model, self.optimizer)
         dist.barrier()
         if dist.is_main():
