@@ -34,8 +34,9 @@ DEFAULT_STEPS = {"align": 396, "instruct": 597}  # the recipe (run T) on the 2-c
 
 def variant_config(name: str, spec: dict, out: Path):
     """The recipe's config with the variant's changes, writing to out/name."""
-    from vlmkit.config import override, parse_overrides
+    from vlmkit.config import parse_overrides
     from vlmkit.recipes import get_recipe
+    from vlmkit.train.config import configure
 
     cfg = get_recipe("llava-tiny-shapes")
     steps = {**DEFAULT_STEPS, **spec.get("steps", {})}
@@ -48,11 +49,16 @@ def variant_config(name: str, spec: dict, out: Path):
         stage.update(spec.get("stage", {}).get(stage["name"], {}))
         stages.append(stage)
     changes = {"out": str(out / name), "resume": True, **parse_overrides(spec.get("set", []))}
-    return replace(override(cfg, changes, where=name), stages=stages)
+    return replace(configure(cfg, changes, where=name), stages=stages)
 
 
 def task_settings(cfg) -> tuple:
-    return (cfg.synthetic_data, cfg.synthetic_args, cfg.questions_per_image, cfg.multi_object_chats)
+    return (
+        cfg.data.synthetic,
+        cfg.data.synthetic_args,
+        cfg.data.questions_per_image,
+        cfg.data.multi_object_chats,
+    )
 
 
 def run_one(name: str, spec: dict, out: Path, clip: Path | None) -> dict:
@@ -67,7 +73,7 @@ def run_one(name: str, spec: dict, out: Path, clip: Path | None) -> dict:
     train_generative(cfg)
     metrics = json.loads((run / "eval" / "vqa.json").read_text())["metrics"]
     objects = {}
-    for line in open(Path(cfg.synthetic_data) / "val.jsonl"):
+    for line in open(Path(cfg.data.synthetic) / "val.jsonl"):
         row = json.loads(line)
         objects[Path(row["image"]).name] = row["objects"]
     preds = [json.loads(line) for line in open(run / "eval" / "vqa_predictions.jsonl")]

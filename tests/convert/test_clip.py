@@ -298,7 +298,13 @@ def vlmkit_run(folder: Path, family: str) -> tuple[torch.nn.Module, Tokenizer]:
             folder / "eval" / file,
         )
     save_json(
-        {"train": {"train_data": "data/shapes/train.jsonl", "model": f"{family}-tiny", "batch_size": 128}},
+        {
+            "train": {
+                "data": {"train": "data/shapes/train.jsonl"},
+                "model": {"name": f"{family}-tiny"},
+                "batch_size": 128,
+            }
+        },
         folder / "train_config.json",
     )
     return model, tok

@@ -115,7 +115,7 @@ def test_pooled_fast_path_equals_full_towers_in_float64(name):
         if model.visual.cfg.pool == "cls":
             img = tokens[:, 0]
         else:
-            img = model.visual.attn_pool(tokens)
+            img = model.visual.attn_pool(tokens)[:, 0]
         img = model.visual.proj(img) if model.visual.proj is not None else img
         txt = model.text.proj(model.text.pool(model.text.forward_tokens(text), text))
         return img, txt

@@ -11,7 +11,8 @@ from vlmkit.errors import ConfigError
 from vlmkit.nn.attention import Attention, attention
 from vlmkit.nn.mlp import MLP, get_activation
 from vlmkit.nn.packing import Packing
-from vlmkit.nn.patch import AttentionPool, PatchEmbed, resample_pos_embed
+from vlmkit.nn.patch import PatchEmbed, resample_pos_embed
+from vlmkit.nn.pool import AttentionPool
 from vlmkit.nn.transformer import Block, Transformer, padding_mask
 
 B, T, C, NH = 3, 7, 16, 4
@@ -421,16 +422,33 @@ def test_resample_pos_embed():
 def test_attention_pool_matches_float64_reference():
     pool = randomise(AttentionPool(C, NH, mlp_ratio=2.0, act="gelu_tanh"))
     x = randn(B, T, C, seed=1)
-    q = ref_linear(pool.probe, pool.q).expand(B, 1, C)  # (B, 1, C): one learned query per image
+    q = ref_linear(pool.query, pool.q).expand(B, 1, C)  # (B, 1, C): one learned query per image
     kv = ref_linear(x, pool.kv)
     k, v = kv[..., :C], kv[..., C:]
     y = ref_linear(
         ref_heads_attention(q, k, v, torch.ones(B, 1, T, dtype=torch.bool)), pool.proj
     )  # (B, 1, C)
-    want = (y + ref_mlp(ref_layer_norm(y, pool.norm), pool.mlp))[:, 0]
+    want = y + ref_mlp(ref_layer_norm(y, pool.norm), pool.mlp)
     got = pool(x)
-    assert got.shape == (B, C)
+    assert got.shape == (B, 1, C)
     torch.testing.assert_close(got, want)
+
+
+def test_attention_pool_loads_the_older_siglip_probe():
+    """Folders saved before the two pools became one hold SigLIP's query as `probe`, shaped (1, 1, C)."""
+    pool = randomise(AttentionPool(C, NH, mlp_ratio=2.0))
+    state = {k: v.clone() for k, v in pool.state_dict().items()}
+    state["probe"] = state.pop("query")
+    fresh = AttentionPool(C, NH, mlp_ratio=2.0).double()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.query, pool.query)
+    # CoCa's pooler kept its queries 2-D, (num_queries, dim)
+    coca = randomise(AttentionPool(C, NH, num_queries=3, norm_inputs=True, norm_output=True))
+    state = {k: v.clone() for k, v in coca.state_dict().items()}
+    state["query"] = state["query"][0]
+    fresh = AttentionPool(C, NH, num_queries=3, norm_inputs=True, norm_output=True).double()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.query, coca.query)
 
 
 def test_attention_pool_bf16_training_matches_float64_reference():
@@ -442,7 +460,7 @@ def test_attention_pool_bf16_training_matches_float64_reference():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = pool32(x.float())
     got.float().sum().backward()
-    assert pool32.probe.grad is not None and pool32.probe.grad.abs().sum() > 0
+    assert pool32.query.grad is not None and pool32.query.grad.abs().sum() > 0
     torch.testing.assert_close(got.double(), want, atol=0.1, rtol=0.05)
 
 

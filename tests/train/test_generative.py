@@ -14,8 +14,8 @@ from vlmkit.data.vqa import write_tasks
 from vlmkit.errors import ConfigError, NoSupervisedTokensError
 from vlmkit.inference import VLMPipeline
 from vlmkit.recipes import CLIP_STAGE, get_recipe, smoke
-from vlmkit.train import TrainConfig
 from vlmkit.train import train as train_generative
+from vlmkit.train.config import configure, make_config
 from vlmkit.train.stages import prepare_synthetic, stage_configs
 
 SYNTH = dict(num_train=48, num_val=8, image_size=32, num_per_class_train=1, num_per_class_val=1)
@@ -37,7 +37,7 @@ def llava_run(shapes, tmp_path_factory):
     # equal the CLIP stage's image tower exactly)
     clip, align, instruct = cfg.stages
     stages = [clip, align, {**instruct, "freeze": [r"^vision_tower\."], "lr_scale": {}}]
-    cfg = TrainConfig(**{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(out), "stages": stages})
+    cfg = configure(cfg, {"synthetic_data": str(shapes), "out": str(out), "stages": stages})
     summary = train_generative(cfg)
     return out, summary
 
@@ -92,9 +92,7 @@ def test_pipeline_matches_model_generate_on_trained_llava(llava_run, shapes):
 def test_coca_recipe_trains_and_answers(shapes, tmp_path):
     cfg = smoke(get_recipe("coca-tiny-shapes"))
     # 16 rows a batch: enough that some hold two captions or more, which the contrastive loss needs
-    cfg = TrainConfig(
-        **{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(tmp_path), "batch_size": 16}
-    )
+    cfg = configure(cfg, {"synthetic_data": str(shapes), "out": str(tmp_path), "batch_size": 16})
     summary = train_generative(cfg)
     assert summary["step"] == 3
     # both of CoCa's losses are logged by name, and the trained one is their weighted sum
@@ -124,7 +122,7 @@ def test_coca_recipe_trains_and_answers(shapes, tmp_path):
 
 def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_path):
     root = tmp_path / "shapes"
-    cfg = TrainConfig(synthetic_data=str(root), synthetic_args=SYNTH, questions_per_image=2)
+    cfg = make_config(synthetic_data=str(root), synthetic_args=SYNTH, questions_per_image=2)
     prepare_synthetic(cfg)  # writes the images and every task file
     images = sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png"))
     before = {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")}
@@ -133,7 +131,7 @@ def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_pat
     assert {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")} == before  # same seed, same files
     assert sorted(p.stat().st_mtime_ns for p in (root / "images").rglob("*.png")) == images  # not redrawn
     # another task setting rewrites the task files (here: more conversations per multi-object scene)
-    more = TrainConfig(**{**cfg.__dict__, "multi_object_chats": 2})
+    more = configure(cfg, {"multi_object_chats": 2})
     prepare_synthetic(more)
     after = {p.name: p.read_bytes() for p in root.glob("*_*.jsonl")}
     assert {name for name in before if after[name] != before[name]} == {"train_chat.jsonl"}
@@ -144,10 +142,8 @@ def test_prepare_synthetic_reuses_the_data_and_writes_missing_task_files(tmp_pat
 def test_truncated_answers_stop_training_with_a_clear_error(shapes, tmp_path):
     # max_len so short that every answer is cut off: no token is supervised
     cfg = smoke(get_recipe("llava-tiny-shapes"))
-    cfg = TrainConfig(
-        **{**cfg.__dict__, "synthetic_data": str(shapes), "out": str(tmp_path), "stages": [], "max_len": 12}
-    )
-    cfg = TrainConfig(**{**cfg.__dict__, "train_data": "{data}/train_vqa.jsonl"})
+    overrides = {"synthetic_data": str(shapes), "out": str(tmp_path), "stages": [], "max_len": 12}
+    cfg = configure(cfg, {**overrides, "train_data": "{data}/train_vqa.jsonl"})
     with pytest.raises(NoSupervisedTokensError, match="template"):
         train_generative(cfg)
 
@@ -156,18 +152,20 @@ def test_stage_configs_chain_and_reject_unknown_keys(shapes):
     cfg = get_recipe("llava-tiny-shapes", synthetic_data=str(shapes), out="runs/x")
     (n1, s1), (n2, s2), (n3, s3) = stage_configs(cfg)
     assert (n1, n2, n3) == ("clip", "align", "instruct")
-    assert s1.model == "clip-tiny" and s1.stages == []
+    assert s1.model.name == "clip-tiny" and s1.stages == []
     assert (s1.out, s2.out, s3.out) == ("runs/x/stage1-clip", "runs/x/stage2-align", "runs/x")
-    assert s2.vision_init_from == s1.out and s2.init_from is None
-    assert s3.init_from == s2.out and s3.vision_init_from is None
-    assert s3.compile and not s2.compile and not s1.compile  # only the long instruct stage compiles
-    assert not any(c.compile for _, c in stage_configs(smoke(cfg)))  # compiling outlasts a smoke run
+    assert s2.transfer.vision_init_from == s1.out and s2.transfer.init_from is None
+    assert s3.transfer.init_from == s2.out and s3.transfer.vision_init_from is None
+    assert (
+        s3.parallel.compile and not s2.parallel.compile and not s1.parallel.compile
+    )  # only the long instruct stage compiles
+    assert not any(c.parallel.compile for _, c in stage_configs(smoke(cfg)))  # compiling outlasts a smoke run
     # the clip stage keeps the 192-wide towers the recipe was measured with; a smoke run still shrinks them
-    assert s1.model_overrides == {"vision.stem": "conv", **CLIP_STAGE["model_overrides"]}
-    assert s1.model_overrides["vision.width"] == 192
-    assert stage_configs(smoke(cfg))[0][1].model_overrides["vision.width"] == 64
-    assert s2.train_data == f"{shapes}/train_captions.jsonl" and s1.train_data == f"{shapes}/train.jsonl"
-    assert str(shapes) in s2.tokenizer_data and "train_chat" in s2.tokenizer_data
+    assert s1.model.overrides == {"vision.stem": "conv", **CLIP_STAGE["model_overrides"]}
+    assert s1.model.overrides["vision.width"] == 192
+    assert stage_configs(smoke(cfg))[0][1].model.overrides["vision.width"] == 64
+    assert s2.data.train == f"{shapes}/train_captions.jsonl" and s1.data.train == f"{shapes}/train.jsonl"
+    assert str(shapes) in s2.data.tokenizer_data and "train_chat" in s2.data.tokenizer_data
     with pytest.raises(ConfigError, match="unknown keys"):
         get_recipe("llava-tiny-shapes", stages=[{"name": "a", "learning_rate": 1}])
     with pytest.raises(ConfigError, match="model_overrides applies to a stage with a recipe"):
@@ -247,6 +245,6 @@ def test_own_data_trains_the_one_stage_recipe(shapes, tmp_path, capsys):
     assert summary["step"] == 3
     # trained on the given file and evaluated on the given questions, not the recipe's built-in data
     run = json.loads((tmp_path / "train_config.json").read_text())["train"]
-    assert run["train_data"] == str(shapes / "train_vqa.jsonl") and run["synthetic_data"] is None
+    assert run["data"]["train"] == str(shapes / "train_vqa.jsonl") and run["data"]["synthetic"] is None
     vqa = json.loads((tmp_path / "eval" / "vqa.json").read_text())
     assert vqa["dataset"] == "val_vqa" and vqa["metrics"]["num_questions"] == 8

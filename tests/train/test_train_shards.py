@@ -10,10 +10,10 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file
 
-from vlmkit.config import override
 from vlmkit.recipes import get_recipe, smoke
 from vlmkit.train import train
 from vlmkit.train.checkpoint import list_checkpoints
+from vlmkit.train.config import configure
 
 
 def write_shards(manifest: Path, out: Path, per_shard: int, bad: dict[int, dict] | None = None) -> str:
@@ -56,7 +56,7 @@ NOT_UTF8 = {"__key__": "bad", "png": b"", "txt": b"\xff\xfe not a caption"}
 
 def tiny_cfg(train_data: str, out: Path, **kw):
     cfg = smoke(get_recipe("clip-tiny", train_data=train_data, out=str(out)))
-    return override(cfg, {"precision": "fp32", "eval_every": 0, "save_every": 0, **kw})
+    return configure(cfg, {"precision": "fp32", "eval_every": 0, "save_every": 0, **kw})
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -110,7 +110,7 @@ def test_resume_on_shards_is_exact_with_workers(shard_data, tmp_path):
     state = json.loads((list_checkpoints(part.out)[-1] / "trainer_state.json").read_text())
     assert state["data"]["epoch"] == 0 and state["data"]["num_workers"] == 2
     assert sum(state["data"]["consumed"][0]) >= n * 8  # items used by the two workers so far
-    summary = train(override(part, {"resume": True}))
+    summary = train(configure(part, {"resume": True}))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, total + 1))
     for step in a:
@@ -140,7 +140,7 @@ def test_retrieval_on_shards_equals_retrieval_on_the_manifest(shapes_dir, tmp_pa
 
     torch.manual_seed(0)
     tok = Tokenizer.train([r["caption"] for r in rows], vocab_size=300, context_length=16)
-    small = smoke(get_recipe("clip-tiny")).model_overrides
+    small = smoke(get_recipe("clip-tiny")).model.overrides
     model = CLIP(
         get_model_config(
             "clip-tiny", **small, **{"text.vocab_size": tok.vocab_size, "text.eot_token_id": tok.eot_token_id}

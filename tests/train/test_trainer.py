@@ -22,9 +22,9 @@ from vlmkit.train.checkpoint import list_checkpoints
 def tiny_cfg(shapes_dir: Path, out: Path, **kw):
     cfg = smoke(get_recipe("clip-tiny", train_data=str(shapes_dir / "train.jsonl"), out=str(out)))
     kw = {"precision": "fp32", "eval_every": 0, **kw}
-    from vlmkit.config import override
+    from vlmkit.train.config import configure
 
-    return override(cfg, kw)
+    return configure(cfg, kw)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -47,9 +47,9 @@ def test_resume_is_exact(shapes_dir, tmp_path):
     summary = train(part, callbacks=[interrupt])
     assert summary["step"] == n and summary["stopped_early"]
     assert [p.name for p in list_checkpoints(part.out)] == [f"step_{n:08d}"]
-    from vlmkit.config import override
+    from vlmkit.train.config import configure
 
-    train(override(part, {"resume": True}))
+    train(configure(part, {"resume": True}))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, 2 * n + 3))
     for step in a:
@@ -225,9 +225,9 @@ def test_grayscale_and_rgba_training_images_work(tmp_path):
         rows.append({"image": path.name, "caption": f"picture number {i} in mode {mode}"})
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = smoke(get_recipe("clip-tiny", train_data=str(tmp_path / "m.jsonl"), out=str(tmp_path / "run")))
-    from vlmkit.config import override
+    from vlmkit.train.config import configure
 
-    summary = train(override(cfg, {"max_steps": 2, "eval_every": 0}))
+    summary = train(configure(cfg, {"max_steps": 2, "eval_every": 0}))
     assert summary["step"] == 2
     # no row was skipped: all 16 images of every mode were read, and the model trained on them
     assert "skipped" not in (tmp_path / "run" / "train.log").read_text()
@@ -236,7 +236,9 @@ def test_grayscale_and_rgba_training_images_work(tmp_path):
     from vlmkit.models import create_model
 
     torch.manual_seed(cfg.seed)  # the run's initial weights (same seed, same config)
-    start = create_model(cfg.model, **json.loads((tmp_path / "run" / "config.json").read_text())["model"])
+    start = create_model(
+        cfg.model.name, **json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    )
     final = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert not torch.equal(
         final["visual.patch_embed.proj.0.weight"], start.state_dict()["visual.patch_embed.proj.0.weight"]
@@ -287,9 +289,9 @@ def test_busy_machine_is_reported_once_in_log_and_bar(shapes_dir, tmp_path, monk
 
 def test_flip_recipe_trains_masked_then_unmasked(shapes_dir, tmp_path):
     """flip-tiny: a masked stage, then an unmasked one that starts from it; every loss is logged by name."""
-    from vlmkit.config import override
+    from vlmkit.train.config import configure
 
-    cfg = override(
+    cfg = configure(
         smoke(get_recipe("flip-tiny")), {"train_data": str(shapes_dir / "train.jsonl"), "out": str(tmp_path)}
     )
     summary = train(cfg)
@@ -303,7 +305,7 @@ def test_flip_recipe_trains_masked_then_unmasked(shapes_dir, tmp_path):
         tmp_path / "stage1-masked" / "tokenizer.json"
     ).read_bytes()
     run = json.loads((tmp_path / "train_config.json").read_text())["train"]
-    assert run["init_from"] == str(tmp_path / "stage1-masked") and run["lr"] == 2e-4
+    assert run["transfer"]["init_from"] == str(tmp_path / "stage1-masked") and run["optim"]["lr"] == 2e-4
     rows = [
         json.loads(line) for line in (tmp_path / "stage1-masked" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -312,16 +314,16 @@ def test_flip_recipe_trains_masked_then_unmasked(shapes_dir, tmp_path):
 
 
 def test_init_overrides_that_change_the_weights_are_refused(shapes_dir, tmp_path):
-    from vlmkit.config import override
     from vlmkit.errors import ConfigError
+    from vlmkit.train.config import configure
 
-    base = override(
+    base = configure(
         smoke(get_recipe("clip-tiny")), {"train_data": str(shapes_dir / "train.jsonl"), "max_steps": 1}
     )
-    train(override(base, {"out": str(tmp_path / "a")}))
+    train(configure(base, {"out": str(tmp_path / "a")}))
     with pytest.raises(ConfigError, match="changes the weights"):
         train(
-            override(
+            configure(
                 base,
                 {
                     "out": str(tmp_path / "b"),

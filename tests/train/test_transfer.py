@@ -21,7 +21,6 @@ from vlmkit.cli.transfer import (
     register_wise_ft_cli,
     transfer_overrides,
 )
-from vlmkit.config import override
 from vlmkit.convert import load_pretrained
 from vlmkit.data.manifest import read_manifest
 from vlmkit.errors import ConfigError, DataError, VlmkitError
@@ -30,6 +29,7 @@ from vlmkit.models.pretrained import save_pretrained
 from vlmkit.recipes import get_recipe, smoke
 from vlmkit.train import TrainConfig, Trainer, train
 from vlmkit.train.checkpoint import list_checkpoints
+from vlmkit.train.config import configure
 from vlmkit.train.transfer import LORA_FILE, imagefolder_to_manifest, prepare_model, wise_ft
 
 TEMPLATES = ["a {}.", "there is a {}."]
@@ -37,7 +37,7 @@ TEMPLATES = ["a {}.", "there is a {}."]
 
 def tiny_cfg(train_data: Path, out: Path, **kw) -> TrainConfig:
     cfg = smoke(get_recipe("clip-tiny", train_data=str(train_data), out=str(out)))
-    return override(cfg, {"precision": "fp32", "eval_every": 0, "save_every": 0, **kw})
+    return configure(cfg, {"precision": "fp32", "eval_every": 0, "save_every": 0, **kw})
 
 
 def inputs(run: Path):
@@ -278,7 +278,7 @@ def test_lora_resume_is_exact(shapes_dir, source, lora_run, tmp_path):
 
     cfg = lora_cfg(shapes_dir, tmp_path / "part", base)
     assert train(cfg, callbacks=[interrupt])["step"] == 2
-    train(override(cfg, {"resume": True}))
+    train(configure(cfg, {"resume": True}))
     a, b = losses(full), losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
@@ -292,10 +292,10 @@ def test_lora_resume_is_exact(shapes_dir, source, lora_run, tmp_path):
     state["text.transformer.blocks.0.attn.qkv.weight"] += 0.01
     save_file(state, str(base / "model.safetensors"))
     with pytest.raises(VlmkitError, match=r"init_from\) changed"):
-        Trainer(override(cfg, {"resume": True})).setup()
+        Trainer(configure(cfg, {"resume": True})).setup()
     (list_checkpoints(tmp_path / "part")[-1] / LORA_FILE).unlink()
     with pytest.raises(VlmkitError, match=r"no lora\.safetensors"):
-        Trainer(override(cfg, {"resume": True})).setup()
+        Trainer(configure(cfg, {"resume": True})).setup()
 
 
 # ---------------------------------------------------------------------------------------------- WiSE-FT
@@ -418,16 +418,18 @@ def test_train_flags_become_config_overrides():
         "lora_targets": "qkv$",
         "lora_also_train": ["logit_scale"],
     }
-    cfg = override(get_recipe("clip-tiny"), d)
+    cfg = configure(get_recipe("clip-tiny"), d)
     assert (
-        cfg.lr_scale == {r"^visual\.": 0.1, "x=y": 2.0} and cfg.freeze == ["^a", "b$"] and cfg.lora_rank == 4
+        cfg.optim.lr_scale == {r"^visual\.": 0.1, "x=y": 2.0}
+        and cfg.optim.freeze == ["^a", "b$"]
+        and cfg.transfer.lora_rank == 4
     )
     assert transfer_overrides(parser.parse_args([])) == {}
     with pytest.raises(ConfigError, match="REGEX=FACTOR"):
         transfer_overrides(parser.parse_args(["--lr-scale", "visual"]))
     # --set gives strings: one regex, a string factor
-    cfg = override(get_recipe("clip-tiny"), {"freeze": "^text", "lr_scale.visual": "0.5"})
-    assert cfg.freeze == ["^text"] and cfg.lr_scale == {"visual": 0.5}
+    cfg = configure(get_recipe("clip-tiny"), {"freeze": "^text", "lr_scale.visual": "0.5"})
+    assert cfg.optim.freeze == ["^text"] and cfg.optim.lr_scale == {"visual": 0.5}
 
 
 @pytest.mark.parametrize(

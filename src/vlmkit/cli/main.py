@@ -135,8 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override any config field, e.g. --set lr=1e-3 "
-        "--set model_overrides.vision.layers=6 (repeatable)",
+        help="override any config field by its path in the config tree or its short name, e.g. "
+        "--set optim.lr=1e-3 (or lr=1e-3) --set model_overrides.vision.layers=6 (repeatable; "
+        "--print-config shows the tree)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the run's whole config (JSON) and exit without training",
     )
     from vlmkit.cli.transfer import add_transfer_args
 
@@ -286,9 +292,10 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def cmd_train(args) -> None:
-    from vlmkit.config import override, parse_overrides
+    from vlmkit.config import parse_overrides, to_dict
     from vlmkit.recipes import get_recipe, list_recipes, smoke
     from vlmkit.train import train
+    from vlmkit.train.config import configure
 
     if args.list_recipes:
         print("\n".join(list_recipes()))
@@ -315,15 +322,18 @@ def cmd_train(args) -> None:
     overrides.update(transfer_overrides(args))
     overrides.update(parse_overrides(args.set))
     cfg = get_recipe(args.recipe)
-    if cfg.synthetic_data and (args.train_data or args.val_data):
-        family = cfg.model.split("-")[0]
+    if cfg.data.synthetic and (args.train_data or args.val_data):
+        family = cfg.model.name.split("-")[0]
         raise VlmkitError(
             f"recipe {args.recipe} trains in stages on the built-in data; for your own data use the one-stage "
             f"recipe {family}-tiny (--set vision_init_from=DIR starts its image tower from a CLIP/SigLIP folder)"
         )
     if args.smoke:  # shrink first, so that explicit flags still win
         cfg = smoke(cfg)
-    cfg = override(cfg, overrides, where="train")
+    cfg = configure(cfg, overrides, where="train")
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return
     summary = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))

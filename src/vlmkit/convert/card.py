@@ -67,6 +67,13 @@ def eval_results(source_dir: str | Path | None) -> list:
     return results
 
 
+def _setting(train: dict, path: str, flat: str):
+    """A field of a saved TrainConfig tree ("data.train"), or its flat name in runs saved before the tree."""
+    section, _, name = path.partition(".")
+    value = train.get(section)
+    return value.get(name) if isinstance(value, dict) else train.get(flat)
+
+
 def _training_section(source_dir: str | Path | None) -> str:
     file = Path(source_dir) / "train_config.json" if source_dir else None
     meta = _read_json(file) if file is not None and file.is_file() else None
@@ -82,15 +89,19 @@ def _training_section(source_dir: str | Path | None) -> str:
         else None
     )
     rows = [
-        ("Training data", train.get("train_data")),
-        ("Validation data", train.get("val_data")),
-        ("Zero-shot evaluation data", train.get("zeroshot_data")),
-        ("Model preset", train.get("model")),
+        ("Training data", _setting(train, "data.train", "train_data")),
+        ("Validation data", _setting(train, "data.val", "val_data")),
+        ("Zero-shot evaluation data", _setting(train, "data.zeroshot", "zeroshot_data")),
+        ("Model preset", _setting(train, "model.name", "model")),
         ("Global batch size", train.get("batch_size")),
         ("Epochs", train.get("epochs")),
         ("Optimizer steps", (summary or {}).get("step")),
-        ("Learning rate", train.get("lr")),
-        ("Tokenizer", train.get("tokenizer") or "byte-level BPE trained on the training captions"),
+        ("Learning rate", _setting(train, "optim.lr", "lr")),
+        (
+            "Tokenizer",
+            _setting(train, "model.tokenizer", "tokenizer")
+            or "byte-level BPE trained on the training captions",
+        ),
     ]
     table = "\n".join(f"| {k} | `{v}` |" for k, v in rows if v not in (None, ""))
     return (

@@ -403,7 +403,7 @@ def vision_rules(v: VisionConfig, layout: str, ours: str = "visual", theirs: str
     rules.append(((f"{ours}.patch_embed.proj.bias",), (f"{theirs}.embeddings.patch_embedding.bias",)))
     if v.pool != "attn":  # a SigLIP tower without its head (vision_use_head false)
         return rules
-    rules.append(((f"{ours}.attn_pool.probe",), (f"{theirs}.head.probe",)))
+    rules.append(((f"{ours}.attn_pool.query",), (f"{theirs}.head.probe",)))
     for p in ("weight", "bias"):  # nn.MultiheadAttention's in_proj rows are q, k, v = vlmkit's q, then kv
         rules.append(
             (

@@ -114,11 +114,26 @@ def check_image_file(path: str | os.PathLike) -> None:
 
 
 class DecodeFailure(Exception):
-    """Why `decode` could not make an image: `kind` is "unrecognised", "too_large" or "corrupt"."""
+    """Why `decode` could not make an image: `kind` is "unrecognised", "too_large" or "corrupt".
+
+    `reason` is the skip reason the data pipelines count it under ("decode_error" or "decompression_bomb")
+    and `message` the words every caller reports it with."""
 
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(detail)
         self.kind, self.detail = kind, detail
+
+    @property
+    def reason(self) -> str:
+        return "decompression_bomb" if self.kind == "too_large" else "decode_error"
+
+    @property
+    def message(self) -> str:
+        return {
+            "unrecognised": "not an image file (format not recognised)",
+            "too_large": f"image too large: {self.detail}",
+            "corrupt": f"truncated or corrupt image: {self.detail}",
+        }[self.kind]
 
 
 def decode(fp, draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -172,12 +187,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         try:
             return decode(f)
         except DecodeFailure as e:
-            reason = {
-                "unrecognised": "not an image file (format not recognised)",
-                "too_large": f"image too large: {e.detail}",
-                "corrupt": f"truncated or corrupt image: {e.detail}",
-            }[e.kind]
-            raise ImageDecodeError(path, reason) from None
+            raise ImageDecodeError(path, e.message) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -190,10 +190,10 @@ def transfer_demo(
         train(cfg)
         runs[name] = {"seconds": round(time.perf_counter() - t, 1)}
         n = trainable(
-            lock_image=cfg.lock_image,
-            lora_rank=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_targets=cfg.lora_targets,
+            lock_image=cfg.transfer.lock_image,
+            lora_rank=cfg.transfer.lora_rank,
+            lora_alpha=cfg.transfer.lora_alpha,
+            lora_targets=cfg.transfer.lora_targets,
         )
         rows.append({"method": label, **accuracy(out / name), "trainable": n})
 

@@ -138,7 +138,7 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
             or "embedding" in name
             or "embed_tokens" in name
             or "logit_" in name
-            or name.endswith(("probe", "image_pool.query"))  # learned attention-pooling queries
+            or name.endswith(("attn_pool.query", "image_pool.query"))  # learned attention-pooling queries
         ):
             names.add(name)
     return names

@@ -27,8 +27,8 @@ from vlmkit.models.clip import CLIP, CLIPOutput, init_tower
 from vlmkit.models.decoder import Decoder, DecoderConfig
 from vlmkit.models.generation import GenerationConfig, generate
 from vlmkit.models.vit import VisionConfig, VisionTransformer
-from vlmkit.nn.attention import attention
 from vlmkit.nn.norm import RMSNorm
+from vlmkit.nn.pool import AttentionPool
 
 
 @dataclass
@@ -73,35 +73,6 @@ class CoCaOutput(CLIPOutput):
     hidden: torch.Tensor  # (B, T, C) decoder output after its final norm: the captioning loss's input
 
 
-class AttentionalPooler(nn.Module):
-    """`num_queries` learned queries cross-attend to the image tokens (CoCa's attentional pooler): a fixed
-    number of memory tokens for the decoder, whatever the image size, at the decoder's encoder width."""
-
-    def __init__(self, dim: int, context_dim: int, num_heads: int, num_queries: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Parameter(torch.randn(num_queries, dim) * dim**-0.5)
-        self.ln_q = nn.LayerNorm(dim, eps=eps)
-        self.ln_k = nn.LayerNorm(context_dim, eps=eps)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln_post = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        Q, C = self.query.shape
-        nh, hs = self.num_heads, C // self.num_heads
-        q = (
-            self.q(self.ln_q(self.query)).view(1, Q, nh, hs).transpose(1, 2).expand(B, -1, -1, -1)
-        )  # (B, nh, Q, hs)
-        k, v = (
-            t.view(B, N, nh, hs).transpose(1, 2) for t in self.kv(self.ln_k(x)).split(C, dim=-1)
-        )  # (B, nh, N, hs)
-        y = attention(q, k, v).transpose(1, 2).reshape(B, Q, C)  # (B, Q, C)
-        return self.ln_post(self.proj(y))  # (B, Q, C)
-
-
 class CoCa(nn.Module):
     def __init__(self, cfg: CoCaConfig):
         super().__init__()
@@ -111,7 +82,16 @@ class CoCa(nn.Module):
         # The decoder cross-attends to memory of width encoder_width: the pooler maps to it, or a linear
         # map when the image tokens have another width.
         self.image_pool = (
-            AttentionalPooler(dec.encoder_width, vision.width, dec.heads, cfg.image_queries, vision.norm_eps)
+            AttentionPool(
+                dec.encoder_width,
+                dec.heads,
+                num_queries=cfg.image_queries,
+                context_dim=vision.width,
+                norm_inputs=True,
+                norm_output=True,
+                eps=vision.norm_eps,
+                query_std=dec.encoder_width**-0.5,
+            )
             if cfg.image_queries
             else None
         )
@@ -240,4 +220,4 @@ class CoCa(nn.Module):
         self.decoder.grad_checkpointing = enable
 
 
-__all__ = ["AttentionalPooler", "CoCa", "CoCaConfig", "CoCaOutput"]
+__all__ = ["CoCa", "CoCaConfig", "CoCaOutput"]

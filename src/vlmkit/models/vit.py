@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from vlmkit.errors import ConfigError
-from vlmkit.nn.patch import AttentionPool, ConvStem, PatchDropout, PatchEmbed, resample_pos_embed
+from vlmkit.nn.patch import ConvStem, PatchDropout, PatchEmbed, resample_pos_embed
+from vlmkit.nn.pool import AttentionPool
 from vlmkit.nn.transformer import Transformer
 
 
@@ -71,7 +72,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
         self.ln_post = nn.LayerNorm(width, eps=cfg.norm_eps)
         self.attn_pool = (
-            AttentionPool(width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
+            AttentionPool(width, cfg.heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, eps=cfg.norm_eps)
             if cfg.pool == "attn"
             else None
         )
@@ -126,7 +127,7 @@ class VisionTransformer(nn.Module):
         elif self.cfg.pool == "mean":
             pooled = tokens[:, self.num_prefix_tokens :].mean(dim=1)  # (B, C), over the visible patches
         else:
-            pooled = self.attn_pool(tokens)  # (B, C)
+            pooled = self.attn_pool(tokens)[:, 0]  # (B, C)
         return self.proj(pooled) if self.proj is not None else pooled  # (B, D)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""Patch embedding, patch dropout, learned position embeddings that resample to a new image size, attention
-pooling."""
+"""Patch embedding, patch dropout, learned position embeddings that resample to a new image size."""
 
 from __future__ import annotations
 
@@ -8,9 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from vlmkit.nn.attention import attention
-from vlmkit.nn.mlp import MLP
 
 
 class PatchEmbed(nn.Module):
@@ -120,29 +116,3 @@ def resample_pos_embed(
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
     grid = grid.permute(0, 2, 3, 1).reshape(-1, C).to(pos_embed.dtype)  # (H'*W', C)
     return torch.cat([prefix, grid], dim=0)
-
-
-class AttentionPool(nn.Module):
-    """Multi-head attention pooling (SigLIP's MAP head): a learned probe attends over all tokens."""
-
-    def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu_tanh", eps: float = 1e-6
-    ):
-        super().__init__()
-        self.num_heads = num_heads
-        self.probe = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        nh, hs = self.num_heads, C // self.num_heads
-        q = self.q(self.probe).view(1, 1, nh, hs).transpose(1, 2).expand(B, -1, -1, -1)  # (B, nh, 1, hs)
-        k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in self.kv(x).split(C, dim=-1))  # (B, nh, T, hs)
-        y = attention(q, k, v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
-        y = self.proj(y)
-        y = y + self.mlp(self.norm(y))
-        return y[:, 0]  # (B, C)

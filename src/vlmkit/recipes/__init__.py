@@ -1,4 +1,5 @@
-"""Named training recipes: configs as code, one dict per recipe on top of `TrainConfig`'s defaults.
+"""Named training recipes: configs as code, one dict per recipe on top of `TrainConfig`'s defaults, in the
+config's flat names (`lr` for `optim.lr`, `train_data` for `data.train`: vlmkit.train.config.ALIASES).
 
 `get_recipe(name, **overrides)` returns a `TrainConfig`; `smoke(cfg)` shrinks any recipe to a
 seconds-long run (a tiny model, a handful of steps) for testing a setup end to end. Recipes are configs
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmkit.config import override
 from vlmkit.data.synthetic import SHAPES_ARGS, SHAPES_TEMPLATES
 from vlmkit.errors import ConfigError
 from vlmkit.models.registry import split_name, task_of
-from vlmkit.train.config import TrainConfig
+from vlmkit.train.config import TrainConfig, configure, make_config
 
 # CPU recipes are tuned to learn fast from small data within minutes: a convolutional stem (far more
 # sample-efficient than a linear patch projection), a short warmup, and moderate crops so that what the
@@ -263,11 +263,11 @@ def list_recipes() -> list[str]:
 
 
 def get_recipe(name: str, **overrides: Any) -> TrainConfig:
-    """The recipe's config with `overrides` (field names, or dotted `model_overrides.x`) applied."""
+    """The recipe's config with `overrides` (flat names, tree paths or dotted `model_overrides.x`) applied."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}")
-    cfg = TrainConfig(**RECIPES[name])
-    return override(cfg, overrides, where=f"recipe {name}") if overrides else cfg
+    cfg = make_config(RECIPES[name])
+    return configure(cfg, overrides, where=f"recipe {name}")
 
 
 # A tiny model of each kind of family for smoke runs: model-config overrides
@@ -297,8 +297,8 @@ _SMOKE_MODELS: dict[str, dict[str, Any]] = {
 
 def smoke(cfg: TrainConfig) -> TrainConfig:
     """A seconds-long version of any recipe: a tiny model and a few steps (big_vision's `runlocal`)."""
-    family = split_name(cfg.model)[0]
-    contrastive = task_of(cfg.model) == "contrastive"
+    family = split_name(cfg.model.name)[0]
+    contrastive = task_of(cfg.model.name) == "contrastive"
     small = dict(_SMOKE_MODELS["contrastive" if contrastive else "generative"])
     if family == "siglip":
         small["embed_dim"] = 64  # the vision tower has no projection: its width is the embedding
@@ -308,7 +308,7 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
     stages = [{**stage, **steps, **({"smoke": True} if "recipe" in stage else {})} for stage in cfg.stages]
     changes: dict[str, Any] = {
         "model": f"{family}-tiny",
-        "model_overrides": {**cfg.model_overrides, **small},
+        "model_overrides": {**cfg.model.overrides, **small},
         "stages": stages,
         "batch_size": 8,
         "warmup_steps": 2,
@@ -316,10 +316,10 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
         "num_workers": 0,
         "grad_checkpointing": False,
     }
-    if cfg.synthetic_data:
-        synthetic = {**cfg.synthetic_args, "num_train": 48, "num_val": 8, "image_size": 32}
+    if cfg.data.synthetic:
+        synthetic = {**cfg.data.synthetic_args, "num_train": 48, "num_val": 8, "image_size": 32}
         synthetic.update(num_per_class_train=1, num_per_class_val=1)
-        changes.update(synthetic_args=synthetic, synthetic_data=f"{cfg.synthetic_data}-smoke")
+        changes.update(synthetic_args=synthetic, synthetic_data=f"{cfg.data.synthetic}-smoke")
     if contrastive:
         changes.update(max_steps=6, eval_every=3, save_every=3, vocab_size=512)
     else:
@@ -335,4 +335,4 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
             eval_batch_size=8,
             max_len=256,  # a 300-token vocabulary spells words out in bytes
         )
-    return override(cfg, changes)
+    return configure(cfg, changes)

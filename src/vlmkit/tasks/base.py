@@ -58,7 +58,7 @@ class Task:
         raise NotImplementedError
 
     def new_tokenizer(self, texts: list[str], context_length: int) -> Tokenizer:
-        return Tokenizer.train(texts, vocab_size=self.cfg.vocab_size, context_length=context_length)
+        return Tokenizer.train(texts, vocab_size=self.cfg.model.vocab_size, context_length=context_length)
 
     def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
         """Model-config keys (dotted) that come from the tokenizer: vocabulary size, special token ids."""

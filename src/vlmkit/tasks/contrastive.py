@@ -28,7 +28,10 @@ class ContrastiveTask(Task):
 
     def configure(self) -> None:
         reject(
-            "vision_init_from", self.cfg.vision_init_from, self.name, "use init_from for a whole dual encoder"
+            "vision_init_from",
+            self.cfg.transfer.vision_init_from,
+            self.name,
+            "use init_from for a whole dual encoder",
         )
 
     def context_length(self, model_cfg: Any) -> int:
@@ -38,7 +41,7 @@ class ContrastiveTask(Task):
         t = self.trainer
         if t.train_urls is not None:
             return list(iter_captions(t.train_urls))
-        return [s.caption for s in read_manifest(self.cfg.train_data)[0]]
+        return [s.caption for s in read_manifest(self.cfg.data.train)[0]]
 
     def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
         return {
@@ -50,19 +53,19 @@ class ContrastiveTask(Task):
     def train_mode(self, model: nn.Module) -> None:
         """Training mode, except a locked image tower (LiT), which stays in eval mode."""
         model.train()
-        if self.cfg.lock_image:
+        if self.cfg.transfer.lock_image:
             model.visual.eval()
 
     # ---------------------------------------------------------------- data and step
     def train_set(self) -> ImageTextDataset:
         cfg, t = self.cfg, self.trainer
         return ImageTextDataset(
-            cfg.train_data,
+            cfg.data.train,
             t.train_transform,
-            max_bad_fraction=cfg.max_bad_fraction,
+            max_bad_fraction=cfg.data.max_bad_fraction,
             seed=cfg.seed,
             log=log,
-            cache_images=cfg.cache_images,
+            cache_images=cfg.data.cache_images,
             cache_short_side=2 * t.preprocess.image_size,
         )
 
@@ -86,11 +89,13 @@ class ContrastiveTask(Task):
         """Validation images and captions, preprocessed once and kept in memory."""
         cfg, t, val = self.cfg, self.trainer, {}
         eval_tf = ImageTransform(t.preprocess, train=False)
-        if cfg.val_data:
-            if is_shard_spec(cfg.val_data):
-                images, captions, paths = load_pairs(cfg.val_data, eval_tf, SkipStats(log=log))
+        if cfg.data.val:
+            if is_shard_spec(cfg.data.val):
+                images, captions, paths = load_pairs(cfg.data.val, eval_tf, SkipStats(log=log))
             else:
-                ds = ImageTextDataset(cfg.val_data, eval_tf, max_bad_fraction=cfg.max_bad_fraction, log=log)
+                ds = ImageTextDataset(
+                    cfg.data.val, eval_tf, max_bad_fraction=cfg.data.max_bad_fraction, log=log
+                )
                 images = [ds[i][0] for i in range(len(ds))]
                 captions, paths = ds.captions, [str(p) for p in ds.image_paths]
             val["images"] = torch.stack(images)
@@ -103,16 +108,16 @@ class ContrastiveTask(Task):
             index = {p: i for i, p in enumerate(first_row)}
             val["image_rows"] = torch.tensor(list(first_row.values()))
             val["text_to_image"] = torch.tensor([index[p] for p in paths])
-        if cfg.zeroshot_data:
+        if cfg.data.zeroshot:
             from vlmkit.data.manifest import read_image_folder
             from vlmkit.data.transforms import load_image
             from vlmkit.eval.templates import load_templates
 
-            paths, labels, classnames = read_image_folder(cfg.zeroshot_data)
+            paths, labels, classnames = read_image_folder(cfg.data.zeroshot)
             val["zs_images"] = torch.stack([eval_tf(load_image(p)) for p in paths])
             val["zs_labels"] = torch.tensor(labels)
             val["zs_classnames"] = classnames
-            val["zs_templates"] = load_templates(cfg.zeroshot_templates)
+            val["zs_templates"] = load_templates(cfg.data.zeroshot_templates)
         return val or None
 
     @torch.no_grad()
@@ -155,15 +160,15 @@ class ContrastiveTask(Task):
         ev = t.out / "eval"
         ev.mkdir(exist_ok=True)
         common = dict(device=t.device, model_name=str(t.out), bf16=t.precision.bf16)
-        if cfg.val_data:
-            r = evaluate_retrieval(model, t.tokenizer, t.preprocess, cfg.val_data, out_dir=ev, **common)
+        if cfg.data.val:
+            r = evaluate_retrieval(model, t.tokenizer, t.preprocess, cfg.data.val, out_dir=ev, **common)
             save_results(r, ev / "retrieval.json")
-        if cfg.zeroshot_data:
+        if cfg.data.zeroshot:
             r = evaluate_zeroshot(
                 model,
                 t.tokenizer,
                 t.preprocess,
-                cfg.zeroshot_data,
+                cfg.data.zeroshot,
                 templates=t.val["zs_templates"],
                 out_dir=ev,
                 **common,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import random
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlmkit import distributed as dist
-from vlmkit.config import to_dict
+from vlmkit.config import override, to_dict
 from vlmkit.data.chat import IMAGE_TOKEN, render
 from vlmkit.data.conversations import ConversationDataset, collate_conversations, read_rows, split_files
 from vlmkit.data.tokenizer import Tokenizer
@@ -34,27 +33,30 @@ class ConversationTask(Task):
     def configure(self) -> None:
         cfg, t = self.cfg, self.trainer
         reject(
-            "lock_image", cfg.lock_image, self.name, "freeze a generative model's parts with --freeze REGEX"
+            "lock_image",
+            cfg.transfer.lock_image,
+            self.name,
+            "freeze a generative model's parts with --freeze REGEX",
         )
-        if not cfg.train_data:
+        if not cfg.data.train:
             raise ConfigError("no training data: pass --train-data CONVERSATIONS.jsonl (LLaVA format)")
         self.vision_source = None
-        if cfg.vision_init_from and not cfg.init_from:
+        if cfg.transfer.vision_init_from and not cfg.transfer.init_from:
             from vlmkit.convert import load_pretrained
             from vlmkit.models.registry import task_name
 
-            source = load_pretrained(cfg.vision_init_from)
+            source = load_pretrained(cfg.transfer.vision_init_from)
             if task_name(source.model.cfg) != "contrastive":
                 raise ConfigError(
-                    f"vision_init_from {cfg.vision_init_from} is not a CLIP/SigLIP model folder"
+                    f"vision_init_from {cfg.transfer.vision_init_from} is not a CLIP/SigLIP model folder"
                 )
             self.vision_source = source.model.visual
-            t.cfg = replace(
-                cfg,
-                model_overrides={**cfg.model_overrides, "vision": to_dict(source.model.cfg.vision)},
-                mean=tuple(source.preprocess.mean),
-                std=tuple(source.preprocess.std),
-            )
+            vision = {"model.overrides": {"vision": to_dict(source.model.cfg.vision)}}
+            preprocess = {
+                "model.mean": tuple(source.preprocess.mean),
+                "model.std": tuple(source.preprocess.std),
+            }
+            t.cfg = override(cfg, vision | preprocess)
 
     def context_length(self, model_cfg: Any) -> int:
         # The tokenizer's fixed-length framing is only used for CoCa's contrastive text side (zero-shot prompts).
@@ -62,7 +64,7 @@ class ConversationTask(Task):
 
     def training_texts(self) -> list[str]:
         texts = []
-        for row in read_rows(self.cfg.tokenizer_data or self.cfg.train_data):
+        for row in read_rows(self.cfg.data.tokenizer_data or self.cfg.data.train):
             for turn in row["conversations"]:
                 texts.append(str(turn.get("value", turn.get("content", ""))).replace(IMAGE_TOKEN, " "))
         return texts
@@ -70,7 +72,7 @@ class ConversationTask(Task):
     def new_tokenizer(self, texts: list[str], context_length: int) -> Tokenizer:
         return Tokenizer.train(
             texts,
-            vocab_size=self.cfg.vocab_size,
+            vocab_size=self.cfg.model.vocab_size,
             context_length=context_length,
             extra_special_tokens=[IMAGE_TOKEN],
         )
@@ -102,7 +104,7 @@ class ConversationTask(Task):
                     "vision tower: %d of %d tensors from %s",
                     len(state),
                     len(target),
-                    self.cfg.vision_init_from,
+                    self.cfg.transfer.vision_init_from,
                 )
             self.vision_source = None
         return model
@@ -119,14 +121,14 @@ class ConversationTask(Task):
             template,
             num_image_tokens=n,
             image_token_id=image_id,
-            max_len=self.cfg.max_len,
+            max_len=self.cfg.task.max_len,
             row=f"{row['image']} (line {row.get('line', '?')})",
         )
 
     def train_set(self) -> ConversationDataset:
         # No random crops: questions about counts and positions must stay true of the image the model sees.
         transform = ImageTransform(self.trainer.preprocess, train=False, uint8=True)
-        return ConversationDataset(read_rows(self.cfg.train_data), transform, self.render_row)
+        return ConversationDataset(read_rows(self.cfg.data.train), transform, self.render_row)
 
     def collate(self):
         return functools.partial(collate_conversations, self.trainer.tokenizer.pad_token_id)
@@ -136,9 +138,9 @@ class ConversationTask(Task):
 
     # ---------------------------------------------------------------- evaluation
     def build_val(self) -> dict | None:
-        if not self.cfg.val_data:
+        if not self.cfg.data.val:
             return None
-        files = {file: read_rows(file) for file in split_files(self.cfg.val_data)}
+        files = {file: read_rows(file) for file in split_files(self.cfg.data.val)}
         rows = [row for file_rows in files.values() for row in file_rows]
         random.Random(self.cfg.seed).shuffle(rows)  # a fixed sample that mixes question types
         return {"rows": rows, "captions": {f: r[0].get("type") == "caption" for f, r in files.items()}}
@@ -154,11 +156,11 @@ class ConversationTask(Task):
         """VQA accuracy (overall and by question type) on the first `eval_limit` validation questions."""
         from vlmkit.eval.vqa import evaluate_vqa
 
-        rows = [r for r in self.trainer.val["rows"] if r.get("type") != "caption"][: self.cfg.eval_limit]
+        rows = [r for r in self.trainer.val["rows"] if r.get("type") != "caption"][: self.cfg.task.eval_limit]
         if not rows:
             return {}
         result = evaluate_vqa(
-            self.pipeline(model).answer, rows, batch_size=self.cfg.eval_batch_size, progress=False
+            self.pipeline(model).answer, rows, batch_size=self.cfg.task.eval_batch_size, progress=False
         )
         m = result["metrics"]
         metrics = {"val/vqa_accuracy": m["accuracy"]}
@@ -179,8 +181,8 @@ class ConversationTask(Task):
         ev.mkdir(exist_ok=True)
         pipe = self.pipeline(model)
         common = dict(
-            batch_size=self.cfg.eval_batch_size,
-            limit=self.cfg.final_eval_limit,
+            batch_size=self.cfg.task.eval_batch_size,
+            limit=self.cfg.task.final_eval_limit,
             out_dir=ev,
             model_name=str(t.out),
         )

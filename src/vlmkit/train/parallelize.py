@@ -92,12 +92,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def parallelize(module: TaskModule, cfg, info: dist.DistInfo) -> TrainModule:
     """Compile, checkpoint activations and wrap `module` for `info.world_size` processes, as `cfg` says."""
     model = module.model
-    if cfg.compile:
+    if cfg.parallel.compile:
         # a graph inductor cannot compile (no C++ compiler on this machine, say) runs eagerly, with a
         # warning, instead of ending the run
         torch._dynamo.config.suppress_errors = True
         model.compile()
-    if cfg.grad_checkpointing:
+    if cfg.parallel.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError(
                 f"{type(model).__name__} has no activation checkpointing; drop grad_checkpointing"
@@ -105,7 +105,7 @@ def parallelize(module: TaskModule, cfg, info: dist.DistInfo) -> TrainModule:
         model.set_grad_checkpointing(True)
     if info.world_size == 1:
         return TrainModule(module, "single")
-    if cfg.parallel == "fsdp":
+    if cfg.parallel.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 

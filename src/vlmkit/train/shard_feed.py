@@ -28,9 +28,9 @@ class ShardFeed:
     def __init__(self, urls: list[str], cfg, info: dist.DistInfo, transform, device: torch.device):
         self.urls, self.cfg, self.info, self.transform, self.device = urls, cfg, info, transform, device
         world = info.world_size
-        self.num_workers = cfg.num_workers
+        self.num_workers = cfg.data.num_workers
         per_rank = len(urls) // world  # the smallest share of shards a process gets
-        if not cfg.resampled and 0 < per_rank < cfg.num_workers:
+        if not cfg.data.resampled and 0 < per_rank < cfg.data.num_workers:
             self.num_workers = per_rank
             if dist.is_main():
                 log.warning(
@@ -38,7 +38,7 @@ class ShardFeed:
                     "(each worker reads its own shards)",
                     per_rank,
                     per_rank,
-                    cfg.num_workers,
+                    cfg.data.num_workers,
                 )
         self.skipped_before = Counter()  # this process's skips before the current epoch's stream
         self.stream_epoch = -1
@@ -89,9 +89,9 @@ class ShardFeed:
             epoch=epoch,
             rank=self.info.rank,
             world_size=self.info.world_size,
-            shuffle_buffer=cfg.shuffle_buffer,
+            shuffle_buffer=cfg.data.shuffle_buffer,
             repeat=True,
-            resampled=cfg.resampled,
+            resampled=cfg.data.resampled,
             position=position,
             track_position=True,
             log=log,

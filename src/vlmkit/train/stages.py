@@ -15,26 +15,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlmkit import distributed as dist
-from vlmkit.config import override
-from vlmkit.models.registry import task_of
-from vlmkit.train.config import TrainConfig
+from vlmkit.train.config import TrainConfig, configure
 from vlmkit.train.trainer import Trainer
 
 
 def prepare_synthetic(cfg: TrainConfig) -> None:
-    """Write the built-in shapes data and its caption / question files to `cfg.synthetic_data` unless there."""
+    """Write the built-in shapes data and its caption / question files to `cfg.data.synthetic` unless there."""
     from vlmkit.data.synthetic import generate, is_current
     from vlmkit.data.vqa import tasks_are_current, write_tasks
 
-    root = Path(cfg.synthetic_data)
+    root = Path(cfg.data.synthetic)
     tasks = dict(
-        seed=cfg.synthetic_args.get("seed", 0),
-        questions_per_image=cfg.questions_per_image,
-        multi_object_chats=cfg.multi_object_chats,
+        seed=cfg.data.synthetic_args.get("seed", 0),
+        questions_per_image=cfg.data.questions_per_image,
+        multi_object_chats=cfg.data.multi_object_chats,
     )
-    if not is_current(root, **cfg.synthetic_args):
+    if not is_current(root, **cfg.data.synthetic_args):
         print(f"writing the synthetic 'shapes' dataset and its questions to {root}")
-        generate(root, **cfg.synthetic_args)
+        generate(root, **cfg.data.synthetic_args)
     elif tasks_are_current(root, splits=("train", "val"), **tasks):
         return
     write_tasks(root, **tasks)
@@ -50,15 +48,16 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     model (init_from). The last stage writes to cfg.out, the others to cfg.out/stage<i>-<name>."""
     from vlmkit.recipes import get_recipe, smoke
 
-    data = cfg.synthetic_data
-    fields = ("train_data", "val_data", "zeroshot_data")
-    base = replace(cfg, **{f: _fill(getattr(cfg, f), data) for f in fields})
+    data = cfg.data.synthetic
+    base = configure(
+        cfg, {f"data.{f}": _fill(getattr(cfg.data, f), data) for f in ("train", "val", "zeroshot")}
+    )
     if not cfg.stages:
         return [("train", base)]
-    generative = task_of(cfg.model) != "contrastive"  # a later stage's image tower can come from a recipe's
+    generative = cfg.task_name() != "contrastive"  # a later stage's image tower can come from a recipe's
     own = [s for s in cfg.stages if "recipe" not in s]
-    tokenizer_data = "::".join(_fill(s.get("train_data", cfg.train_data), data) for s in own)
-    out, prev, vision, runs = Path(cfg.out), cfg.init_from, cfg.vision_init_from, []
+    tokenizer_data = "::".join(_fill(s.get("train_data", cfg.data.train), data) for s in own)
+    out, prev, vision, runs = Path(cfg.out), cfg.transfer.init_from, cfg.transfer.vision_init_from, []
     for i, stage in enumerate(cfg.stages):
         stage = {k: _fill(v, data) for k, v in stage.items()}
         name = stage.pop("name", f"stage{i + 1}")
@@ -72,25 +71,29 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
             shrink = stage.pop("smoke", False)
             sub = get_recipe(recipe)
             # the stage's model overrides refine the recipe's (and a smoke run still shrinks the result)
-            sub = replace(sub, model_overrides={**sub.model_overrides, **stage.pop("model_overrides", {})})
+            sub = configure(sub, {"model_overrides": stage.pop("model_overrides", {})})
             sub = smoke(sub) if shrink else sub
-            common = {k: getattr(cfg, k) for k in ("seed", "num_workers", "precision", "parallel")} | stage
-            runs.append((name, override(sub, {**common, "out": run_out, "resume": cfg.resume})))
+            common = dict(seed=cfg.seed, num_workers=cfg.data.num_workers, precision=cfg.precision)
+            common |= dict(parallel=cfg.parallel.strategy, out=run_out, resume=cfg.resume)
+            runs.append((name, configure(sub, {**common, **stage}, where=f"stages[{i}]")))
             vision = run_out
             continue
         init_overrides = stage.pop("init_overrides", {})
-        stage_cfg = override(base, {**stage, "stages": [], "out": run_out}, where=f"stages[{i}]")
+        stage_cfg = configure(base, {**stage, "stages": [], "out": run_out}, where=f"stages[{i}]")
         if not last:  # intermediate models get a quick look, the final one the full evaluation
-            quick = min(cfg.eval_limit, cfg.final_eval_limit or cfg.eval_limit)
-            stage_cfg = replace(stage_cfg, final_eval_limit=quick)
+            quick = min(cfg.task.eval_limit, cfg.task.final_eval_limit or cfg.task.eval_limit)
+            stage_cfg = configure(stage_cfg, {"final_eval_limit": quick})
         first = prev is None
         stage_cfg = replace(
             stage_cfg,
-            init_from=prev,
-            vision_init_from=vision if first and generative else None,
-            tokenizer=cfg.tokenizer if first else None,
-            tokenizer_data=tokenizer_data if first and generative else None,
-            init_overrides=init_overrides if not first else {},
+            model=replace(stage_cfg.model, tokenizer=cfg.model.tokenizer if first else None),
+            data=replace(stage_cfg.data, tokenizer_data=tokenizer_data if first and generative else None),
+            transfer=replace(
+                stage_cfg.transfer,
+                init_from=prev,
+                vision_init_from=vision if first and generative else None,
+                init_overrides=init_overrides if not first else {},
+            ),
         )
         runs.append((name, stage_cfg))
         prev = run_out
@@ -100,9 +103,9 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 def train(cfg: TrainConfig, callbacks=None) -> dict:
     """Train as `cfg` says, every stage in order; returns the last run's summary (final step, validation
     metrics, report path), with every stage's under "stages" when there are several."""
-    if cfg.synthetic_data and dist.is_main():
+    if cfg.data.synthetic and dist.is_main():
         prepare_synthetic(cfg)
-    if cfg.synthetic_data:
+    if cfg.data.synthetic:
         dist.barrier()
     summaries = {}
     stages = stage_configs(cfg)

@@ -39,7 +39,7 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import ConfigError, DataError, VlmkitError
 from vlmkit.models.pretrained import save_pretrained
-from vlmkit.models.registry import get_model_config, task_name, task_of
+from vlmkit.models.registry import get_model_config, task_name
 from vlmkit.nn.lora import has_lora, merged_copy
 from vlmkit.runtime import SpeedCheck, configure_threads, cpu_info, resolve_precision
 from vlmkit.tasks import task_class
@@ -110,33 +110,35 @@ class Trainer:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.out / "checkpoints")
 
         # The task, from the model's family: a pretrained model's config, or the registry's row for the name.
-        pretrained = self._load_init_from() if cfg.init_from else None
-        name = task_name(pretrained.model.cfg) if pretrained is not None else task_of(cfg.model)
+        pretrained = self._load_init_from() if cfg.transfer.init_from else None
+        name = cfg.task.name or (
+            task_name(pretrained.model.cfg) if pretrained is not None else cfg.task_name()
+        )
         self.task = task_class(name)(self)
         self.task.configure()  # may replace self.cfg
         cfg = self.cfg
-        if not cfg.train_data:
+        if not cfg.data.train:
             raise ConfigError(
                 "no training data: pass --train-data MANIFEST (JSONL or CSV of image, caption) or SHARDS"
             )
         self.train_urls = None
-        if self.task.shards and is_shard_spec(cfg.train_data):
-            self.train_urls = expand_shards(cfg.train_data)
+        if self.task.shards and is_shard_spec(cfg.data.train):
+            self.train_urls = expand_shards(cfg.data.train)
             num_samples = count_samples(self.train_urls)  # from the stats files: fail before any work
 
         # Model config first: it fixes the image size and context length the data needs.
-        overrides = dict(cfg.model_overrides)
-        self.model_name = pretrained.name if pretrained is not None else cfg.model
+        overrides = dict(cfg.model.overrides)
+        self.model_name = pretrained.name if pretrained is not None else cfg.model.name
         if pretrained is not None:
             self.model_cfg = pretrained.model.cfg
-            self.preprocess = replace(pretrained.preprocess, crop_scale=tuple(cfg.crop_scale))
+            self.preprocess = replace(pretrained.preprocess, crop_scale=tuple(cfg.data.crop_scale))
         else:
-            self.model_cfg = get_model_config(cfg.model, **overrides)
+            self.model_cfg = get_model_config(cfg.model.name, **overrides)
             self.preprocess = PreprocessConfig(
                 image_size=self.model_cfg.vision.image_size,
-                mean=tuple(cfg.mean),
-                std=tuple(cfg.std),
-                crop_scale=tuple(cfg.crop_scale),
+                mean=tuple(cfg.model.mean),
+                std=tuple(cfg.model.std),
+                crop_scale=tuple(cfg.data.crop_scale),
             )
         # Training images travel as uint8 and are normalised on the device (see the tasks' losses).
         self.train_transform = ImageTransform(self.preprocess, train=True, uint8=True)
@@ -145,7 +147,7 @@ class Trainer:
         else:
             self.tokenizer = self._build_tokenizer()
             from_tokenizer = self.task.tokenizer_overrides(self.tokenizer, self.model_cfg)
-            self.model_cfg = get_model_config(cfg.model, **from_tokenizer, **overrides)
+            self.model_cfg = get_model_config(cfg.model.name, **from_tokenizer, **overrides)
 
         if self.train_urls is not None:
             self.train_set = None
@@ -155,7 +157,7 @@ class Trainer:
             num_samples = len(self.train_set)
         if num_samples < cfg.batch_size:
             raise DataError(
-                f"{cfg.train_data}: {num_samples} usable samples, fewer than one batch ({cfg.batch_size}); "
+                f"{cfg.data.train}: {num_samples} usable samples, fewer than one batch ({cfg.batch_size}); "
                 "lower --set batch_size=N"
             )
         self.steps_per_epoch = num_samples // cfg.batch_size
@@ -167,14 +169,19 @@ class Trainer:
         del pretrained, model
         self._prepare_transfer()
         self.task.prepare_model(self.model)
-        if cfg.parallel == "fsdp" and world > 1 and has_lora(self.model):
+        if cfg.parallel.strategy == "fsdp" and world > 1 and has_lora(self.model):
             raise ConfigError("LoRA with parallel=fsdp is not supported; use parallel=ddp (the default)")
         # Before the optimizer: FSDP replaces the parameters with sharded ones.
         self.train_module = parallelize(TaskModule(self.model, self.task), cfg, self.info)
         self.optimizer = create_optimizer(
-            self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.eps, lr_scale=cfg.lr_scale
+            self.model,
+            cfg.optim.lr,
+            cfg.optim.weight_decay,
+            tuple(cfg.optim.betas),
+            cfg.optim.eps,
+            lr_scale=cfg.optim.lr_scale,
         )
-        self.schedule = WarmupCosine(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
+        self.schedule = WarmupCosine(cfg.optim.warmup_steps, self.total_steps, cfg.optim.min_lr_ratio)
         self.scheduler = create_scheduler(self.optimizer, self.schedule)
         self.elapsed_before = 0.0
         if self.resume_from is not None:
@@ -193,16 +200,16 @@ class Trainer:
     def _build_tokenizer(self) -> Tokenizer:
         cfg, ctx = self.cfg, self.task.context_length(self.model_cfg)
         saved = self.out / "tokenizer.json"
-        if cfg.tokenizer:
-            if not Path(cfg.tokenizer).is_file():
-                raise ConfigError(f"tokenizer file not found: {cfg.tokenizer}")
-            return Tokenizer.from_file(cfg.tokenizer, context_length=ctx)
+        if cfg.model.tokenizer:
+            if not Path(cfg.model.tokenizer).is_file():
+                raise ConfigError(f"tokenizer file not found: {cfg.model.tokenizer}")
+            return Tokenizer.from_file(cfg.model.tokenizer, context_length=ctx)
         if saved.is_file() and (cfg.resume or not dist.is_main()):
             return Tokenizer.from_file(saved, context_length=ctx)
         if dist.is_main():
             texts = self.task.training_texts()
             if not texts:
-                raise DataError(f"no usable rows in {cfg.train_data}")
+                raise DataError(f"no usable rows in {cfg.data.train}")
             self.task.new_tokenizer(texts, ctx).save(saved)
         dist.barrier()
         return Tokenizer.from_file(saved, context_length=ctx)
@@ -214,25 +221,25 @@ class Trainer:
         from vlmkit.models.registry import build_model
 
         cfg = self.cfg
-        if cfg.tokenizer:
+        if cfg.model.tokenizer:
             raise ConfigError(
-                f"tokenizer and init_from are both set; a model from {cfg.init_from} keeps its own tokenizer: "
+                f"tokenizer and init_from are both set; a model from {cfg.transfer.init_from} keeps its own tokenizer: "
                 "drop --tokenizer"
             )
-        pretrained = load_pretrained(cfg.init_from, self.device)
+        pretrained = load_pretrained(cfg.transfer.init_from, self.device)
         if pretrained.tokenizer is None:
             raise ConfigError(
-                f"{cfg.init_from} has no tokenizer.json; fine-tuning the text tower needs the tokenizer it was "
+                f"{cfg.transfer.init_from} has no tokenizer.json; fine-tuning the text tower needs the tokenizer it was "
                 "trained with"
             )
-        if cfg.init_overrides:
-            new_cfg = override(pretrained.model.cfg, cfg.init_overrides, where="init_overrides")
+        if cfg.transfer.init_overrides:
+            new_cfg = override(pretrained.model.cfg, cfg.transfer.init_overrides, where="init_overrides")
             model = build_model(new_cfg).to(self.device)
             try:
                 model.load_state_dict(pretrained.model.state_dict())
             except RuntimeError as e:  # the last line names a mismatched tensor
                 raise ConfigError(
-                    f"init_overrides {cfg.init_overrides} changes the weights of {cfg.init_from} "
+                    f"init_overrides {cfg.transfer.init_overrides} changes the weights of {cfg.transfer.init_from} "
                     f"({str(e).splitlines()[-1].strip()}); only settings that keep them can change"
                 ) from None
             pretrained = replace(pretrained, model=model)
@@ -240,9 +247,9 @@ class Trainer:
             log.info(
                 "init_from %s: model config, tokenizer and preprocessing come from it "
                 "(model=%r, model_overrides=%r, vocab_size, mean and std are ignored)",
-                cfg.init_from,
-                cfg.model,
-                cfg.model_overrides,
+                cfg.transfer.init_from,
+                cfg.model.name,
+                cfg.model.overrides,
             )
         return pretrained
 
@@ -253,12 +260,12 @@ class Trainer:
         cfg = self.cfg
         self.transfer = prepare_model(
             self.model,
-            freeze=cfg.freeze,
-            lock_image=cfg.lock_image,
-            lora_rank=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_targets=cfg.lora_targets,
-            lora_also_train=cfg.lora_also_train,
+            freeze=cfg.optim.freeze,
+            lock_image=cfg.transfer.lock_image,
+            lora_rank=cfg.transfer.lora_rank,
+            lora_alpha=cfg.transfer.lora_alpha,
+            lora_targets=cfg.transfer.lora_targets,
+            lora_also_train=cfg.transfer.lora_also_train,
         )
         t = self.transfer
         if dist.is_main() and t.trainable < t.total:
@@ -267,7 +274,7 @@ class Trainer:
                 t.trainable,
                 t.total,
                 100 * t.trainable / t.total,
-                f"; LoRA rank {cfg.lora_rank} on {len(t.lora)} Linears" if t.lora else "",
+                f"; LoRA rank {cfg.transfer.lora_rank} on {len(t.lora)} Linears" if t.lora else "",
             )
 
     @property
@@ -331,7 +338,7 @@ class Trainer:
             self.train_set,
             batch_sampler=order,
             collate_fn=self.task.collate(),
-            num_workers=cfg.num_workers,
+            num_workers=cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
 
@@ -366,7 +373,7 @@ class Trainer:
         speed = SpeedCheck(
             self.threads,
             peak_gflops=self.precision.peak_gflops,
-            workers=cfg.num_workers,
+            workers=cfg.data.num_workers,
             done=self.device.type != "cpu",
         )
         try:
@@ -444,7 +451,7 @@ class Trainer:
     def _count_flops(self, speed: SpeedCheck, first: bool):
         """Counts the first step's matmul FLOPs (forward and backward) for the busy-machine check, when that
         check runs (CPUs only) and not under torch.compile (the first step compiles)."""
-        if not first or speed.done or self.cfg.compile:
+        if not first or speed.done or self.cfg.parallel.compile:
             yield
             return
         from torch.utils.flop_counter import FlopCounterMode
@@ -472,8 +479,8 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / cfg.grad_accum
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self._in_update = True
         self.optimizer.step()
         self.scheduler.step()

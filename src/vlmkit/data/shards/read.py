@@ -174,12 +174,7 @@ def decode_image_bytes(data: bytes, name: str, draft_size: tuple[int, int] | Non
     try:
         return decode(io.BytesIO(data), draft_size)
     except DecodeFailure as e:
-        reason = {
-            "unrecognised": "decode_error: not an image (format not recognised)",
-            "too_large": f"decompression_bomb: {e.detail}",
-            "corrupt": f"decode_error: {e.detail}",
-        }[e.kind]
-        raise ImageDecodeError(name, reason) from None
+        raise ImageDecodeError(name, f"{e.reason}: {e.message}") from None
 
 
 def _split_reason(e: ImageDecodeError) -> tuple[str, str]:

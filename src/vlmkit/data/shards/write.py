@@ -372,11 +372,8 @@ def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
     try:
         return decode(io.BytesIO(data))
     except DecodeFailure as e:
-        if e.kind == "too_large":
-            raise SampleError("decompression_bomb", f"{e.detail} (limit: --max-image-pixels)") from None
-        if e.kind == "unrecognised":
-            raise SampleError("decode_error", "not an image (format not recognised)") from None
-        raise SampleError("decode_error", f"truncated or corrupt image: {e.detail}") from None
+        limit = " (limit: --max-image-pixels)" if e.kind == "too_large" else ""
+        raise SampleError(e.reason, e.message + limit) from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
