@@ -289,8 +289,9 @@ def describe_machine(precision: str | None = None) -> str:
 @dataclass
 class SpeedCheck:
     """Notices, once, a training run far slower than this machine should be: another process competing
-    for the cores. Feed it every step's wall time; it judges steps 2.. (step 1 warms up) once it has
-    `min_steps` of them and `min_seconds` of wall time.
+    for the cores. Feed it every step's wall time; it judges the steps after the first `warmup_steps`
+    (allocations; compiling, whose worker processes leave this one idle) once it has `min_steps` of them
+    and `min_seconds` of wall time.
 
     Two signs, either enough: this process got under `min_cpu_share` of its threads' CPU time (the cores
     are shared), or the steps ran at under `min_speed_ratio` of the speed that the step's counted FLOPs and
@@ -301,6 +302,7 @@ class SpeedCheck:
     threads: int
     flops_per_step: float | None = None  # forward + backward, counted (e.g. by FlopCounterMode)
     workers: int = 0  # DataLoader worker processes: they share the cores with this process by design
+    warmup_steps: int = 1
     peak_gflops: float | None = None
     min_steps: int = 4
     min_seconds: float = 2.0
@@ -323,7 +325,7 @@ class SpeedCheck:
         if self.done:
             return None
         clock = self.cpu_time or time.process_time
-        if step <= 1:
+        if step <= self.warmup_steps:
             self._cpu0 = clock()
             return None
         self._walls.append(wall_s)

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from vlmkit.data.chat import IMAGE_TOKEN, normalize_conversation
+from vlmkit.data.compositional import foils_for
 from vlmkit.data.manifest import BadRow
 from vlmkit.data.synthetic import COLOURS, SHAPES, _article, plural
 from vlmkit.data.transforms import ImageDecodeError, check_image_file
@@ -319,8 +320,9 @@ def write_tasks(
     object by its shape and reading its colour is learnt from those scenes alone, and with the shapes
     data's default object counts half the scenes hold one object. The same seed gives the same files
     (the extra conversations draw from their own random stream, so the other files do not change). Scenes
-    the noise options corrupted are left out. Returns {"{split}_vqa": path, "{split}_captions": path,
-    "{split}_chat": path}.
+    the noise options corrupted are left out. `{split}_compositional.jsonl` holds each scene's true caption
+    and foils (vlmkit.data.compositional), from a stream of its own too. Returns {"{split}_vqa": path,
+    "{split}_captions": path, "{split}_chat": path, "{split}_compositional": path}.
     """
     if multi_object_chats < 1:
         raise ConfigError(f"multi_object_chats must be at least 1, not {multi_object_chats}")
@@ -337,9 +339,10 @@ def write_tasks(
         rng = np.random.default_rng([seed, zlib.crc32(split.encode())])  # one stream per split
         chat_rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 1])
         extra_rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 2])
+        foil_rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 3])
         repeats = multi_object_chats if split == "train" else 1
         asked: Counter = Counter()
-        vqa_rows, caption_rows, chat_rows = [], [], []
+        vqa_rows, caption_rows, chat_rows, foil_rows = [], [], [], []
         for index, (_, row) in enumerate(_read_scene_rows(source)):
             caption_rows.append(
                 {
@@ -352,6 +355,8 @@ def write_tasks(
                 }
             )
             size = _image_size(data_dir, row, recorded)
+            for k, foil in enumerate(foils_for(row["objects"], foil_rng, relation_holds)):
+                foil_rows.append({"id": f"{split}-{index:06d}-f{k}", "image": row["image"], **foil})
             candidates = questions_for(row["objects"], rng, size)
             chat_rows.append(_chat(f"{split}-{index:06d}", row, candidates, chat_rng))
             for extra in range(1, repeats if len(row["objects"]) > 1 else 1):
@@ -372,7 +377,13 @@ def write_tasks(
                 )
         if not caption_rows:
             raise DataError(f"{source} has no usable scene rows; regenerate it with `vlmkit data synth`")
-        for name, rows in (("vqa", vqa_rows), ("captions", caption_rows), ("chat", chat_rows)):
+        files = (
+            ("vqa", vqa_rows),
+            ("captions", caption_rows),
+            ("chat", chat_rows),
+            ("compositional", foil_rows),
+        )
+        for name, rows in files:
             path = data_dir / f"{split}_{name}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             paths[f"{split}_{name}"] = path
@@ -395,7 +406,8 @@ def tasks_are_current(data_dir: str | Path, **write_args) -> bool:
         return False
     saved = json.loads(meta.read_text())
     splits = write_args.pop("splits", saved.get("splits", ()))
-    files = [data_dir / f"{split}_{kind}.jsonl" for split in splits for kind in ("vqa", "captions", "chat")]
+    kinds = ("vqa", "captions", "chat", "compositional")
+    files = [data_dir / f"{split}_{kind}.jsonl" for split in splits for kind in kinds]
     return (
         set(splits) <= set(saved.get("splits", ()))
         and all(f.is_file() for f in files)

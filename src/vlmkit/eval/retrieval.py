@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from vlmkit.data.manifest import read_manifest
 from vlmkit.data.shards import expand_shards, fetch_images, is_shard_spec
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
+from vlmkit.errors import ConfigError
 from vlmkit.eval.features import (
     extract_image_features,
     extract_shard_features,
@@ -64,19 +65,101 @@ def retrieval_metrics(
     max_k = max(ks)
 
     top_images = _topk_indices(text_features, image_features, min(max_k, num_images))  # (Nt, k)
-    t2i_hits = top_images == text_to_image[:, None]  # (Nt, k)
-
     top_texts = _topk_indices(image_features, text_features, min(max_k, num_texts))  # (Ni, k)
-    image_ids = torch.arange(num_images, device=image_features.device)  # (Ni,)
+    return recalls(top_images, top_texts, text_to_image, ks)
+
+
+def recalls(
+    top_images: torch.Tensor, top_texts: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int]
+) -> dict:
+    """Recall@k from ranked candidates: top_images (Nt, k) per caption and top_texts (Ni, k) per image, best
+    first; images without a caption are not queries."""
+    num_images = len(top_texts)
+    t2i_hits = top_images == text_to_image[:, None]  # (Nt, k)
+    image_ids = torch.arange(num_images, device=top_texts.device)  # (Ni,)
     i2t_hits = text_to_image[top_texts] == image_ids[:, None]  # (Ni, k)
     i2t_hits = i2t_hits[torch.bincount(text_to_image, minlength=num_images) > 0]  # (Ni_captioned, k)
-
     metrics = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = t2i_hits[:, :k].any(dim=1).double().mean().item()
     for k in ks:
         metrics[f"text_retrieval_recall@{k}"] = i2t_hits[:, :k].any(dim=1).double().mean().item()
     return metrics
+
+
+@torch.no_grad()
+def itm_rerank_metrics(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    text_to_image: torch.Tensor,
+    k: int = 16,
+    ks: Sequence[int] = (1, 5, 10),
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+    batch_size: int = 256,
+) -> dict:
+    """Retrieval of a fusion model reranked by ITM, as BLIP: each query's k best candidates by ITC are
+    scored again by the ITM head's match logit plus their ITC cosine; the rest keep their ITC order after
+    them. images (Ni, 3, S, S) transformed, tokens (Nt, T); the image tokens of the whole gallery are held in
+    memory. Returns the recalls under "itm_*" and the ITC ones under their usual names."""
+    from vlmkit.eval.features import _autocast, eval_mode
+
+    if not hasattr(model, "itm_logits"):
+        raise ConfigError("ITM reranking needs a model with an ITM head (a fusion model)")
+    device = torch.device(device)
+    text_to_image = text_to_image.long()
+    with eval_mode(model), _autocast(device, bf16):
+        image_tokens = torch.cat(
+            [model.encode_image_tokens(images[i : i + 64].to(device)) for i in range(0, len(images), 64)]
+        )
+        image_f = torch.cat(
+            [model.image_embedding(image_tokens[i : i + 256]) for i in range(0, len(image_tokens), 256)]
+        )
+        text_f = torch.cat(
+            [model.encode_text(tokens[i : i + 256].to(device)) for i in range(0, len(tokens), 256)]
+        )
+        sim = image_f.float() @ text_f.float().T  # (Ni, Nt) cosine
+
+        def rerank(cand: torch.Tensor, image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+            """ITM match logit + cosine of (image_rows[i], text_rows[i]) pairs, in batches."""
+            out = []
+            for i in range(0, len(image_rows), batch_size):
+                im, tx = image_rows[i : i + batch_size], text_rows[i : i + batch_size]
+                logits = model.itm_logits(tokens[tx].to(device), image_tokens[im])
+                out.append(logits[:, 1].float() + sim[im, tx])
+            return torch.cat(out).view(cand.shape)
+
+        kk = min(k, sim.shape[1])
+        cand_t = sim.topk(kk, dim=1).indices  # (Ni, k) texts per image
+        score_t = rerank(cand_t, torch.arange(len(sim)).repeat_interleave(kk), cand_t.reshape(-1))
+        rest = sim.topk(
+            min(max(ks) + kk, sim.shape[1]), dim=1
+        ).indices  # the ITC order after the reranked head
+        top_texts = torch.cat([cand_t.gather(1, score_t.argsort(dim=1, descending=True)), rest], dim=1)
+        kk = min(k, sim.shape[0])
+        cand_i = sim.T.topk(kk, dim=1).indices  # (Nt, k) images per text
+        score_i = rerank(cand_i, cand_i.reshape(-1), torch.arange(sim.shape[1]).repeat_interleave(kk))
+        rest = sim.T.topk(min(max(ks) + kk, sim.shape[0]), dim=1).indices
+        top_images = torch.cat([cand_i.gather(1, score_i.argsort(dim=1, descending=True)), rest], dim=1)
+    max_k = max(ks)
+    reranked = recalls(_dedup(top_images, max_k), _dedup(top_texts, max_k), text_to_image, ks)
+    itc = recalls(
+        sim.T.topk(min(max_k, sim.shape[0]), dim=1).indices,
+        sim.topk(min(max_k, sim.shape[1]), dim=1).indices,
+        text_to_image,
+        ks,
+    )
+    return {**itc, **{f"itm_{name}": value for name, value in reranked.items()}, "itm_rerank_k": k}
+
+
+def _dedup(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k distinct entries of each row (the reranked head, then the ITC order without repeats)."""
+    rows = []
+    for row in ranked.tolist():
+        seen = list(dict.fromkeys(row))[:k]
+        rows.append(seen)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def evaluate_retrieval(

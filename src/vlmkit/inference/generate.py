@@ -22,6 +22,7 @@ from vlmkit.data.chat import IMAGE_TOKEN, coca_turns, get_template, render
 from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import ConfigError
 from vlmkit.inference.embed import image_batch
+from vlmkit.losses.captioning import IGNORE_INDEX
 from vlmkit.models.generation import GenerationConfig, trim_stop_strings
 from vlmkit.models.registry import model_family
 from vlmkit.runtime import resolve_precision
@@ -152,3 +153,58 @@ class VLMPipeline:
         return self.generate(
             images, conversations, self.generation_config(**{"max_new_tokens": 40, **generation})
         )
+
+    # ---------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def log_likelihood(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        captions: Sequence[str],
+        prompt: str = CAPTION_PROMPT,
+    ) -> torch.Tensor:
+        """log p(caption | image) of each (image, caption) pair, summed over the caption's tokens and its end
+        of turn, as the model captions (CoCa: the caption alone; LLaVA: the answer to `prompt`). (B,) float32."""
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images for {len(captions)} captions")
+        rows = []
+        for caption in captions:
+            turns = [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
+                {"from": "gpt", "value": caption},
+            ]
+            if self.family == "coca":
+                turns = coca_turns(turns, is_caption=True)
+            rows.append(
+                render(
+                    turns,
+                    self.tokenizer,
+                    self.template,
+                    num_image_tokens=self.num_image_tokens,
+                    image_token_id=self.image_token_id,
+                )
+            )
+        T = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):  # right padding
+            input_ids[i, : len(ids)], labels[i, : len(lab)] = torch.tensor(ids), torch.tensor(lab)
+            attention_mask[i, : len(ids)] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        pixels = self.pixel_values(images)
+        with self._autocast():
+            if self.family == "coca":
+                hidden, head = (
+                    self.model(pixels, input_ids, attention_mask).hidden,
+                    self.model.decoder.lm_head,
+                )
+            else:
+                hidden = self.model(input_ids, pixels, attention_mask, logits="none").hidden
+                head = self.model.language_model.lm_head
+        targets = labels[:, 1:].to(self.device)  # position t predicts token t + 1
+        keep = targets != IGNORE_INDEX
+        logp = torch.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)  # (n, V)
+        picked = logp.gather(1, targets[keep][:, None]).squeeze(1)  # (n,)
+        rows_of = keep.nonzero()[:, 0]
+        return torch.zeros(len(rows), device=picked.device).index_add_(0, rows_of, picked).cpu()

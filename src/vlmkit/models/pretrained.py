@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 import vlmkit
 from vlmkit.config import atomic_write_text, from_dict, load_json, save_json
 from vlmkit.errors import ConfigError
-from vlmkit.models.clip import CLIPConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -125,7 +124,7 @@ def load_vlmkit(path: str | Path, meta: dict, device: str | torch.device = "cpu"
         )
     model.to(device).eval()
     tokenizer = Tokenizer.from_file(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
-    vocab = cfg.text.vocab_size if isinstance(cfg, CLIPConfig) else cfg.decoder.vocab_size
+    vocab = (cfg.decoder if hasattr(cfg, "decoder") else cfg.text).vocab_size  # generative or two-tower
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ConfigError(
             f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab}"

@@ -7,7 +7,9 @@ a function from a size row to the config (as a nested dict), and the name of the
 - dual encoders: `clip`, `siglip` and `flip` (CLIP trained with half its image patches dropped); sizes
   `tiny` and `small` for CPU, `B-32`, `B-16`, `L-14` (and `so400m-14`) for GPUs;
 - generative models: `coca` (dual encoder + captioning decoder) and `llava` (vision tower -> projector ->
-  Llama-style decoder); sizes `tiny` and `small` for CPU, `B-16` for GPUs.
+  Llama-style decoder); sizes `tiny` and `small` for CPU, `B-16` for GPUs;
+- fusion encoder-decoders: `fusion` (ALBEF/BLIP: ITC, ITM, MLM, MIM, captioning); `tiny` for CPU, `B-16`
+  (BLIP-base's shape) for GPUs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vlmkit.config import from_dict
 from vlmkit.errors import ConfigError
 from vlmkit.models.clip import CLIP, CLIPConfig
 from vlmkit.models.coca import CoCa, CoCaConfig
+from vlmkit.models.fusion import Fusion, FusionConfig
 from vlmkit.models.llava import Llava, LlavaConfig
 
 # size -> (image_size, patch, vision width/layers/heads, text width/layers/heads, embed_dim, context_length)
@@ -42,6 +45,19 @@ GENERATIVE_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(image=64, patch=8, v=(192, 3, 3), d=(256, 4, 4), embed=192),
     "small": dict(image=96, patch=8, v=(384, 8, 6), d=(512, 8, 8), embed=384),
     "B-16": dict(image=224, patch=16, v=(768, 12, 12), d=(768, 12, 12), embed=512),
+}
+
+
+# size -> (image_size, patch, vision / text width, layers, heads, the first text layer that reads the image,
+# embed_dim, position embeddings); tiny: ALBEF's layout (text-only lower half) in pre-norm, which trains
+# from scratch without care; B-16: BLIP-base (every layer cross-attends, post-norm BERT)
+FUSION_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        image=64, patch=8, v=(128, 3, 2), t=(128, 4, 2), start=2, embed=128, ctx=32, post_norm=False
+    ),
+    "B-16": dict(
+        image=224, patch=16, v=(768, 12, 12), t=(768, 12, 12), start=0, embed=256, ctx=512, post_norm=True
+    ),
 }
 
 
@@ -114,6 +130,22 @@ def _llava(s: dict) -> dict[str, Any]:
     return dict(vision=_vision(s, proj=False), decoder=dict(width=dw, layers=dl, heads=dh, max_seq_len=1024))
 
 
+def _fusion(s: dict) -> dict[str, Any]:
+    (tw, tl, th) = s["t"]
+    text = dict(
+        width=tw,
+        layers=tl,
+        heads=th,
+        fusion_start=s["start"],
+        context_length=s["ctx"],
+        post_norm=s["post_norm"],
+    )
+    if not s["post_norm"]:
+        text["norm_eps"] = 1e-5
+    vision = _vision(s, ln_pre=False, proj=False, patch_bias=True)
+    return dict(embed_dim=s["embed"], vision=vision, text=text)
+
+
 @dataclass(frozen=True)
 class Family:
     config_class: type
@@ -129,6 +161,7 @@ FAMILIES: dict[str, Family] = {
     "flip": Family(CLIPConfig, CLIP, SIZES, _flip, "contrastive"),
     "coca": Family(CoCaConfig, CoCa, GENERATIVE_SIZES, _coca, "coca"),
     "llava": Family(LlavaConfig, Llava, GENERATIVE_SIZES, _llava, "llava"),
+    "fusion": Family(FusionConfig, Fusion, FUSION_SIZES, _fusion, "fusion"),
 }
 
 

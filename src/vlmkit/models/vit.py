@@ -32,6 +32,8 @@ class VisionConfig:
     stem: str = "patch"  # "patch" (one linear projection per patch, as CLIP) or "conv" (see ConvStem)
     # FLIP: the fraction of patch tokens dropped at random per image while training (never in eval mode)
     patch_dropout: float = 0.0
+    # a learned token that replaces masked patches (`forward_tokens(images, mask)`): masked image modelling
+    mask_token: bool = False
 
     def __post_init__(self):
         if self.pool not in ("cls", "mean", "attn"):
@@ -68,6 +70,7 @@ class VisionTransformer(nn.Module):
         num_pos = cfg.grid_size**2 + self.num_prefix_tokens
         self.positional_embedding = nn.Parameter(torch.randn(num_pos, width) * 0.01)
         self.patch_dropout = PatchDropout(cfg.patch_dropout, self.num_prefix_tokens)
+        self.mask_token = nn.Parameter(torch.zeros(width)) if cfg.mask_token else None
         self.ln_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
         self.ln_post = nn.LayerNorm(width, eps=cfg.norm_eps)
@@ -82,21 +85,26 @@ class VisionTransformer(nn.Module):
         """Position table for a patch grid; resampled on the fly when the input size differs."""
         return resample_pos_embed(self.positional_embedding, grid, self.num_prefix_tokens)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embeddings (+ class token) + positions, normalised: the blocks' input (B, T, width). While
-        training with `patch_dropout`, only the kept tokens: (B, prefix + K, width)."""
+        training with `patch_dropout`, only the kept tokens: (B, prefix + K, width). `mask` (B, N) bool:
+        those patches' embeddings are replaced by the learned mask token (masked image modelling)."""
         B, _, H, W = images.shape
         p = self.cfg.patch_size
         x = self.patch_embed(images)  # (B, N, C)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ConfigError("masking patches needs vision.mask_token=true")
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         if self.class_embedding is not None:
             cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)  # (B, 1, C)
             x = torch.cat([cls, x], dim=1)  # (B, 1+N, C)
         x = x + self.pos_embed_for((H // p, W // p)).to(x.dtype)
         return self.ln_pre(self.patch_dropout(x))
 
-    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """All output tokens after the final norm: (B, N_prefix + H*W, width)."""
-        return self.ln_post(self.transformer(self.embed(images)))
+    def forward_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All output tokens after the final norm: (B, N_prefix + H*W, width); `mask` as in `embed`."""
+        return self.ln_post(self.transformer(self.embed(images, mask)))
 
     def forward_hidden(self, images: torch.Tensor, layer: int | Sequence[int] = -1) -> torch.Tensor:
         """The tokens after `layer` blocks, as Hugging Face's `hidden_states[layer]`: 0 = the embeddings,

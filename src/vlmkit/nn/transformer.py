@@ -1,7 +1,10 @@
-"""Pre-norm transformer blocks shared by the image and text towers: Packing -> Block -> Transformer.
+"""Transformer blocks shared by the image and text towers and the fusion encoder: Block -> Transformer.
 
-A block is `x + attn(ln(x))`, then `x + mlp(ln(x))`, with the fused-qkv `Attention` (nn/attention.py) and the
-GELU `MLP` (nn/mlp.py).
+A block is `x + attn(ln(x))`, then `x + mlp(ln(x))` (pre-norm, CLIP and ViT), with the fused-qkv `Attention`
+(nn/attention.py) and the GELU `MLP` (nn/mlp.py). Options for fusion encoders: `post_norm` (`ln(x + f(x))`,
+BERT's layout and BLIP's text encoder), a cross-attention sublayer to other tokens between the two
+(`cross_dim`: ALBEF/BLIP's fusion layers), and a second, causal self-attention that a decoder sharing
+everything else with the encoder uses (`causal_attn`: BLIP's image-grounded text decoder).
 """
 
 from __future__ import annotations
@@ -10,20 +13,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.nn.attention import Attention, attention
+from vlmkit.nn.attention import Attention, CrossAttention, attention
 from vlmkit.nn.mlp import MLP
 from vlmkit.nn.packing import Packing
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Residual block: self-attention, optionally cross-attention to `context` tokens, then an MLP."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-5
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        eps: float = 1e-5,
+        *,
+        post_norm: bool = False,
+        cross_dim: int | None = None,
+        causal_attn: bool = False,
     ):
         super().__init__()
+        self.post_norm = post_norm
         self.ln_1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
+        if cross_dim:  # queries from these tokens, keys and values from `context` (B, N, cross_dim)
+            self.ln_cross = nn.LayerNorm(dim, eps=eps)
+            self.cross_attn = CrossAttention(dim, num_heads, num_heads, cross_dim, bias=True)
+        else:
+            self.ln_cross = self.cross_attn = None
+        if causal_attn:  # the decoder's own self-attention (and its norm); all else is shared
+            self.ln_causal = nn.LayerNorm(dim, eps=eps)
+            self.attn_causal = Attention(dim, num_heads)
+        else:
+            self.ln_causal = self.attn_causal = None
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), act)
 
@@ -34,14 +57,33 @@ class Block(nn.Module):
         is_causal: bool = False,
         packing: Packing | None = None,
         index: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        decoder: bool = False,
     ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); with `index` (B,), the output at one token per row (see `forward_one`).
-        Both go through this forward, so that module hooks (FSDP's gathering of the weights) see them."""
+        Both go through this forward, so that module hooks (FSDP's gathering of the weights) see them.
+
+        `context` (B, N, cross_dim): the tokens the cross-attention reads (a block without one skips it);
+        `context_mask` a boolean (B, 1, 1 or T, N) mask of them. `decoder`: self-attention through
+        `attn_causal` (pass `is_causal` or a causal `attn_mask` with it)."""
         if index is not None:
+            if self.post_norm or context is not None or decoder:
+                raise ValueError("forward_one is for pre-norm self-attention blocks")
             return self.forward_one(x, index, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, packing=packing)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        ln, attn = (self.ln_causal, self.attn_causal) if decoder else (self.ln_1, self.attn)
+        if attn is None:
+            raise ValueError("this block has no causal self-attention: build it with causal_attn=True")
+        cross = context is not None and self.cross_attn is not None
+        if self.post_norm:
+            x = ln(x + attn(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing))
+            if cross:
+                x = self.ln_cross(x + self.cross_attn(x, context, context_mask, None, 0))
+            return self.ln_2(x + self.mlp(x))
+        x = x + attn(ln(x), attn_mask=attn_mask, is_causal=is_causal, packing=packing)
+        if cross:
+            x = x + self.cross_attn(self.ln_cross(x), context, context_mask, None, 0)
+        return x + self.mlp(self.ln_2(x))
 
     def forward_one(
         self,

@@ -8,12 +8,13 @@ from vlmkit.tasks.base import Task
 
 
 def task_class(name: str) -> type[Task]:
-    """The task class registered under `name` ("contrastive", "coca", "llava")."""
+    """The task class registered under `name` ("contrastive", "coca", "llava", "fusion")."""
     from vlmkit.tasks.coca import CocaTask
     from vlmkit.tasks.contrastive import ContrastiveTask
+    from vlmkit.tasks.fusion import FusionTask
     from vlmkit.tasks.llava import LlavaTask
 
-    tasks = {t.name: t for t in (ContrastiveTask, CocaTask, LlavaTask)}
+    tasks = {t.name: t for t in (ContrastiveTask, CocaTask, LlavaTask, FusionTask)}
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; vlmkit has {', '.join(tasks)}")
     return tasks[name]

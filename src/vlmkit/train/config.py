@@ -50,6 +50,8 @@ class DataConfig:
     val: str | None = None  # contrastive: loss + retrieval; CoCa/LLaVA: VQA accuracy and captioning
     zeroshot: str | None = None  # ImageFolder for periodic + final zero-shot evaluation
     zeroshot_templates: list[str] | None = None  # templates or template files; None = defaults
+    # rows of image, caption and foils (vlmkit.eval.compositional) for a final compositional evaluation
+    compositional: str | None = None
     tokenizer_data: str | None = None  # files a new tokenizer learns from (default: train)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range
     max_bad_fraction: float = 0.01  # stop if more than this fraction of rows is unreadable
@@ -250,6 +252,7 @@ _RENAMED = {
     "val_data": "data.val",
     "zeroshot_data": "data.zeroshot",
     "synthetic_data": "data.synthetic",
+    "compositional_data": "data.compositional",
 }
 # flat name -> path in the tree, for every field of every section
 ALIASES: dict[str, str] = {

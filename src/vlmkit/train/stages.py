@@ -50,7 +50,7 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 
     data = cfg.data.synthetic
     base = configure(
-        cfg, {f"data.{f}": _fill(getattr(cfg.data, f), data) for f in ("train", "val", "zeroshot")}
+        cfg, {f"data.{f}": _fill(getattr(cfg.data, f), data) for f in ("train", "val", "zeroshot", "compositional")}
     )
     if not cfg.stages:
         return [("train", base)]

@@ -374,6 +374,7 @@ class Trainer:
             self.threads,
             peak_gflops=self.precision.peak_gflops,
             workers=cfg.data.num_workers,
+            warmup_steps=self.warmup_steps(),
             done=self.device.type != "cpu",
         )
         try:
@@ -495,19 +496,29 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
 
+    def warmup_steps(self) -> int:
+        """Steps that do not show the pace: the first (allocations, caches), and under torch.compile the
+        first three (compiling, and recompiling for the first new input shapes)."""
+        return 3 if self.cfg.parallel.compile else 1
+
     def _maybe_fit_budget(self, step_times: list[float]) -> None:
-        """Fit the cosine schedule to the steps that the time budget leaves (re-estimated as it goes)."""
+        """Fit the cosine schedule to the steps that the time budget leaves, estimated from the median step
+        after the warm-up: first once 2 steps are timed, then every 10 steps and before the last one (an early
+        estimate never ends a run that a later one would continue)."""
         budget = self.cfg.time_budget
-        if not budget or len(step_times) < 3 or (len(step_times) > 3 and self.step % 10):
-            return  # first estimate after 3 steps, then every 10
-        per_step = float(np.median(step_times[-50:]))
+        times = step_times[self.warmup_steps() :]
+        if not budget or len(times) < 2:
+            return
+        if len(times) > 2 and self.step % 10 and self.step + 1 < self.total_steps:
+            return
+        per_step = float(np.median(times[-50:]))
         left = budget * 60 - self.elapsed()
         fit = self.step + max(1, int(left / per_step * 0.98))
         configured = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
         total = torch.tensor(float(min(configured, fit)))
         if self.info.world_size > 1:  # every process must follow rank 0's estimate
             total = dist.broadcast_object(total)
-        self.total_steps = max(self.step + 1, int(total))
+        self.total_steps = max(self.step, int(total))  # = step: the budget is spent, stop now
         self.schedule.total = self.total_steps
 
     def _should_stop(self) -> bool:
