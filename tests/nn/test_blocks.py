@@ -230,6 +230,48 @@ def test_block_is_pre_norm_residual(causal):
     torch.testing.assert_close(block(x, is_causal=causal), want)
 
 
+def ref_cross(x, context, cross):
+    """Cross-attention from x to every context token, with its own q/k/v/o projections."""
+    q, k, v = (
+        ref_linear(x, cross.q_proj),
+        ref_linear(context, cross.k_proj),
+        ref_linear(context, cross.v_proj),
+    )
+    allowed = torch.ones(x.shape[0], x.shape[1], context.shape[1], dtype=torch.bool)
+    return ref_linear(ref_heads_attention(q, k, v, allowed), cross.o_proj)
+
+
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_fusion_block_options_match_float64_reference(post_norm):
+    """Post-norm (BERT) or pre-norm, with cross-attention to image tokens of another width, and the decoder's
+    own causal self-attention."""
+    N, CV = 5, 12
+    block = randomise(Block(C, NH, 2.0, "gelu", post_norm=post_norm, cross_dim=CV, causal_attn=True))
+    x, image = randn(B, T, C, seed=1), randn(B, N, CV, seed=2)
+    mask = padding_mask(KEY_MASK, False)
+    for decoder in (False, True):
+        ln, attn = (block.ln_causal, block.attn_causal) if decoder else (block.ln_1, block.attn)
+        allowed = ref_allowed(KEY_MASK, causal=decoder)
+        if post_norm:
+            h = ref_layer_norm(x + ref_attention(x, attn, allowed), ln)
+            h = ref_layer_norm(h + ref_cross(h, image, block.cross_attn), block.ln_cross)
+            want = ref_layer_norm(h + ref_mlp(h, block.mlp), block.ln_2)
+        else:
+            h = x + ref_attention(ref_layer_norm(x, ln), attn, allowed)
+            h = h + ref_cross(ref_layer_norm(h, block.ln_cross), image, block.cross_attn)
+            want = h + ref_mlp(ref_layer_norm(h, block.ln_2), block.mlp)
+        got = block(x, attn_mask=padding_mask(KEY_MASK, decoder), context=image, decoder=decoder)
+        torch.testing.assert_close(got, want)
+    # without context the cross-attention is skipped (the text-only pass of a BLIP layer)
+    if not post_norm:
+        h = x + ref_attention(ref_layer_norm(x, block.ln_1), block.attn, ref_allowed(KEY_MASK, False))
+        torch.testing.assert_close(
+            block(x, attn_mask=mask), h + ref_mlp(ref_layer_norm(h, block.ln_2), block.mlp)
+        )
+    with pytest.raises(ValueError, match="causal_attn=True"):
+        Block(C, NH).double()(x, decoder=True)
+
+
 @pytest.mark.parametrize("masking", ["causal", "padding"])
 def test_grad_checkpointing_changes_nothing(masking):
     x = randn(B, T, C, seed=1)

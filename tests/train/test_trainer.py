@@ -17,6 +17,7 @@ from vlmkit.errors import DataError
 from vlmkit.recipes import get_recipe, smoke
 from vlmkit.train import train
 from vlmkit.train.checkpoint import list_checkpoints
+from vlmkit.train.config import make_config
 
 
 def tiny_cfg(shapes_dir: Path, out: Path, **kw):
@@ -332,3 +333,32 @@ def test_init_overrides_that_change_the_weights_are_refused(shapes_dir, tmp_path
                 },
             )
         )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_time_budget_is_fitted_to_the_pace_after_warm_up(compiled):
+    """Compiling makes the first steps minutes long; the fit must not take them for the pace (a compiled
+    stage was once cut to 8 steps), and a spent budget ends the run."""
+    from types import SimpleNamespace
+
+    from vlmkit.train.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = make_config(time_budget=10.0, epochs=100, compile=compiled)
+    t.info = SimpleNamespace(world_size=1)
+    t.steps_per_epoch, t.total_steps = 100, 10_000
+    t.schedule = SimpleNamespace(total=10_000)
+    clock = {"elapsed": 0.0}
+    t.elapsed = lambda: clock["elapsed"]
+    times = [65.0, 65.0, 2.0, 2.0, 2.0, 2.0] if compiled else [5.0, 2.0, 2.0, 2.0]
+    for step, seconds in enumerate(times, start=1):
+        t.step = step
+        clock["elapsed"] += seconds
+        t._maybe_fit_budget(times[:step])
+    left = 600 - clock["elapsed"]
+    assert t.total_steps == pytest.approx(len(times) + left / 2.0 * 0.98, abs=2)
+    assert t.schedule.total == t.total_steps
+    clock["elapsed"] = 600.0  # the budget is spent: the next fit ends the run at this step
+    t.step = 200
+    t._maybe_fit_budget(times + [2.0] * 10)
+    assert t.total_steps == 200

@@ -14,7 +14,8 @@ def register_export_cli(subparsers) -> None:
         "export",
         help="write a model folder in the Hugging Face transformers format",
         description="Export a vlmkit model (a training run or checkpoint, or a Hugging Face folder) so that "
-        "transformers' CLIPModel/SiglipModel (with a model card) or LlavaForConditionalGeneration, AutoTokenizer "
+        "transformers' CLIPModel/SiglipModel (with a model card), LlavaForConditionalGeneration or "
+        "BlipForImageTextRetrieval (fusion models in BLIP's layout), AutoTokenizer "
         "and image processor load it.",
     )
     p.add_argument(
@@ -44,6 +45,14 @@ def cmd_export(args) -> None:
         save_hf_llava(pt.model, out, pt.tokenizer, pt.preprocess)
         print(
             f"wrote {out}: load it with transformers.LlavaForConditionalGeneration.from_pretrained({str(out)!r})"
+        )
+        return
+    if family == "fusion":
+        from vlmkit.convert.blip import save_hf_blip
+
+        save_hf_blip(pt.model, out)
+        print(
+            f"wrote {out}: load it with transformers.BlipForImageTextRetrieval.from_pretrained({str(out)!r})"
         )
         return
     if family != "clip":

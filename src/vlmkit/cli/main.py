@@ -164,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL/CSV manifest of image, caption")
     p.add_argument("--output", help="results JSON (default: print)")
     p.set_defaults(func=cmd_eval_retrieval)
+    p = ev.add_parser(
+        "compositional",
+        help="true captions against foils (attribute swaps, relations, counts, colours, shapes)",
+    )
+    _add_model_arg(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        help="rows of image, caption and foils (vlmkit data tasks writes val_compositional.jsonl)",
+    )
+    p.add_argument(
+        "--scorer",
+        choices=["itm", "itc", "cosine", "likelihood"],
+        help="how pairs are scored (default: the model's own: cosine for dual encoders, ITM for fusion "
+        "models, caption likelihood for CoCa/LLaVA)",
+    )
+    p.add_argument(
+        "--out", help="folder for compositional.json, the predictions and report.html (default: print)"
+    )
+    p.set_defaults(func=cmd_eval_compositional)
     p = ev.add_parser("linear-probe", help="logistic regression on frozen image features")
     _add_model_arg(p)
     p.add_argument("--train", required=True, help="ImageFolder to fit the probe on")
@@ -361,6 +381,23 @@ def cmd_eval_zeroshot(args) -> None:
         out_dir=out_dir,
     )
     _emit(results, args.output)
+
+
+def cmd_eval_compositional(args) -> None:
+    from vlmkit.convert import load_pretrained
+    from vlmkit.eval.compositional import evaluate_compositional
+    from vlmkit.inference.score import pair_scorer
+
+    device = _device(args.device)
+    pt = load_pretrained(args.model, device)
+    tokenizer = _require_tokenizer(pt, args.model)
+    name, score_fn = pair_scorer(
+        pt.model, tokenizer, pt.preprocess, device, _precision(args, device).bf16, args.scorer
+    )
+    results = evaluate_compositional(
+        score_fn, args.data, out_dir=args.out, scorer=name, model_name=args.model, batch_size=args.batch_size
+    )
+    print(json.dumps(results, indent=2))
 
 
 def cmd_eval_retrieval(args) -> None:

@@ -620,6 +620,10 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
         from vlmkit.convert.llava import load_hf_llava
 
         return load_hf_llava(path, device)
+    if meta.get("model_type") == "blip":
+        from vlmkit.convert.blip import load_hf_blip
+
+        return load_hf_blip(path, device)
     _model_type(meta, where)  # before reading possibly large weights
     state = read_hf_weights(path)
     scale, bias = state.get("logit_scale"), state.get("logit_bias")

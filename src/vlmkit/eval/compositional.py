@@ -21,15 +21,12 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlmkit.data.transforms import ImageDecodeError, ImageTransform, load_image
-from vlmkit.errors import ConfigError, DataError
-from vlmkit.eval.features import _autocast, eval_mode, result_dict, save_results
+from vlmkit.data.transforms import ImageDecodeError, load_image
+from vlmkit.errors import DataError
+from vlmkit.eval.features import result_dict, save_results
 from vlmkit.eval.report import _table, write_page
-from vlmkit.models.registry import model_family
 
 ScoreFn = Callable[[list[Path], list[str]], list[float]]  # (image per pair, text per pair) -> score per pair
 
@@ -59,60 +56,6 @@ def read_rows(path: str | Path) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
-
-
-def scorer_for(
-    model,
-    tokenizer,
-    preprocess,
-    device: str | torch.device = "cpu",
-    bf16: bool = False,
-    scorer: str | None = None,
-) -> tuple[str, ScoreFn]:
-    """(name, score function) for a loaded model: see the module docstring. `scorer` picks among a model's
-    options ("itm" or "itc" for fusion models)."""
-    family = model_family(model.cfg)
-    transform = ImageTransform(preprocess, train=False)
-    device = torch.device(device)
-    choices = {
-        "fusion": ("itm", "itc"),
-        "clip": ("cosine",),
-        "coca": ("likelihood",),
-        "llava": ("likelihood",),
-    }
-    options = choices.get(family, ())
-    name = scorer or (options[0] if options else None)
-    if name not in options:
-        raise ConfigError(
-            f"a {family} model scores pairs by {' or '.join(options) or 'nothing'}, not {scorer!r}"
-        )
-    if family == "fusion" and name == "itm" and not hasattr(model, "itm_head"):
-        raise ConfigError("this model has no ITM head")
-
-    def pixels(paths: list[Path]) -> torch.Tensor:
-        return torch.stack([transform(load_image(p)) for p in paths]).to(device)
-
-    if name == "likelihood":
-        from vlmkit.inference.generate import VLMPipeline
-
-        pipe = VLMPipeline(model, tokenizer, preprocess, device=device, precision="bf16" if bf16 else "fp32")
-        return name, lambda paths, texts: pipe.log_likelihood(paths, texts).tolist()
-
-    @torch.no_grad()
-    def score(paths: list[Path], texts: list[str]) -> list[float]:
-        unique = list(dict.fromkeys(paths))
-        with eval_mode(model), _autocast(device, bf16):
-            tokens = tokenizer(texts).to(device)
-            which = torch.tensor([unique.index(p) for p in paths], device=device)
-            if name == "itm":
-                image_tokens = model.encode_image_tokens(pixels(unique))[which]
-                logits = model.itm_logits(tokens, image_tokens).float()
-                return (logits[:, 1] - logits[:, 0]).tolist()
-            image = F.normalize(model.encode_image(pixels(unique)).float(), dim=-1)[which]
-            text = F.normalize(model.encode_text(tokens).float(), dim=-1)
-            return (image * text).sum(dim=-1).tolist()
-
-    return name, score
 
 
 def compositional_accuracy(
@@ -153,28 +96,24 @@ def compositional_accuracy(
 
 
 def evaluate_compositional(
-    model,
-    tokenizer,
-    preprocess,
+    score_fn: ScoreFn,
     data: str | Path,
     out_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    bf16: bool = False,
-    scorer: str | None = None,
+    scorer: str = "",
     model_name: str = "",
     batch_size: int = 64,
 ) -> dict:
-    """The benchmark on `data` (see the module docstring); with `out_dir`, compositional.json, every row's
-    scores in compositional_predictions.jsonl and report.html with examples."""
+    """The benchmark on `data` (see the module docstring) with `score_fn` (for a loaded model:
+    `vlmkit.inference.score.pair_scorer`; `scorer` names it in the results); with `out_dir`,
+    compositional.json, every row's scores in compositional_predictions.jsonl and report.html with examples."""
     rows = read_rows(data)
     for r in rows[:1]:  # a missing or broken image is an error before any scoring
         try:
             load_image(r["image"])
         except ImageDecodeError as e:
             raise DataError(f"{data}:{r['line']}: {e}") from None
-    name, score_fn = scorer_for(model, tokenizer, preprocess, device, bf16, scorer)
     metrics, predictions = compositional_accuracy(rows, score_fn, batch_size)
-    metrics["scorer"] = name
+    metrics["scorer"] = scorer
     results = result_dict("compositional", Path(data).stem, model_name, metrics)
     if out_dir is not None:
         out = Path(out_dir)
@@ -225,4 +164,4 @@ def write_compositional_report(out: Path, results: dict, predictions: list[dict]
     return write_page(out / "report.html", f"Compositional benchmark: {results['dataset']}", sections, css)
 
 
-__all__ = ["compositional_accuracy", "evaluate_compositional", "read_rows", "scorer_for"]
+__all__ = ["compositional_accuracy", "evaluate_compositional", "read_rows"]

@@ -31,6 +31,17 @@ def same_ids(a: Tensor, b: Tensor) -> Tensor:
     return (a[:, None, :] == b[None, :, :]).any(dim=-1)
 
 
+def global_mean(values: Tensor) -> Tensor:
+    """The mean of per-item losses (n,) over every process's items, as this rank's share: local sum x world /
+    global count. After DDP averages the gradients (and the trainer the logged values) this is the mean over
+    the global batch, whatever each rank's count (masked tokens, caption tokens, ITM pairs)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    count = torch.tensor(float(values.numel()), device=values.device)
+    if world > 1:
+        torch.distributed.all_reduce(count)
+    return values.sum() * world / count.clamp(min=1)
+
+
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean over rows of -sum(targets * log_softmax(logits)): cross-entropy against a distribution per row."""
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
@@ -67,7 +78,7 @@ def itc_loss(
             image_cols = torch.cat([image_cols, _upcast(image_q)])
             text_cols = torch.cat([text_cols, _upcast(text_q)])
             col_ids = torch.cat([col_ids, ids_q])
-        positive = same_ids(ids, col_ids).float()  # (B, N [+ Q])
+        positive = same_ids(ids, col_ids).to(image.dtype)  # (B, N [+ Q])
         labels = positive / positive.sum(dim=1, keepdim=True)
         sim_i2t = scale * image @ text_cols.T  # (B, N)
         sim_t2i = scale * text @ image_cols.T
@@ -107,36 +118,48 @@ def mask_tokens(
     special_ids: list[int],
     probability: float = 0.15,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """BERT's masking: each ordinary token (not padding, [CLS], [SEP] or other `special_ids`) is chosen with
     `probability`; of those, 80% become [MASK], 10% a random token, 10% stay. Returns (masked text, labels):
     labels hold the original id at chosen positions and IGNORE_INDEX elsewhere. A row where nothing was
-    chosen gets one chosen token (its first ordinary one), so that every caption teaches something."""
+    chosen gets one chosen token (its first ordinary one), so that every caption teaches something.
+    `rows` (offset, total): this batch is rows offset.. of a global batch of `total`; the random draws are
+    the global batch's, so several processes mask exactly as one process would."""
     device = text.device
+    B, T = text.shape
+    offset, total = rows or (0, B)
+    local = slice(offset, offset + B)
+    draw = torch.rand((total, T), generator=generator, device=device)[local]
+    action = torch.rand((total, T), generator=generator, device=device)[local]
+    random_ids = torch.randint(vocab_size, (total, T), generator=generator, device=device)[local]
     ordinary = torch.ones_like(text, dtype=torch.bool)
     for sid in special_ids:
         ordinary &= text != sid
-    draw = torch.rand(text.shape, generator=generator, device=device)
     chosen = ordinary & (draw < probability)
     first = ordinary.int().argmax(dim=1)  # (B,)
     empty = ~chosen.any(dim=1) & ordinary.any(dim=1)
     chosen[empty.nonzero().squeeze(1), first[empty]] = True
     labels = torch.where(chosen, text, torch.full_like(text, IGNORE_INDEX))
-    action = torch.rand(text.shape, generator=generator, device=device)
-    random_ids = torch.randint(vocab_size, text.shape, generator=generator, device=device)
     masked = torch.where(chosen & (action < 0.8), torch.full_like(text, mask_token_id), text)
     masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
     return masked, labels
 
 
 def patch_mask(
-    batch: int, num_patches: int, ratio: float, generator: torch.Generator | None = None, device=None
+    batch: int,
+    num_patches: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device=None,
+    rows: tuple[int, int] | None = None,
 ) -> Tensor:
-    """(B, N) bool: exactly round(ratio * N) (at least 1) random patches per image are masked."""
+    """(B, N) bool: exactly round(ratio * N) (at least 1) random patches per image are masked. `rows` as in
+    `mask_tokens`."""
+    offset, total = rows or (0, batch)
     k = max(1, round(ratio * num_patches))
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
-    rank = noise.argsort(dim=1).argsort(dim=1)
-    return rank < k
+    noise = torch.rand(total, num_patches, generator=generator, device=device)[offset : offset + batch]
+    return noise.argsort(dim=1).argsort(dim=1) < k
 
 
 def patch_pixels(images: Tensor, patch_size: int) -> Tensor:
@@ -154,14 +177,16 @@ def patch_pixels(images: Tensor, patch_size: int) -> Tensor:
 
 
 def mim_loss(predicted: Tensor, images: Tensor, mask: Tensor, patch_size: int) -> Tensor:
-    """Mean squared error of the predicted (B, N, p*p*3) normalised pixels on the masked patches only."""
+    """Mean squared error of the predicted (B, N, p*p*3) normalised pixels on the masked patches only (mean
+    over the global batch's masked patches, see `global_mean`)."""
     target = patch_pixels(images.float(), patch_size)
     err = (predicted.float() - target).pow(2).mean(dim=-1)  # (B, N)
-    return (err * mask).sum() / mask.sum().clamp(min=1)
+    return global_mean(err[mask])
 
 
 __all__ = [
     "ITM_COLLAPSED_LOSS",
+    "global_mean",
     "itc_loss",
     "mask_tokens",
     "mim_loss",

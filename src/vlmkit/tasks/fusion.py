@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,10 +21,11 @@ from vlmkit import distributed as dist
 from vlmkit.data.manifest import ImageTextDataset
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.errors import ConfigError
-from vlmkit.losses.captioning import IGNORE_INDEX, next_token_loss
+from vlmkit.losses.captioning import IGNORE_INDEX
 from vlmkit.losses.contrastive import gather_features
 from vlmkit.losses.fusion import (
     ITM_COLLAPSED_LOSS,
+    global_mean,
     itc_loss,
     mask_tokens,
     mim_loss,
@@ -42,13 +44,15 @@ def text_id(text: str) -> int:
 
 
 class IdentifiedPairs(torch.utils.data.Dataset):
-    """An image-caption dataset whose items also carry (image id, caption id)."""
+    """An image-caption dataset whose items also carry (image id, caption id), and, with `foils` (image path
+    -> captions that are false of it), one of those chosen per epoch ("" when the image has none)."""
 
-    def __init__(self, pairs: ImageTextDataset):
-        self.pairs = pairs
+    def __init__(self, pairs: ImageTextDataset, foils: dict[str, list[str]] | None = None, seed: int = 0):
+        self.pairs, self.seed = pairs, seed
         self.ids = [
             (text_id(str(p)), text_id(c)) for p, c in zip(pairs.image_paths, pairs.captions, strict=True)
         ]
+        self.foils = [foils.get(str(Path(p).resolve()), []) for p in pairs.image_paths] if foils else None
 
     def set_epoch(self, epoch: int) -> None:
         self.pairs.set_epoch(epoch)
@@ -58,13 +62,31 @@ class IdentifiedPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         image, caption = self.pairs[i]
-        return image, caption, self.ids[i]
+        if self.foils is None:
+            return image, caption, self.ids[i]
+        options = self.foils[i]
+        pick = zlib.crc32(f"{self.seed}/{self.pairs.epoch}/{i}".encode()) % len(options) if options else 0
+        return image, caption, self.ids[i], options[pick] if options else ""
+
+
+def read_foils(path: str | Path) -> dict[str, list[str]]:
+    """Image path (resolved) -> the foil captions of a compositional file's rows (vlmkit.eval.compositional)."""
+    from vlmkit.eval.compositional import read_rows
+
+    out: dict[str, list[str]] = {}
+    for row in read_rows(path):
+        out.setdefault(str(Path(row["image"]).resolve()), []).extend(f["text"] for f in row["foils"])
+    return out
 
 
 def collate_identified(tokenizer: Tokenizer, items: list):
     images = torch.stack([it[0] for it in items])  # (B, 3, H, W)
     ids = torch.tensor([it[2] for it in items], dtype=torch.long)  # (B, 2)
-    return images, tokenizer([it[1] for it in items]), ids
+    batch = (images, tokenizer([it[1] for it in items]), ids)
+    if len(items[0]) == 4:  # hard negative captions: "" where an image has none
+        has = torch.tensor([bool(it[3]) for it in items])
+        batch += (tokenizer([it[3] or it[1] for it in items]), has)
+    return batch
 
 
 class FusionTask(ContrastiveTask):
@@ -116,7 +138,11 @@ class FusionTask(ContrastiveTask):
 
     # ---------------------------------------------------------------- data and step
     def train_set(self) -> IdentifiedPairs:
-        return IdentifiedPairs(super().train_set())
+        negatives = self.cfg.data.hard_negatives
+        foils = read_foils(negatives) if negatives else None
+        if foils is not None and dist.is_main():
+            log.info("hard negative captions for ITM: %d images of %s", len(foils), negatives)
+        return IdentifiedPairs(super().train_set(), foils, self.cfg.seed)
 
     def collate(self):
         return functools.partial(collate_identified, self.trainer.tokenizer)
@@ -128,8 +154,12 @@ class FusionTask(ContrastiveTask):
         return g.manual_seed((self.cfg.seed * 1_000_003 + t.step * 31 + salt) % 2**63)
 
     def losses(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        images, tokens, ids = batch
+        images, tokens, ids = batch[:3]
+        foils = batch[3:] or None  # (foil tokens, which rows have one): extra ITM negatives
         t, cfg = self.trainer, model.cfg
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rows = (rank * len(tokens), world * len(tokens))  # this batch's rows in the global batch
         images = t.train_transform.normalize(images)
         attn = model.attention_mask(tokens)
         image_tokens = model.encode_image_tokens(images)  # (B, N, Cv)
@@ -156,7 +186,9 @@ class FusionTask(ContrastiveTask):
                 )
 
         if cfg.itm_weight:
-            parts["itm"] = self.itm(model, tokens, attn, hidden, image_tokens, image_f, text_f, scale, ids)
+            parts["itm"] = self.itm(
+                model, tokens, attn, hidden, image_tokens, image_f, text_f, scale, ids, foils
+            )
 
         if cfg.mlm_weight:
             text_cfg = model.cfg.text
@@ -168,27 +200,29 @@ class FusionTask(ContrastiveTask):
                 [s for s in specials if s is not None],
                 cfg.mlm_probability,
                 self.generator(1),
+                rows,
             )
             fused = model.fuse(masked, image_tokens, attn)  # (B, T, C)
             keep = labels != IGNORE_INDEX
             logits = model.lm_head(fused[keep], model.text.token_embedding.weight)  # (n, V)
-            parts["mlm"] = F.cross_entropy(logits.float(), labels[keep])
+            parts["mlm"] = global_mean(F.cross_entropy(logits.float(), labels[keep], reduction="none"))
 
         if cfg.mim_weight:
             B, prefix = images.shape[0], model.visual.num_prefix_tokens
             grid = images.shape[-1] // cfg.vision.patch_size
-            mask = patch_mask(B, grid * grid, cfg.mim_ratio, self.generator(2), images.device)
+            mask = patch_mask(B, grid * grid, cfg.mim_ratio, self.generator(2), images.device, rows)
             masked_tokens = model.encode_image_tokens(images, mask)
             predicted = model.mim_head(masked_tokens[:, prefix:])  # (B, N, p*p*3)
             parts["mim"] = mim_loss(predicted, images, mask, cfg.vision.patch_size)
 
-        if cfg.caption_weight:
-            labels = tokens.masked_fill(attn == 0, IGNORE_INDEX)
-            dec_hidden = model.decode_hidden(tokens, image_tokens, attn)
-            emb = model.text.token_embedding.weight
-            parts["caption"] = next_token_loss(
-                dec_hidden, labels, lambda h: model.lm_head(h, emb), label_smoothing=cfg.label_smoothing
+        if cfg.caption_weight:  # next-token prediction of every real token after the first
+            hidden_dec = model.decode_hidden(tokens, image_tokens, attn)[:, :-1]  # (B, T-1, C)
+            keep = attn[:, 1:].bool()
+            logits = model.lm_head(hidden_dec[keep], model.text.token_embedding.weight)  # (n, V)
+            ce = F.cross_entropy(
+                logits.float(), tokens[:, 1:][keep], label_smoothing=cfg.label_smoothing, reduction="none"
             )
+            parts["caption"] = global_mean(ce)
 
         weights = {
             "itc": cfg.itc_weight,
@@ -200,8 +234,11 @@ class FusionTask(ContrastiveTask):
         loss = sum(weights[k] * v for k, v in parts.items())
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
-    def itm(self, model, tokens, attn, hidden, image_tokens, image_f, text_f, scale, ids) -> torch.Tensor:
-        """ITM on the B positives, B images with a mined wrong text, B texts with a mined wrong image."""
+    def itm(
+        self, model, tokens, attn, hidden, image_tokens, image_f, text_f, scale, ids, foils=None
+    ) -> torch.Tensor:
+        """ITM on the B positives, B images with a mined wrong text, B texts with a mined wrong image, and
+        with `foils` each image with its hard negative caption (NegCLIP's idea, for ITM)."""
         B = tokens.shape[0]
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         with torch.no_grad():
@@ -224,10 +261,18 @@ class FusionTask(ContrastiveTask):
         mask = torch.cat([attn, all_attn[text_for_image][ok_i], attn[ok_t]])
         images = torch.cat([image_tokens, image_tokens[ok_i], all_images[image_for_text][ok_t]])
         hid = torch.cat([hidden, all_hidden[text_for_image][ok_i], hidden[ok_t]]) if upper else None
-        logits = model.itm_logits(text, images, mask, hid)  # (B + n_i + n_t, 2)
+        if foils is not None:
+            foil_tokens, has = foils
+            foil_tokens = foil_tokens[has]
+            foil_mask = model.attention_mask(foil_tokens)
+            text, mask = torch.cat([text, foil_tokens]), torch.cat([mask, foil_mask])
+            images = torch.cat([images, image_tokens[has]])
+            if upper:
+                hid = torch.cat([hid, model.text_hidden(foil_tokens, foil_mask)])
+        logits = model.itm_logits(text, images, mask, hid)  # (B + n_i + n_t [+ n_f], 2)
         labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
         labels[:B] = 1
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = global_mean(F.cross_entropy(logits.float(), labels, reduction="none"))
         self.watch_itm(loss.item())
         return loss
 
@@ -276,6 +321,7 @@ class FusionTask(ContrastiveTask):
         benchmark (compositional.json) when data.compositional names one."""
         from vlmkit.eval.compositional import evaluate_compositional
         from vlmkit.eval.features import result_dict, save_results
+        from vlmkit.inference.score import pair_scorer
 
         super().final_evals(model)
         cfg, t = self.cfg, self.trainer
@@ -285,14 +331,13 @@ class FusionTask(ContrastiveTask):
             save_results(result_dict("itm_retrieval", "val", str(t.out), metrics), ev / "retrieval_itm.json")
         if cfg.data.compositional:
             for scorer in ("itm", "itc"):
+                _, score_fn = pair_scorer(
+                    model, t.tokenizer, t.preprocess, t.device, t.precision.bf16, scorer
+                )
                 r = evaluate_compositional(
-                    model,
-                    t.tokenizer,
-                    t.preprocess,
+                    score_fn,
                     cfg.data.compositional,
                     out_dir=ev / f"compositional_{scorer}",
-                    device=t.device,
-                    bf16=t.precision.bf16,
                     scorer=scorer,
                     model_name=str(t.out),
                 )

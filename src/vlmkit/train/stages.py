@@ -50,7 +50,11 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 
     data = cfg.data.synthetic
     base = configure(
-        cfg, {f"data.{f}": _fill(getattr(cfg.data, f), data) for f in ("train", "val", "zeroshot", "compositional")}
+        cfg,
+        {
+            f"data.{f}": _fill(getattr(cfg.data, f), data)
+            for f in ("train", "val", "zeroshot", "compositional", "hard_negatives")
+        },
     )
     if not cfg.stages:
         return [("train", base)]

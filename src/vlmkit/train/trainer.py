@@ -204,8 +204,10 @@ class Trainer:
             if not Path(cfg.model.tokenizer).is_file():
                 raise ConfigError(f"tokenizer file not found: {cfg.model.tokenizer}")
             return Tokenizer.from_file(cfg.model.tokenizer, context_length=ctx)
-        if saved.is_file() and (cfg.resume or not dist.is_main()):
+        if saved.is_file() and cfg.resume:  # every rank takes this branch, or none does
             return Tokenizer.from_file(saved, context_length=ctx)
+        # Rank 0 trains the tokenizer while the others wait at the barrier. (A rank that found the file
+        # already written and skipped the barrier would leave rank 0 in it: a hang at the next collective.)
         if dist.is_main():
             texts = self.task.training_texts()
             if not texts:
@@ -513,7 +515,7 @@ class Trainer:
             return
         per_step = float(np.median(times[-50:]))
         left = budget * 60 - self.elapsed()
-        fit = self.step + max(1, int(left / per_step * 0.98))
+        fit = self.step + max(0, int(left / per_step * 0.98))  # no time for another step: stop
         configured = self.cfg.max_steps or math.ceil(self.cfg.epochs * self.steps_per_epoch)
         total = torch.tensor(float(min(configured, fit)))
         if self.info.world_size > 1:  # every process must follow rank 0's estimate
