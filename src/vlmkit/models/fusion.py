@@ -108,6 +108,7 @@ class FusionConfig:
         if not 0 < self.mlm_probability < 1 or not 0 < self.mim_ratio < 1:
             raise ConfigError("mlm_probability and mim_ratio must be in (0, 1)")
         self.vision.mask_token = self.vision.mask_token or self.mim
+        self.vision.proj = False  # the tokens go to the fusion layers and `vision_proj`, not a tower head
 
 
 @dataclass

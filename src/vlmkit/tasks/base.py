@@ -69,6 +69,52 @@ class Task:
 
         return build_model(model_cfg)
 
+    # A pretrained image tower for a model that has one of its own (LLaVA's vision encoder, a fusion
+    # model's ViT): `transfer.vision_init_from` names a CLIP/SigLIP folder.
+    vision_source: nn.Module | None = None
+
+    def load_vision_source(self) -> None:
+        """In `configure`: read the vision_init_from folder; its tower's config and pixel statistics replace the
+        run's (the weights are copied by `copy_vision_source` once the model is built)."""
+        from vlmkit.config import override, to_dict
+        from vlmkit.convert import load_pretrained
+        from vlmkit.models.registry import task_name
+
+        cfg = self.cfg
+        if not cfg.transfer.vision_init_from or cfg.transfer.init_from:
+            return
+        source = load_pretrained(cfg.transfer.vision_init_from)
+        if task_name(source.model.cfg) != "contrastive":
+            raise ConfigError(
+                f"vision_init_from {cfg.transfer.vision_init_from} is not a CLIP/SigLIP model folder"
+            )
+        self.vision_source = source.model.visual
+        vision = {"model.overrides": {"vision": to_dict(source.model.cfg.vision)}}
+        preprocess = {"model.mean": tuple(source.preprocess.mean), "model.std": tuple(source.preprocess.std)}
+        self.trainer.cfg = override(cfg, vision | preprocess)
+
+    def copy_vision_source(self, tower: nn.Module) -> None:
+        """Copy the vision_init_from tower's weights into `tower` (all but a head of another shape)."""
+        if self.vision_source is None:
+            return
+        target = tower.state_dict()
+        state = {
+            k: v
+            for k, v in self.vision_source.state_dict().items()
+            if k in target and target[k].shape == v.shape
+        }
+        tower.load_state_dict(state, strict=False)
+        from vlmkit import distributed as dist
+
+        if dist.is_main():
+            log.info(
+                "vision tower: %d of %d tensors from %s",
+                len(state),
+                len(target),
+                self.cfg.transfer.vision_init_from,
+            )
+        self.vision_source = None
+
     def prepare_model(self, model: nn.Module) -> None:
         """After freezing and LoRA (vlmkit.train.transfer): anything the task never trains."""
 

@@ -15,14 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit import distributed as dist
-from vlmkit.config import override, to_dict
 from vlmkit.data.chat import IMAGE_TOKEN, render
 from vlmkit.data.conversations import ConversationDataset, collate_conversations, read_rows, split_files
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import ConfigError
-from vlmkit.tasks.base import Task, log, reject
+from vlmkit.tasks.base import Task, reject
 
 
 class ConversationTask(Task):
@@ -31,7 +29,7 @@ class ConversationTask(Task):
     template_words = False  # whether a new tokenizer learns the chat template's words as whole tokens
 
     def configure(self) -> None:
-        cfg, t = self.cfg, self.trainer
+        cfg = self.cfg
         reject(
             "lock_image",
             cfg.transfer.lock_image,
@@ -40,23 +38,7 @@ class ConversationTask(Task):
         )
         if not cfg.data.train:
             raise ConfigError("no training data: pass --train-data CONVERSATIONS.jsonl (LLaVA format)")
-        self.vision_source = None
-        if cfg.transfer.vision_init_from and not cfg.transfer.init_from:
-            from vlmkit.convert import load_pretrained
-            from vlmkit.models.registry import task_name
-
-            source = load_pretrained(cfg.transfer.vision_init_from)
-            if task_name(source.model.cfg) != "contrastive":
-                raise ConfigError(
-                    f"vision_init_from {cfg.transfer.vision_init_from} is not a CLIP/SigLIP model folder"
-                )
-            self.vision_source = source.model.visual
-            vision = {"model.overrides": {"vision": to_dict(source.model.cfg.vision)}}
-            preprocess = {
-                "model.mean": tuple(source.preprocess.mean),
-                "model.std": tuple(source.preprocess.std),
-            }
-            t.cfg = override(cfg, vision | preprocess)
+        self.load_vision_source()
 
     def context_length(self, model_cfg: Any) -> int:
         # The tokenizer's fixed-length framing is only used for CoCa's contrastive text side (zero-shot prompts).
@@ -90,23 +72,7 @@ class ConversationTask(Task):
 
     def build_model(self, model_cfg: Any) -> nn.Module:
         model = super().build_model(model_cfg)
-        if self.vision_source is not None:  # copy the pretrained image tower (all but a mismatched head)
-            tower = self.vision_tower(model)
-            target = tower.state_dict()
-            state = {
-                k: v
-                for k, v in self.vision_source.state_dict().items()
-                if k in target and target[k].shape == v.shape
-            }
-            tower.load_state_dict(state, strict=False)
-            if dist.is_main():
-                log.info(
-                    "vision tower: %d of %d tensors from %s",
-                    len(state),
-                    len(target),
-                    self.cfg.transfer.vision_init_from,
-                )
-            self.vision_source = None
+        self.copy_vision_source(self.vision_tower(model))
         return model
 
     # ---------------------------------------------------------------- data and step

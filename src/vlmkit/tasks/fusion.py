@@ -94,7 +94,7 @@ class FusionTask(ContrastiveTask):
     shards = False
 
     def configure(self) -> None:
-        super().configure()
+        self.load_vision_source()  # ALBEF/BLIP start from a pretrained ViT too
         reject(
             "lock_image",
             self.cfg.transfer.lock_image,
@@ -122,6 +122,13 @@ class FusionTask(ContrastiveTask):
             "text.pad_token_id": tokenizer.pad_token_id,
             "text.mask_token_id": tokenizer.token_to_id(MASK_TOKEN),
         }
+
+    def build_model(self, model_cfg: Any) -> nn.Module:
+        model = super().build_model(model_cfg)
+        self.copy_vision_source(model.visual)
+        if model.momentum_encoder is not None:  # the momentum copy starts equal to the online model
+            model.momentum_encoder["visual"].load_state_dict(model.visual.state_dict())
+        return model
 
     def prepare_model(self, model: nn.Module) -> None:
         cfg = model.cfg
