@@ -139,3 +139,17 @@ def test_two_processes_train_as_one_on_the_same_global_batch(shapes_dir, tmp_pat
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_the_shapes_recipe_runs_its_stages_with_hard_negatives_and_evaluates(tmp_path):
+    """Smoke: the contrastive stage, then fusion from its image tower with each scene's (true caption, foil)
+    pair as ITM examples, and the final compositional and reranked-retrieval evaluations."""
+    cfg = configure(smoke(get_recipe("fusion-tiny-shapes")), {"out": str(tmp_path / "run")})
+    cfg = configure(cfg, {"synthetic_data": str(tmp_path / "shapes")})
+    summary = train(cfg)
+    assert set(summary["stages"]) == {"clip", "fusion"}
+    ev = tmp_path / "run" / "eval"
+    for name in ("compositional_itm.json", "compositional_itc.json", "retrieval_itm.json"):
+        assert (ev / name).is_file(), name
+    itm = json.loads((ev / "compositional_itm.json").read_text())["metrics"]
+    assert itm["scorer"] == "itm" and itm["num_rows"] > 0

@@ -281,9 +281,11 @@ RECIPES |= {
 # from a pretrained ViT, stage 1 pretrains the image tower contrastively (the quickstart's clip-tiny, 4 min);
 # stage 2 trains the fusion model from it with ITC, ITM and MLM (the captioning decoder costs a third more
 # per step and serves no target here: `--set model_overrides.text_decoder=true
-# --set model_overrides.caption_weight=1` adds it). The foils of the training scenes are extra ITM negatives
-# (`hard_negatives`, NegCLIP's idea): the mined ones rarely differ from the positive only by which object has
-# which colour. benchmarks/RESULTS.md has the runs with and without.
+# --set model_overrides.caption_weight=1` adds it). Each training scene's true caption and a foil of it, in
+# the same words (train_compositional.jsonl), are extra ITM examples (`hard_negatives`, NegCLIP's idea): the
+# mined negatives rarely differ from the positive only by which object has which colour. (Foils alone, as
+# negatives beside the varied training captions, taught ITM their wording instead.) benchmarks/RESULTS.md
+# has the runs.
 RECIPES["fusion-tiny-shapes"] = dict(
     RECIPES["fusion-tiny"],
     model_overrides={"text_decoder": False, "caption_weight": 0.0},

@@ -45,9 +45,11 @@ def text_id(text: str) -> int:
 
 class IdentifiedPairs(torch.utils.data.Dataset):
     """An image-caption dataset whose items also carry (image id, caption id), and, with `foils` (image path
-    -> captions that are false of it), one of those chosen per epoch ("" when the image has none)."""
+    -> (true caption, foil) pairs of its scene), one pair chosen per epoch (("", "") when it has none)."""
 
-    def __init__(self, pairs: ImageTextDataset, foils: dict[str, list[str]] | None = None, seed: int = 0):
+    def __init__(
+        self, pairs: ImageTextDataset, foils: dict[str, list[tuple[str, str]]] | None = None, seed: int = 0
+    ):
         self.pairs, self.seed = pairs, seed
         self.ids = [
             (text_id(str(p)), text_id(c)) for p, c in zip(pairs.image_paths, pairs.captions, strict=True)
@@ -66,16 +68,17 @@ class IdentifiedPairs(torch.utils.data.Dataset):
             return image, caption, self.ids[i]
         options = self.foils[i]
         pick = zlib.crc32(f"{self.seed}/{self.pairs.epoch}/{i}".encode()) % len(options) if options else 0
-        return image, caption, self.ids[i], options[pick] if options else ""
+        return image, caption, self.ids[i], options[pick] if options else ("", "")
 
 
-def read_foils(path: str | Path) -> dict[str, list[str]]:
-    """Image path (resolved) -> the foil captions of a compositional file's rows (vlmkit.eval.compositional)."""
+def read_foils(path: str | Path) -> dict[str, list[tuple[str, str]]]:
+    """Image path (resolved) -> (true caption, foil) pairs of a compositional file (vlmkit.eval.compositional)."""
     from vlmkit.eval.compositional import read_rows
 
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[tuple[str, str]]] = {}
     for row in read_rows(path):
-        out.setdefault(str(Path(row["image"]).resolve()), []).extend(f["text"] for f in row["foils"])
+        pairs = [(row["caption"], f["text"]) for f in row["foils"]]
+        out.setdefault(str(Path(row["image"]).resolve()), []).extend(pairs)
     return out
 
 
@@ -83,9 +86,13 @@ def collate_identified(tokenizer: Tokenizer, items: list):
     images = torch.stack([it[0] for it in items])  # (B, 3, H, W)
     ids = torch.tensor([it[2] for it in items], dtype=torch.long)  # (B, 2)
     batch = (images, tokenizer([it[1] for it in items]), ids)
-    if len(items[0]) == 4:  # hard negative captions: "" where an image has none
-        has = torch.tensor([bool(it[3]) for it in items])
-        batch += (tokenizer([it[3] or it[1] for it in items]), has)
+    if len(items[0]) == 4:  # (true caption, foil) of the scene: ("", "") where an image has none
+        has = torch.tensor([bool(it[3][1]) for it in items])
+        batch += (
+            tokenizer([it[3][0] or it[1] for it in items]),
+            tokenizer([it[3][1] or it[1] for it in items]),
+            has,
+        )
     return batch
 
 
@@ -245,7 +252,7 @@ class FusionTask(ContrastiveTask):
         self, model, tokens, attn, hidden, image_tokens, image_f, text_f, scale, ids, foils=None
     ) -> torch.Tensor:
         """ITM on the B positives, B images with a mined wrong text, B texts with a mined wrong image, and
-        with `foils` each image with its hard negative caption (NegCLIP's idea, for ITM)."""
+        with `foils` each image with its scene's true caption and a foil of it (NegCLIP's idea, for ITM)."""
         B = tokens.shape[0]
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         with torch.no_grad():
@@ -268,17 +275,21 @@ class FusionTask(ContrastiveTask):
         mask = torch.cat([attn, all_attn[text_for_image][ok_i], attn[ok_t]])
         images = torch.cat([image_tokens, image_tokens[ok_i], all_images[image_for_text][ok_t]])
         hid = torch.cat([hidden, all_hidden[text_for_image][ok_i], hidden[ok_t]]) if upper else None
+        positive = [torch.ones(B, dtype=torch.long), torch.zeros(len(text) - B, dtype=torch.long)]
         if foils is not None:
-            foil_tokens, has = foils
-            foil_tokens = foil_tokens[has]
-            foil_mask = model.attention_mask(foil_tokens)
-            text, mask = torch.cat([text, foil_tokens]), torch.cat([mask, foil_mask])
-            images = torch.cat([images, image_tokens[has]])
+            # each image with its scene's true caption in the foils' own words (a positive) and with the foil
+            # (a negative): the pair differs only where the foil does, so the wording cannot give it away
+            true_tokens, foil_tokens, has = foils
+            pair = torch.cat([true_tokens[has], foil_tokens[has]])
+            pair_mask = model.attention_mask(pair)
+            text, mask = torch.cat([text, pair]), torch.cat([mask, pair_mask])
+            images = torch.cat([images, image_tokens[has], image_tokens[has]])
             if upper:
-                hid = torch.cat([hid, model.text_hidden(foil_tokens, foil_mask)])
-        logits = model.itm_logits(text, images, mask, hid)  # (B + n_i + n_t [+ n_f], 2)
-        labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-        labels[:B] = 1
+                hid = torch.cat([hid, model.text_hidden(pair, pair_mask)])
+            n = int(has.sum())
+            positive += [torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)]
+        logits = model.itm_logits(text, images, mask, hid)  # (B + n_i + n_t [+ 2 n_f], 2)
+        labels = torch.cat(positive).to(logits.device)
         loss = global_mean(F.cross_entropy(logits.float(), labels, reduction="none"))
         self.watch_itm(loss.item())
         return loss

@@ -52,7 +52,8 @@ class DataConfig:
     zeroshot_templates: list[str] | None = None  # templates or template files; None = defaults
     # rows of image, caption and foils (vlmkit.eval.compositional) for a final compositional evaluation
     compositional: str | None = None
-    # fusion models: a compositional file whose foils of a training image are extra ITM negatives for it
+    # fusion models: a compositional file of training images; each image's (true caption, foil) pairs are
+    # extra ITM examples, the caption a positive and the foil a negative
     hard_negatives: str | None = None
     tokenizer_data: str | None = None  # files a new tokenizer learns from (default: train)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range
