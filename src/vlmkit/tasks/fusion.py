@@ -162,7 +162,8 @@ class FusionTask(ContrastiveTask):
         return functools.partial(collate_identified, self.trainer.tokenizer)
 
     def generator(self, salt: int) -> torch.Generator:
-        """The same generator on every rank for this step: what a one-process run would draw."""
+        """The same generator on every rank for this step: what a one-process run would draw. (With
+        gradient accumulation the micro-batches of one step draw alike: each masks and mines its own rows.)"""
         t = self.trainer
         g = torch.Generator(device=t.device)
         return g.manual_seed((self.cfg.seed * 1_000_003 + t.step * 31 + salt) % 2**63)
