@@ -17,9 +17,11 @@ compositional` scores how often a model prefers the true caption.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
-from vlmkit.data.synthetic import COLOURS, SHAPES, count_word, plural
+from vlmkit.data.synthetic import COLOURS, SHAPES, _article, count_word, plural
 
 FOIL_TYPES = ("attribute_swap", "relation_swap", "wrong_count", "wrong_colour", "wrong_shape")
 
@@ -37,7 +39,7 @@ def _groups(objects: list[dict]) -> list[dict]:
 
 def _phrase(group: dict) -> str:
     n = group["count"]
-    head = ("an" if group["colour"][0] in "aeiou" else "a") if n == 1 else count_word(n)
+    head = _article(group["colour"]) if n == 1 else count_word(n)
     return f"{head} {group['colour']} {plural(group['shape'], n)}"
 
 
@@ -45,6 +47,26 @@ def describe(groups: list[dict]) -> str:
     """ "two red circles and a blue star": every group, in the training captions' words."""
     phrases = [_phrase(g) for g in groups]
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def unique_objects(objects: list[dict]) -> list[dict]:
+    """Objects that are the only one of their colour and shape: "the red square" names exactly them."""
+    names = Counter((o["colour"], o["shape"]) for o in objects)
+    return [o for o in objects if names[(o["colour"], o["shape"])] == 1]
+
+
+def relation_facts(objects: list[dict], relation_holds) -> list[tuple[dict, dict, str]]:
+    """(a, b, relation) for every pair of unique objects and relation that `relation_holds(a, b, relation)`
+    judges clearly true."""
+    unique = unique_objects(objects)
+    return [
+        (a, b, rel)
+        for a in unique
+        for b in unique
+        if a is not b
+        for rel in _RELATIONS
+        if relation_holds(a, b, rel)
+    ]
 
 
 def _choice(rng: np.random.Generator, items: list):
@@ -78,22 +100,10 @@ def foils_for(objects: list[dict], rng: np.random.Generator, relation_holds) -> 
         swapped[i]["colour"], swapped[j]["colour"] = groups[j]["colour"], groups[i]["colour"]
         row("attribute_swap", true, describe(swapped))
 
-    unique = [
-        o
-        for o in objects
-        if sum(p["colour"] == o["colour"] and p["shape"] == o["shape"] for p in objects) == 1
-    ]
-    facts = [
-        (a, b, rel)
-        for a in unique
-        for b in unique
-        if a is not b
-        for rel in _RELATIONS
-        if relation_holds(a, b, rel)
-    ]
+    facts = relation_facts(objects, relation_holds)
     if facts:
         a, b, rel = _choice(rng, facts)
-        name = lambda o: f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['shape']}"
+        name = lambda o: f"{_article(o['colour'])} {o['colour']} {o['shape']}"
         row("relation_swap", f"{name(a)} {rel} {name(b)}", f"{name(a)} {_RELATIONS[rel]} {name(b)}")
 
     i = int(rng.integers(len(groups)))
@@ -120,4 +130,4 @@ def foils_for(objects: list[dict], rng: np.random.Generator, relation_holds) -> 
     return rows
 
 
-__all__ = ["FOIL_TYPES", "describe", "foils_for"]
+__all__ = ["FOIL_TYPES", "describe", "foils_for", "relation_facts", "unique_objects"]

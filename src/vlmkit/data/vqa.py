@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from vlmkit.data.chat import IMAGE_TOKEN, normalize_conversation
-from vlmkit.data.compositional import foils_for
+from vlmkit.data.compositional import foils_for, relation_facts, unique_objects
 from vlmkit.data.manifest import BadRow
 from vlmkit.data.synthetic import COLOURS, SHAPES, _article, plural
 from vlmkit.data.transforms import ImageDecodeError, check_image_file
@@ -153,14 +153,8 @@ def _count_question(objects: list[dict], rng: np.random.Generator) -> dict:
     return _qa(_choice(rng, _TEMPLATES["count_shape"]).format(shapes=plural(value, 2)), count, "count")
 
 
-def _unique_objects(objects: list[dict]) -> list[dict]:
-    """Objects that are the only one of their colour and shape: "the red square" names exactly them."""
-    names = Counter(_name(o) for o in objects)
-    return [o for o in objects if names[_name(o)] == 1]
-
-
 def _position_question(objects: list[dict], rng: np.random.Generator, image_size: int | None) -> dict | None:
-    unique = [o for o in _unique_objects(objects) if image_size is None or position_is_clear(o, image_size)]
+    unique = [o for o in unique_objects(objects) if image_size is None or position_is_clear(o, image_size)]
     if not unique:
         return None
     obj = _choice(rng, unique)
@@ -185,19 +179,12 @@ def _exists_question(objects: list[dict], rng: np.random.Generator) -> dict:
 
 
 def _relation_question(objects: list[dict], rng: np.random.Generator) -> dict | None:
-    unique = _unique_objects(objects)
+    unique = unique_objects(objects)
     forms = ["count", "yes_no"] if rng.random() < 0.5 else ["yes_no", "count"]
     for form in forms:
         if form == "yes_no":
             # (a, b, relation that holds): asked as is ("yes") or with the opposite relation ("no")
-            facts = [
-                (a, b, rel)
-                for a in unique
-                for b in unique
-                if a is not b
-                for rel in _RELATIONS
-                if relation_holds(a, b, rel)
-            ]
+            facts = relation_facts(objects, relation_holds)
             if not facts:
                 continue
             a, b, relation = _choice(rng, facts)

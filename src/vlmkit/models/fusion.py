@@ -291,9 +291,7 @@ class Fusion(nn.Module):
             attention_mask = self.attention_mask(text)
         start = t.fusion_start
         if start == 0:
-            if t.enc_token_id is not None:
-                text = torch.cat([torch.full_like(text[:, :1], t.enc_token_id), text[:, 1:]], dim=1)
-            x = enc.embed(text)
+            x = enc.embed(_first_token(text, t.enc_token_id))
         else:
             x = text_hidden if text_hidden is not None else self.text_hidden(text, attention_mask)
         upper = enc.blocks[start:]
@@ -338,8 +336,7 @@ class Fusion(nn.Module):
         t, enc = self.cfg.text, self.text
         if not self.cfg.text_decoder:
             raise ConfigError("this fusion model has no decoder (text_decoder=false)")
-        if t.dec_token_id is not None:
-            text = torch.cat([torch.full_like(text[:, :1], t.dec_token_id), text[:, 1:]], dim=1)
+        text = _first_token(text, t.dec_token_id)
         if attention_mask is None:
             attention_mask = self.attention_mask(text)
         mask = padding_mask(attention_mask, True)
@@ -385,6 +382,13 @@ class Fusion(nn.Module):
         self.text_queue[idx] = text_features.to(self.text_queue.dtype)
         self.id_queue[idx] = ids
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+
+def _first_token(text: torch.Tensor, token_id: int | None) -> torch.Tensor:
+    """`text` with its first token replaced by `token_id` (BLIP's [ENC] / [DEC]); unchanged for None."""
+    if token_id is None:
+        return text
+    return torch.cat([torch.full_like(text[:, :1], token_id), text[:, 1:]], dim=1)
 
 
 @torch.no_grad()
