@@ -48,10 +48,10 @@ def _generation(args) -> dict:
 
 
 def _pipeline(args):
-    from vlmkit.cli.main import _device
+    from vlmkit.cli.common import device_of
     from vlmkit.inference import VLMPipeline
 
-    return VLMPipeline.from_pretrained(args.model, device=_device(args.device), precision=args.precision)
+    return VLMPipeline.from_pretrained(args.model, device=device_of(args.device), precision=args.precision)
 
 
 def _check_images(paths: list[str]) -> None:

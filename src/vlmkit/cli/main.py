@@ -18,8 +18,8 @@
     vlmkit transfer-demo --out runs/transfer
 
 User mistakes (a missing file, an unknown key, unusable data) print one line and exit with 2.
-The file holds every top-level command's parser and handler in one place, each a few lines over a
-library call; past 500 lines it wants splitting into one module per command group.
+Command groups live beside it: eval.py (`vlmkit eval`), generate.py (captioning, chat, VQA), curation.py
+and shards.py (`vlmkit data ...`), transfer.py, export.py; common.py holds the shared flags and helpers.
 """
 
 from __future__ import annotations
@@ -31,24 +31,12 @@ import os
 import sys
 from pathlib import Path
 
+from vlmkit.cli.common import add_model_arg, device_of, precision_of, require_tokenizer
 from vlmkit.errors import VlmkitError
 
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
-    from vlmkit.cli.common import add_precision_arg
-
-    p.add_argument(
-        "--model",
-        required=True,
-        help="a model folder: a vlmkit training run or checkpoint, or a Hugging Face CLIP/SigLIP folder",
-    )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=64)
-    add_precision_arg(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from vlmkit.cli.common import add_classes_args, add_precision_arg
+    from vlmkit.cli.common import add_precision_arg
 
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="Vision-language models: train, evaluate, embed."
@@ -152,55 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(
         dest="eval_command", required=True, metavar="TASK"
     )
-    p = ev.add_parser("zeroshot", help="zero-shot classification on an ImageFolder")
-    _add_model_arg(p)
-    p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
-    add_classes_args(p)
-    p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
-    p.add_argument("--output", help="results JSON (default: print)")
-    p.set_defaults(func=cmd_eval_zeroshot)
-    p = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on a manifest")
-    _add_model_arg(p)
-    p.add_argument("--data", required=True, help="JSONL/CSV manifest of image, caption")
-    p.add_argument("--output", help="results JSON (default: print)")
-    p.set_defaults(func=cmd_eval_retrieval)
-    p = ev.add_parser(
-        "compositional",
-        help="true captions against foils (attribute swaps, relations, counts, colours, shapes)",
-    )
-    _add_model_arg(p)
-    p.add_argument(
-        "--data",
-        required=True,
-        help="rows of image, caption and foils (vlmkit data tasks writes val_compositional.jsonl)",
-    )
-    p.add_argument(
-        "--scorer",
-        choices=["itm", "itc", "cosine", "likelihood"],
-        help="how pairs are scored (default: the model's own: cosine for dual encoders, ITM for fusion "
-        "models, caption likelihood for CoCa/LLaVA)",
-    )
-    p.add_argument(
-        "--out", help="folder for compositional.json, the predictions and report.html (default: print)"
-    )
-    p.set_defaults(func=cmd_eval_compositional)
-    p = ev.add_parser("linear-probe", help="logistic regression on frozen image features")
-    _add_model_arg(p)
-    p.add_argument("--train", required=True, help="ImageFolder to fit the probe on")
-    p.add_argument("--data", required=True, help="ImageFolder to test the probe on")
-    add_classes_args(p)
-    p.add_argument("--output", help="results JSON (default: print)")
-    p.set_defaults(func=cmd_eval_linear_probe)
+    from vlmkit.cli.eval import register_eval
+
+    register_eval(ev)
 
     p = sub.add_parser("embed", help="embed images and/or texts")
-    _add_model_arg(p)
+    add_model_arg(p)
     p.add_argument("--image", nargs="*", default=[], help="image files")
     p.add_argument("--text", nargs="*", default=[], help="texts")
     p.add_argument("--output", help="a .safetensors or .npy file (default: print a summary)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("classify", help="score one image against labels")
-    _add_model_arg(p)
+    add_model_arg(p)
     p.add_argument("--image", required=True)
     p.add_argument("--labels", nargs="+", required=True, help="candidate labels")
     p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
@@ -231,28 +183,6 @@ def _version() -> str:
     import vlmkit
 
     return f"vlmkit {vlmkit.__version__}"
-
-
-def _device(name: str | None):
-    import torch
-
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _precision(args, device):
-    from vlmkit.runtime import resolve_precision
-
-    return resolve_precision(args.precision, device)
-
-
-def _emit(results: dict, output: str | None) -> None:
-    from vlmkit.eval.features import save_results
-
-    if output:
-        save_results(results, output)
-        print(f"wrote {output}")
-    metrics = {k: v for k, v in results.get("metrics", results).items() if not isinstance(v, (dict, list))}
-    print(json.dumps(metrics, indent=2))
 
 
 def cmd_quickstart(args) -> None:
@@ -359,103 +289,14 @@ def cmd_train(args) -> None:
         print(json.dumps(summary, indent=2))
 
 
-def cmd_eval_zeroshot(args) -> None:
-    from vlmkit.convert import load_pretrained
-    from vlmkit.eval.templates import load_templates
-    from vlmkit.eval.zeroshot import evaluate_zeroshot
-
-    pt = load_pretrained(args.model, _device(args.device))
-    out_dir = Path(args.output).parent if args.output else None
-    results = evaluate_zeroshot(
-        pt.model,
-        _require_tokenizer(pt, args.model),
-        pt.preprocess,
-        args.data,
-        templates=load_templates(args.templates),
-        classes_file=args.classes,
-        positional_classes=args.positional_classes,
-        batch_size=args.batch_size,
-        device=_device(args.device),
-        bf16=_precision(args, _device(args.device)).bf16,
-        model_name=args.model,
-        out_dir=out_dir,
-    )
-    _emit(results, args.output)
-
-
-def cmd_eval_compositional(args) -> None:
-    from vlmkit.convert import load_pretrained
-    from vlmkit.eval.compositional import evaluate_compositional
-    from vlmkit.inference.score import pair_scorer
-
-    device = _device(args.device)
-    pt = load_pretrained(args.model, device)
-    tokenizer = _require_tokenizer(pt, args.model)
-    name, score_fn = pair_scorer(
-        pt.model, tokenizer, pt.preprocess, device, _precision(args, device).bf16, args.scorer
-    )
-    results = evaluate_compositional(
-        score_fn, args.data, out_dir=args.out, scorer=name, model_name=args.model, batch_size=args.batch_size
-    )
-    print(json.dumps(results, indent=2))
-
-
-def cmd_eval_retrieval(args) -> None:
-    from vlmkit.convert import load_pretrained
-    from vlmkit.eval.retrieval import evaluate_retrieval
-
-    pt = load_pretrained(args.model, _device(args.device))
-    out_dir = Path(args.output).parent if args.output else None
-    results = evaluate_retrieval(
-        pt.model,
-        _require_tokenizer(pt, args.model),
-        pt.preprocess,
-        args.data,
-        batch_size=args.batch_size,
-        device=_device(args.device),
-        bf16=_precision(args, _device(args.device)).bf16,
-        model_name=args.model,
-        out_dir=out_dir,
-    )
-    _emit(results, args.output)
-
-
-def cmd_eval_linear_probe(args) -> None:
-    from vlmkit.convert import load_pretrained
-    from vlmkit.eval.linear_probe import evaluate_linear_probe
-
-    pt = load_pretrained(args.model, _device(args.device))
-    results = evaluate_linear_probe(
-        pt.model,
-        pt.preprocess,
-        args.train,
-        args.data,
-        classes_file=args.classes,
-        positional_classes=args.positional_classes,
-        batch_size=args.batch_size,
-        device=_device(args.device),
-        bf16=_precision(args, _device(args.device)).bf16,
-        model_name=args.model,
-    )
-    _emit(results, args.output)
-
-
-def _require_tokenizer(pt, where: str):
-    if pt.tokenizer is None:
-        raise VlmkitError(
-            f"{where} has no tokenizer.json; text needs the tokenizer the model was trained with"
-        )
-    return pt.tokenizer
-
-
 def cmd_embed(args) -> None:
     from vlmkit.convert import load_pretrained
     from vlmkit.inference import embed_images, embed_texts
 
     if not args.image and not args.text:
         raise VlmkitError("nothing to embed: pass --image FILE ... and/or --text TEXT ...")
-    device = _device(args.device)
-    precision = _precision(args, device)
+    device = device_of(args.device)
+    precision = precision_of(args, device)
     pt = load_pretrained(args.model, device)
     out = {}
     if args.image:
@@ -464,7 +305,7 @@ def cmd_embed(args) -> None:
         )
     if args.text:
         out["text_embeds"] = embed_texts(
-            pt.model, _require_tokenizer(pt, args.model), args.text, device, precision
+            pt.model, require_tokenizer(pt, args.model), args.text, device, precision
         )
     if args.output:
         if args.output.endswith(".npy"):
@@ -490,12 +331,12 @@ def cmd_classify(args) -> None:
     from vlmkit.eval.templates import load_templates
     from vlmkit.inference import classify
 
-    device = _device(args.device)
+    device = device_of(args.device)
     pt = load_pretrained(args.model, device)
-    tokenizer = _require_tokenizer(pt, args.model)
+    tokenizer = require_tokenizer(pt, args.model)
     ranked = classify(
         pt.model, tokenizer, pt.preprocess, args.image, args.labels, load_templates(args.templates), device,
-        _precision(args, device),
+        precision_of(args, device),
     )  # fmt: skip
     for label, prob in ranked:
         print(f"{prob:.4f}  {label}")
@@ -506,7 +347,7 @@ def cmd_env(args) -> None:
 
     from vlmkit.runtime import cpu_matmul_speeds, describe_machine, resolve_precision
 
-    device = _device(args.device)
+    device = device_of(args.device)
     print(describe_machine())
     if device.type == "cpu":
         bf16, fp32 = cpu_matmul_speeds()
