@@ -223,6 +223,10 @@ def test_env_prints_machine_and_precision_choice(capsys):
         (["eval", "zeroshot", "--model", "{tmp}/nope", "--data", "{tmp}"], "model folder not found"),
         (["eval", "zeroshot", "--model", "{trained}", "--data", "{tmp}/missing"], "missing"),
         (["classify", "--model", "{trained}", "--image", "{tmp}/none.png", "--labels", "a"], "none.png"),
+        (
+            ["eval", "retrieval", "--model", "{trained}", "--data", "{empty}", "--rerank", "8"],
+            "needs a model with an ITM head",
+        ),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(args, message, tmp_path, trained):

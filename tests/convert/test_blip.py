@@ -93,3 +93,75 @@ def test_export_loads_in_transformers_with_the_same_outputs(tmp_path):
 def test_a_model_without_a_blip_equivalent_is_refused():
     with pytest.raises(ConfigError, match="no BlipForImageTextRetrieval equivalent.*post-norm"):
         config_to_hf(create_model("fusion-tiny").cfg)
+
+
+def blip_tokenizer(directory):
+    """A BERT WordPiece tokenizer as BLIP's processor has it: [DEC] as bos_token, [ENC] added."""
+    from transformers import BertTokenizerFast
+
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "red",
+        "blue",
+        "circle",
+        "square",
+        "left",
+        "of",
+    ]
+    words += [
+        f"w{i}" for i in range(80)
+    ]  # 92 words, then [DEC] 92 and [ENC] 93: inside the 99-row vocabulary
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def test_a_blip_folder_with_its_tokenizer_scores_as_blip_does_and_exports_back(tmp_path):
+    """BLIP's own code puts [ENC] in place of [CLS] for ITM and keeps [CLS] for ITC; transformers leaves the
+    swap to the caller. The import reads the tokenizer ([CLS] text [SEP], as transformers' ids) and its
+    [ENC]; the export writes a tokenizer transformers loads with the same ids."""
+    from transformers import AutoTokenizer
+
+    hf, hf_tok = hf_model(), blip_tokenizer(tmp_path)
+    hf.save_pretrained(tmp_path / "blip")
+    hf_tok.save_pretrained(tmp_path / "blip")
+    pt = load_pretrained(tmp_path / "blip")
+    texts = ["a red circle left of a blue square", "a blue square", "w3 w4 w5 red"]
+    enc = hf_tok.convert_tokens_to_ids("[ENC]")
+    want_ids = hf_tok(texts, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
+    ids = pt.tokenizer.with_context_length(12)(texts)
+    assert torch.equal(ids, want_ids["input_ids"]) and ids[0, 0].item() == hf_tok.cls_token_id
+    assert pt.model.cfg.text.enc_token_id == enc and pt.model.cfg.text.dec_token_id == hf_tok.bos_token_id
+
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    mask = want_ids["attention_mask"]
+    itm_ids = ids.clone()
+    itm_ids[:, 0] = enc  # what BLIP's own code does before ITM
+    want_itm, _ = hf_outputs(hf, pixels, itm_ids, mask)
+    _, want_sim = hf_outputs(hf, pixels, ids, mask)
+    got_itm, got_sim = ours_outputs(pt.model, pixels, ids)  # vlmkit swaps in [ENC] itself
+    torch.testing.assert_close(got_itm, want_itm, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_sim, want_sim, rtol=0, atol=1e-5)
+    plain_itm, _ = hf_outputs(hf, pixels, ids, mask)
+    assert (plain_itm - want_itm).abs().max() > 1e-3  # [ENC] matters: the check above is not vacuous
+
+    out = save_hf_blip(pt.model, tmp_path / "export", pt.tokenizer)
+    back = AutoTokenizer.from_pretrained(out)
+    got = back(texts, padding="max_length", max_length=12, truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(got, want_ids["input_ids"])
+    assert back.cls_token == "[CLS]" and back.sep_token == "[SEP]"
+    again = load_pretrained(out)  # and vlmkit reads its own export, [ENC] included
+    assert again.model.cfg.text.enc_token_id == enc
+    torch.testing.assert_close(ours_outputs(again.model, pixels, ids)[0], want_itm, rtol=0, atol=1e-5)
+    from vlmkit.models.pretrained import save_pretrained
+
+    # a vlmkit folder (tokenizer.json alone) keeps the [CLS] ... [SEP] framing and the [ENC] swap
+    native = load_pretrained(save_pretrained(pt.model, tmp_path / "native", pt.tokenizer, pt.preprocess))
+    assert torch.equal(native.tokenizer.with_context_length(12)(texts), want_ids["input_ids"])
+    torch.testing.assert_close(ours_outputs(native.model, pixels, ids)[0], want_itm, rtol=0, atol=1e-5)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlmkit.errors import ConfigError
 from vlmkit.losses.fusion import ITM_COLLAPSED_LOSS
 from vlmkit.recipes import get_recipe, smoke
 from vlmkit.tasks.fusion import FusionTask
@@ -84,6 +85,39 @@ def test_a_batch_of_one_caption_has_no_itm_negatives_and_still_trains(shapes_dir
     for r in logged:  # every column is a positive: the targets are uniform, the loss at least log(batch)
         assert math.log(8) - 1e-4 <= r["train/loss/itc"] < math.log(8) + 1.0
         assert math.isfinite(r["train/loss/itm"])
+
+
+def test_captions_longer_than_the_context_train_and_a_batch_of_one_is_refused(shapes_dir, tmp_path):
+    """Captions of hundreds of words are cut to the context (the end token kept), as in every vlmkit
+    tokenizer. A global batch of one has nothing to contrast or mine: refused in one line (the losses
+    themselves fall back to no negatives: tests/losses/test_fusion_losses.py)."""
+    lines = [json.loads(line) for line in (shapes_dir / "train.jsonl").read_text().splitlines()][:4]
+    manifest = tmp_path / "long.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"image": str(shapes_dir / r["image"]), "caption": " ".join([r["caption"]] * 60)})
+            + "\n"
+            for r in lines
+        )
+    )
+    cfg = configure(
+        smoke(get_recipe("fusion-tiny")),
+        {"train_data": str(manifest), "out": str(tmp_path / "run"), "max_steps": 3, "batch_size": 4},
+    )
+    train(cfg)
+    logged = [r for r in rows(tmp_path / "run") if "train/loss" in r]
+    assert len(logged) == 3
+    for r in logged:
+        assert all(math.isfinite(r[f"train/loss/{k}"]) for k in ("itc", "itm", "mlm", "caption"))
+    from vlmkit.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tmp_path / "run" / "tokenizer.json")
+    ids = tok([" ".join([lines[0]["caption"]] * 60)])
+    positions = json.loads((tmp_path / "run" / "config.json").read_text())["model"]["text"]["context_length"]
+    assert ids.shape[1] == tok.context_length <= positions
+    assert ids[0, -1].item() == tok.eot_token_id
+    with pytest.raises(ConfigError, match="batch_size must be at least 2"):
+        configure(cfg, {"batch_size": 1})
 
 
 def test_a_collapsed_itm_head_is_reported_once(caplog):

@@ -28,6 +28,14 @@ def register_eval(ev) -> None:
     p = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on a manifest")
     add_model_arg(p)
     p.add_argument("--data", required=True, help="JSONL/CSV manifest of image, caption")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="K",
+        help="fusion models: also rerank each query's K best ITC candidates by ITM + ITC, as BLIP does "
+        "(itm_* recalls beside the ITC ones)",
+    )
     p.add_argument("--output", help="results JSON (default: print)")
     p.set_defaults(func=cmd_eval_retrieval)
     p = ev.add_parser(
@@ -116,6 +124,7 @@ def cmd_eval_retrieval(args) -> None:
         bf16=precision_of(args, device_of(args.device)).bf16,
         model_name=args.model,
         out_dir=out_dir,
+        rerank=args.rerank,
     )
     emit(results, args.output)
 

@@ -50,7 +50,7 @@ def cmd_export(args) -> None:
     if family == "fusion":
         from vlmkit.convert.blip import save_hf_blip
 
-        save_hf_blip(pt.model, out)
+        save_hf_blip(pt.model, out, pt.tokenizer)
         print(
             f"wrote {out}: load it with transformers.BlipForImageTextRetrieval.from_pretrained({str(out)!r})"
         )

@@ -5,8 +5,9 @@ class token, and a post-norm BERT text encoder whose every layer cross-attends t
 (`text.fusion_start` 0, `text.post_norm`), with ITC projections and a 2-way ITM head. The import has no
 decoder, MLM head or temperature (transformers' retrieval model has none): it sets their weights to 0 so the
 model scores pairs exactly as transformers does; fine-tuning it with those objectives trains them from
-there. transformers leaves BLIP's [ENC] token (put in place of [CLS] for ITM) to the caller, and so does
-the import: set `text.enc_token_id` to have vlmkit put it.
+there. transformers leaves BLIP's [ENC] token (put in place of [CLS] for ITM) to the caller; vlmkit puts it,
+as BLIP's own code does, when the folder's tokenizer has one (`text.enc_token_id`); without a tokenizer the
+ids are scored as given, as transformers does.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from vlmkit.models.pretrained import Pretrained, save_tensors, unwrap
 from vlmkit.models.vit import VisionConfig
 
 ARCHITECTURE = "BlipForImageTextRetrieval"
+ENC_TOKEN, DEC_TOKEN = "[ENC]", "[DEC]"
 # tensors whose Hugging Face shape has leading 1s that vlmkit's lacks
 _HF_SHAPES = {
     "vision_model.embeddings.class_embedding": lambda c: (1, 1, c.vision.width),
@@ -237,6 +239,9 @@ def load_hf_blip(path: str | Path, device: str | torch.device = "cpu") -> Pretra
         tokenizer = Tokenizer.from_file(
             path / "tokenizer.json", context_length=min(cfg.text.context_length, 64)
         )
+        # BLIP's tokenizer adds [ENC] (put in place of [CLS] for ITM) and [DEC] (the decoder's first token)
+        model.cfg.text.enc_token_id = tokenizer.token_to_id(ENC_TOKEN)
+        model.cfg.text.dec_token_id = tokenizer.token_to_id(DEC_TOKEN)
     if (path / PREPROCESSOR).is_file():
         preprocess = preprocess_from_hf(load_json(path / PREPROCESSOR), str(path / PREPROCESSOR))
     else:  # BlipImageProcessor's defaults: squash to the size, OpenAI CLIP's mean and std
@@ -244,15 +249,22 @@ def load_hf_blip(path: str | Path, device: str | torch.device = "cpu") -> Pretra
     return Pretrained(model, tokenizer, preprocess, path.name)
 
 
-def save_hf_blip(model: Fusion, out_dir: str | Path) -> Path:
+def save_hf_blip(model: Fusion, out_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` as a folder `transformers.BlipForImageTextRetrieval.from_pretrained` loads (weights and
-    config; vlmkit-only parts, such as the decoder and the MLM head, are left out). Returns the folder."""
+    config; vlmkit-only parts, such as the decoder and the MLM head, are left out), with `tokenizer` as a
+    Hugging Face tokenizer folder when given. Returns the folder."""
     model = unwrap(model)
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.text.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.cfg.text.vocab_size}"
+        )
     hf_config = config_to_hf(model.cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(state_dict_to_hf(model), out / SAFETENSORS)
     atomic_write_text(out / CONFIG, json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_hf(out)
     return out
 
 

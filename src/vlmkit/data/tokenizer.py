@@ -96,6 +96,7 @@ class Tokenizer:
             self._pad, pad_token = self._eot, eot_token  # the convention of OpenAI's CLIP files
         self._pad_token = pad_token
         self.hf_tokenizer_class: str | None = None  # set by from_file from a tokenizer_config.json
+        self.bert_style = False  # framed by BERT's cls/sep tokens (from_file sets it): save_hf names them so
         self._plain: _HFTokenizer | None = None  # built by `encode` on first use
         self._configure(context_length, pad_token)
         # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets we never use
@@ -164,7 +165,7 @@ class Tokenizer:
         """Load a `tokenizer.json` (or the one in a directory). `context_length` defaults to the file's.
 
         A Hugging Face `tokenizer_config.json` / `special_tokens_map.json` beside the file gives the special
-        tokens (bos, eos, pad) and, as `model_max_length`, the default context length. `for_generation`
+        tokens (bos, eos, pad; BERT's cls and sep where it names no eos) and, as `model_max_length`, the default context length. `for_generation`
         accepts a folder that pads on the left (as generative models' folders do): chat prompts are built
         with `encode` and padded by vlmkit.data.chat, never by `__call__`.
         """
@@ -185,24 +186,28 @@ class Tokenizer:
                 context_length = backend.padding["length"]
             else:
                 raise ConfigError(f"{path} stores no context length; pass context_length")
-        if not hf:
-            return cls(backend, context_length)
+        if not hf:  # a file vlmkit wrote: its own framing says which tokens start and end a text
+            sot, eot = _framing(backend)
+            tok = cls(backend, context_length, sot_token=sot, eot_token=eot)
+            tok.bert_style = (sot, eot) == ("[CLS]", "[SEP]")
+            return tok
         where = path.parent / HF_TOKENIZER_CONFIG
         if hf.get("padding_side", "right") != "right" and not for_generation:
             raise ConfigError(f"{where}: padding_side {hf['padding_side']!r} is not supported; use 'right'")
-        if hf.get("eos_token") is None:
+        # BERT-style folders (BLIP's) frame a text as [CLS] ... [SEP] and have no eos_token (a bos_token
+        # there, such as BLIP's [DEC], is not the start of an encoded text)
+        bert = hf.get("eos_token") is None and hf.get("sep_token") is not None
+        sot, eot = (
+            (hf.get("cls_token"), hf["sep_token"]) if bert else (hf.get("bos_token"), hf.get("eos_token"))
+        )
+        if eot is None:
             raise ConfigError(f'{where} names no eos_token; add the end-of-text token as "eos_token"')
         try:
-            tok = cls(
-                backend,
-                context_length,
-                sot_token=hf.get("bos_token"),
-                eot_token=hf["eos_token"],
-                pad_token=hf.get("pad_token"),
-            )
+            tok = cls(backend, context_length, sot_token=sot, eot_token=eot, pad_token=hf.get("pad_token"))
         except ConfigError as e:
             raise ConfigError(f"{path} does not fit {where}: {e}") from None
         tok.hf_tokenizer_class = hf.get("tokenizer_class")
+        tok.bert_style = bert
         return tok
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -222,7 +227,18 @@ class Tokenizer:
         """
         directory = Path(directory)
         path = self.save(directory / TOKENIZER_FILE)
-        special = {"bos_token": self._sot_token, "eos_token": self._eot_token, "pad_token": self._pad_token}
+        if self.bert_style:
+            special = {
+                "cls_token": self._sot_token,
+                "sep_token": self._eot_token,
+                "pad_token": self._pad_token,
+            }
+        else:
+            special = {
+                "bos_token": self._sot_token,
+                "eos_token": self._eot_token,
+                "pad_token": self._pad_token,
+            }
         unk = json.loads(self.backend.to_str())["model"].get("unk_token")
         if unk is not None:
             special["unk_token"] = unk
@@ -249,7 +265,7 @@ class Tokenizer:
             eot_token=self._eot_token,
             pad_token=self._pad_token,
         )
-        tok.hf_tokenizer_class = self.hf_tokenizer_class
+        tok.hf_tokenizer_class, tok.bert_style = self.hf_tokenizer_class, self.bert_style
         return tok
 
     def with_swapped_ids(self, a: int, b: int) -> Tokenizer:
@@ -276,7 +292,7 @@ class Tokenizer:
             eot_token=self._eot_token,
             pad_token=self._pad_token,
         )
-        tok.hf_tokenizer_class = self.hf_tokenizer_class
+        tok.hf_tokenizer_class, tok.bert_style = self.hf_tokenizer_class, self.bert_style
         return tok
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -343,6 +359,19 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
 
 
+def _framing(backend: _HFTokenizer) -> tuple[str | None, str]:
+    """(start, end) tokens of a file's single-text template (`[CLS] $A [SEP]`, `<|startoftext|> $A
+    <|endoftext|>`, or `$A </s>`); vlmkit's defaults when the file has no template."""
+    post = json.loads(backend.to_str()).get("post_processor") or {}
+    if post.get("type") in ("BertProcessing", "RobertaProcessing"):
+        return post["cls"][0], post["sep"][0]
+    single = post.get("single") if post.get("type") == "TemplateProcessing" else None
+    if not single or "SpecialToken" not in single[-1]:
+        return SOT_TOKEN, EOT_TOKEN
+    first = single[0].get("SpecialToken", {}).get("id")
+    return first, single[-1]["SpecialToken"]["id"]
+
+
 def _token_name(value) -> str | None:
     """A special token in a tokenizer_config.json: a string, or an AddedToken dict with "content"."""
     if isinstance(value, dict):
@@ -365,7 +394,7 @@ def _read_hf_config(directory: Path) -> dict:
             raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        for key in ("bos_token", "eos_token", "pad_token"):
+        for key in ("bos_token", "eos_token", "pad_token", "cls_token", "sep_token"):
             if key in data:
                 out[key] = _token_name(data[key])
         length = data.get("model_max_length")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from vlmkit.data.manifest import read_manifest
 from vlmkit.data.shards import expand_shards, fetch_images, is_shard_spec
-from vlmkit.data.transforms import ImageTransform, PreprocessConfig
+from vlmkit.data.transforms import ImageTransform, PreprocessConfig, load_image
 from vlmkit.errors import ConfigError
 from vlmkit.eval.features import (
     extract_image_features,
@@ -173,6 +173,7 @@ def evaluate_retrieval(
     out_dir: str | Path | None = None,
     bf16: bool = False,
     num_workers: int = 0,
+    rerank: int = 0,
 ) -> dict:
     """Retrieval over a caption manifest or shards (see `vlmkit.data.shards.expand_shards`).
 
@@ -181,7 +182,22 @@ def evaluate_retrieval(
     undecodable images are dropped (`num_skipped` counts those images; `num_bad_rows` the rows or
     samples skipped for other reasons). With `out_dir`, also writes retrieval_examples.png. Returns a
     CLIP_benchmark-style result.
+
+    `rerank` k > 0 (fusion models, manifests): also each query's k best ITC candidates reranked by ITM, as
+    BLIP does (`itm_rerank_metrics`), under "itm_*" names beside the ITC recalls.
     """
+    if rerank < 0:
+        raise ConfigError(f"--rerank must be a number of candidates >= 1 (0: no reranking), not {rerank}")
+    if rerank:
+        if not hasattr(model, "itm_logits"):
+            raise ConfigError(
+                f"--rerank needs a model with an ITM head (a fusion model); {type(model).__name__} has none: "
+                "drop --rerank for ITC/cosine retrieval"
+            )
+        if is_shard_spec(data):
+            raise ConfigError(
+                "--rerank reads its images from a manifest, not shards: pass a JSONL/CSV manifest"
+            )
     transform = ImageTransform(preprocess_cfg, train=False)
     if is_shard_spec(data):
         urls = expand_shards(data)
@@ -217,6 +233,12 @@ def evaluate_retrieval(
     text_features = extract_text_features(model, tokenizer, captions, device=device, bf16=bf16)  # (Nt, D)
 
     metrics = retrieval_metrics(image_features, text_features, text_to_image)
+    if rerank:  # the kept images again, as pixels: ITM reads their tokens, not the pooled features
+        pixels = torch.stack([transform(load_image(p)) for p in image_paths])
+        reranked = itm_rerank_metrics(
+            model, pixels, tokenizer(captions), text_to_image, k=rerank, device=device, bf16=bf16
+        )
+        metrics.update({k: v for k, v in reranked.items() if k.startswith("itm_")})
     metrics.update(
         num_images=len(image_features),
         num_captions=len(captions),
