@@ -1,6 +1,7 @@
 """Why a fusion model's ITM does (or does not) bind attributes to objects: three probes of a trained model.
 
-  patches  a logistic-regression probe of the image tower's patch tokens on two-object scenes of the shapes
+  patches  (any model with a vlmkit ViT, a dual encoder too) a logistic-regression probe of the image
+           tower's output patch tokens on two-object scenes of the shapes
            data: each object's colour and shape from the token at its box centre and from the mean of the
            tokens inside its box (raw pixels of the centre patch as a baseline). ITM can bind "blue" to
            "triangle" only if the triangle's tokens say "triangle";
@@ -48,7 +49,7 @@ def object_features(model, transform, root: Path, rows: list[dict]) -> dict[str,
         batch = rows[i : i + 100]
         images = torch.stack([transform(load_image(root / r["image"])) for r in batch])
         with torch.no_grad():
-            tokens = model.encode_image_tokens(images)[:, model.visual.num_prefix_tokens :]  # (B, N, C)
+            tokens = model.visual.forward_tokens(images)[:, model.visual.num_prefix_tokens :]  # (B, N, C)
         for r, t, image in zip(batch, tokens, images, strict=True):
             for o in r["objects"]:
                 x0, y0, x1, y1 = o["box"]
