@@ -227,6 +227,11 @@ def test_env_prints_machine_and_precision_choice(capsys):
             ["eval", "retrieval", "--model", "{trained}", "--data", "{empty}", "--rerank", "8"],
             "needs a model with an ITM head",
         ),
+        (["data", "synth", "--out", "{tmp}/b", "--bias", "gender"], "--bias must be one of background"),
+        (
+            ["data", "synth", "--out", "{tmp}/b", "--bias", "background", "--tiny-fraction", "0.1"],
+            "does not apply to --bias",
+        ),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(args, message, tmp_path, trained):

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from vlmkit.cli.common import add_model_arg, device_of, precision_of, require_tokenizer
-from vlmkit.errors import VlmkitError
+from vlmkit.errors import ConfigError, VlmkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--duplicate-fraction", type=float, default=0.0, help="copies of a few popular images")
     noise.add_argument("--tiny-fraction", type=float, default=0.0, help="images shrunk to 8x8 px")
     noise.add_argument("--blank-fraction", type=float, default=0.0, help="flat grey images")
+    bias = p.add_argument_group(
+        "a known bias (vlmkit.data.bias): one shape per image, an attribute correlated with it in train, "
+        "balanced in val and test"
+    )
+    bias.add_argument(
+        "--bias", metavar="ATTRIBUTE", help="the sensitive attribute: background (warm/cool tint)"
+    )
+    bias.add_argument(
+        "--bias-strength",
+        type=float,
+        default=0.9,
+        metavar="RHO",
+        help="P(the shape's majority attribute | shape) in train; 0.5 = no correlation (default 0.9)",
+    )
+    bias.add_argument("--bias-in-captions", action="store_true", help="captions name the attribute too")
+    bias.add_argument("--num-test", type=int, default=500, help="balanced test images")
     p.set_defaults(func=cmd_data_synth)
     from vlmkit.cli.shards import register_cli as register_shard
 
@@ -213,6 +229,30 @@ def cmd_curation_demo(args) -> None:
 def cmd_data_synth(args) -> None:
     from vlmkit.data.synthetic import generate
 
+    if args.bias:
+        from vlmkit.data.bias import generate_biased
+
+        unused = [f for f in ("mismatch_fraction", "duplicate_fraction", "tiny_fraction", "blank_fraction")
+                  if getattr(args, f)] + (["object_weights"] if args.object_weights else [])  # fmt: skip
+        if unused:
+            raise ConfigError(
+                f"--{unused[0].replace('_', '-')} does not apply to --bias data (one object per image, no web noise)"
+            )
+        paths = generate_biased(
+            args.out,
+            attribute=args.bias,
+            strength=args.bias_strength,
+            mention=args.bias_in_captions,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            num_test=args.num_test,
+            image_size=args.image_size,
+            background_noise=args.noise,
+            seed=args.seed,
+        )
+        for k, v in paths.items():
+            print(f"{k}: {v}")
+        return
     paths = generate(
         args.out,
         num_train=args.num_train,

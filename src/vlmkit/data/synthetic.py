@@ -186,9 +186,12 @@ def _place(
     raise RuntimeError(f"could not place {len(objects)} objects in a {image_size} px image")
 
 
-def _background(rng: np.random.Generator, image_size: int, noise: float) -> np.ndarray:
-    """A light, nearly grey tint plus grey-level texture; (S, S, 3) float32 in 0..255."""
-    tint = rng.uniform(195, 240) + rng.uniform(-10, 10, size=3)  # (3,) low saturation
+def _background(
+    rng: np.random.Generator, image_size: int, noise: float, tint: np.ndarray | None = None
+) -> np.ndarray:
+    """A light, nearly grey tint (or `tint`, (3,) 0..255) plus grey-level texture; (S, S, 3) float32."""
+    if tint is None:
+        tint = rng.uniform(195, 240) + rng.uniform(-10, 10, size=3)  # (3,) low saturation
     background = np.broadcast_to(tint.astype(np.float32), (image_size, image_size, 3)).copy()
     if noise > 0:
         # Blotches (upsampled coarse noise) plus per-pixel speckle, equal on all channels so the
@@ -205,6 +208,7 @@ def _render(
     objects: list[tuple[str, str, str]],
     image_size: int,
     background_noise: float,
+    tint: np.ndarray | None = None,
 ) -> tuple[Image.Image, dict]:
     placed = _place(rng, objects, image_size)
     big = image_size * _SUPERSAMPLE
@@ -238,7 +242,7 @@ def _render(
     # Image.reduce is a box filter, the exact area average (and far faster than a NumPy mean)
     premultiplied = np.asarray(colour_layer.reduce(_SUPERSAMPLE), dtype=np.float32)  # (S, S, 3)
     coverage = np.asarray(coverage_layer.reduce(_SUPERSAMPLE), dtype=np.float32) / 255.0  # (S, S)
-    background = _background(rng, image_size, background_noise)  # (S, S, 3)
+    background = _background(rng, image_size, background_noise, tint)  # (S, S, 3)
     pixels = background * (1.0 - coverage[..., None]) + premultiplied  # (S, S, 3) "over" compositing
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
     meta = {"objects": meta_objects, "image_size": image_size, "background_noise": background_noise}
