@@ -52,6 +52,7 @@ def test_every_subcommand_has_help(capsys):
         ["embed"],
         ["classify"],
         ["report"],
+        ["audit"],
     ):
         with pytest.raises(SystemExit) as e:
             parser.parse_args([*cmd, "--help"])
@@ -243,3 +244,18 @@ def test_user_mistakes_get_one_line_and_exit_2(args, message, tmp_path, trained)
     assert "Traceback" not in r.stderr
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], r.stderr
+
+
+def test_audit_writes_json_and_a_report(trained, tmp_path, capsys):
+    from vlmkit.data.bias import generate_biased
+
+    paths = generate_biased(
+        tmp_path / "bias", num_train=0, num_val=0, num_test=40, image_size=32, progress=False
+    )
+    out = tmp_path / "audit"
+    main(["audit", "--model", str(trained), "--data", str(paths["test"]), "--attribute", "background",
+          "--k", "10", "--samples", "50", "--out", str(out)])  # fmt: skip
+    r = json.loads((out / "audit.json").read_text())
+    assert r["settings"]["k"] == 10 and r["counts"]["images"] == 40 and len(r["model_sha256"]) == 64
+    assert set(r["counts"]["groups"].values()) == {4}  # 5 shapes x 2 tints, balanced
+    assert (out / "report.html").is_file() and "gap" in capsys.readouterr().out

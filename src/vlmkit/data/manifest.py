@@ -11,9 +11,9 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ class Sample:
     image: Path  # absolute, or relative to the working directory when the manifest path was
     caption: str
     line: int  # 1-based line of the row in its manifest
+    fields: dict[str, str] = field(default_factory=dict)  # the extra columns asked for (read_manifest)
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _json_rows(text: str, file: Path) -> Iterator[_Row]:
         yield n, row, ""
 
 
-def _csv_rows(text: str, file: Path, delimiter: str) -> Iterator[_Row]:
+def _csv_rows(text: str, file: Path, delimiter: str, extra: Sequence[str] = ()) -> Iterator[_Row]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header, columns = None, {}
     while True:
@@ -95,16 +96,22 @@ def _csv_rows(text: str, file: Path, delimiter: str) -> Iterator[_Row]:
                     f"{file}:{start}: the header needs columns {list(REQUIRED_KEYS)}, found {cells}; "
                     "add a header line such as 'image,caption'"
                 )
-            columns = {k: header.index(k) for k in REQUIRED_KEYS}
+            columns = {k: header.index(k) for k in (*REQUIRED_KEYS, *extra) if k in header}
             continue
         yield start, {k: cells[i] for k, i in columns.items() if i < len(cells)}, ""
 
 
-def _check_row(row: dict, root: Path, line: int) -> Sample | str:
+def _check_row(row: dict, root: Path, line: int, extra: Sequence[str] = ()) -> Sample | str:
     """A Sample, or the reason the row is bad."""
-    for key in REQUIRED_KEYS:
+    for key in (*REQUIRED_KEYS, *extra):
         if row.get(key) is None:
             return f"missing key {key!r}"
+    fields = {}
+    for key in extra:
+        value = row[key]
+        if isinstance(value, (dict, list)) or not str(value).strip():
+            return f"{key!r} must be a non-empty string or number"
+        fields[key] = str(value).strip()
     image, caption = row["image"], row["caption"]
     if not isinstance(image, str) or not image.strip():
         return "'image' must be a non-empty path"
@@ -118,11 +125,14 @@ def _check_row(row: dict, root: Path, line: int) -> Sample | str:
         check_image_file(path)
     except ImageDecodeError as e:
         return f"image {path}: {e.reason}"
-    return Sample(image=path, caption=caption, line=line)
+    return Sample(image=path, caption=caption, line=line, fields=fields)
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[list[Sample], list[BadRow]]:
+def read_manifest(path: str | os.PathLike, columns: Sequence[str] = ()) -> tuple[list[Sample], list[BadRow]]:
     """Read an image-caption manifest; returns (good samples, bad rows), both in file order.
+
+    `columns`: further keys every row must have (a label, a sensitive attribute), as strings in
+    `Sample.fields`; a row without one is bad.
 
     Formats, by extension: `.jsonl` / `.json` with one `{"image": ..., "caption": ...}` object per line
     (other keys ignored), `.csv` / `.tsv` with a header naming `image` and `caption` columns. Image paths
@@ -143,11 +153,11 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[Sample], list[BadRow]]:
             f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
         ) from None
     delimiter = MANIFEST_DELIMITERS[ext]
-    rows = _json_rows(text, path) if delimiter is None else _csv_rows(text, path, delimiter)
+    rows = _json_rows(text, path) if delimiter is None else _csv_rows(text, path, delimiter, columns)
     root = path.parent
     samples, bad = [], []
     for line, row, reason in rows:
-        result = _check_row(row, root, line) if row is not None else reason
+        result = _check_row(row, root, line, columns) if row is not None else reason
         if isinstance(result, Sample):
             samples.append(result)
         else:

@@ -1,0 +1,80 @@
+"""`vlmkit audit`: a bias audit of a dual encoder (vlmkit.eval.audit), as JSON and an HTML report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmkit.cli.common import add_model_arg, device_of, precision_of, require_tokenizer
+
+
+def register_audit_cli(sub) -> None:
+    p = sub.add_parser(
+        "audit", help="bias audit of a dual encoder: accuracy by group, retrieval skew, leakage"
+    )
+    add_model_arg(p)
+    p.add_argument(
+        "--data", required=True, help="manifest whose rows carry the label and the attribute as columns"
+    )
+    p.add_argument("--attribute", required=True, help="the sensitive attribute's column, e.g. background")
+    p.add_argument(
+        "--k", type=int, required=True, help="top k of each neutral query's ranking for the skew metrics"
+    )
+    p.add_argument("--label-key", default="label", help="the label's column (default: label)")
+    p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
+    p.add_argument(
+        "--queries", help="file of neutral queries, one per line (default: every template x class)"
+    )
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for audit.json and report.html")
+    p.set_defaults(func=cmd_audit)
+
+
+def _queries(path: str | None) -> list[str] | None:
+    from vlmkit.errors import ConfigError
+
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--queries file not found: {path}")
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    queries = [q for q in lines if q and not q.startswith("#")]
+    if not queries:
+        raise ConfigError(f"{path} holds no queries (one per line)")
+    return queries
+
+
+def cmd_audit(args) -> None:
+    from vlmkit.convert import load_pretrained
+    from vlmkit.eval.audit import audit_dual_encoder, weights_sha256, write_audit_report
+    from vlmkit.eval.features import save_results
+    from vlmkit.eval.templates import load_templates
+
+    device = device_of(args.device)
+    pt = load_pretrained(args.model, device)
+    result = audit_dual_encoder(
+        pt.model,
+        require_tokenizer(pt, args.model),
+        pt.preprocess,
+        args.data,
+        args.attribute,
+        args.k,
+        label_key=args.label_key,
+        templates=load_templates(args.templates) if args.templates else None,
+        queries=_queries(args.queries),
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        bf16=precision_of(args, device).bf16,
+        model_name=args.model,
+        model_sha256=weights_sha256(args.model),
+    )
+    out = Path(args.out)
+    save_results(result, out / "audit.json")
+    report = write_audit_report(result, out)
+    m = result["metrics"]
+    summary = {name: m[name]["value"] for name in m}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'audit.json'} and {report}")

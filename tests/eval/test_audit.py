@@ -1,0 +1,131 @@
+"""The audit end to end on hand-made dual encoders: one that ignores the attribute is found unbiased, one that
+leans on it is found biased on every measure; the output records what reproduces it; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.data.transforms import PreprocessConfig
+from vlmkit.errors import ConfigError
+from vlmkit.eval.audit import audit_dual_encoder, write_audit_report
+
+RAW = PreprocessConfig(image_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+COLOURS = {"red": (250, 30, 30), "green": (30, 250, 30), "blue": (30, 30, 250)}
+TINTS = {"warm": (250, 200, 150), "cool": (150, 200, 250)}
+
+
+class TintedColourCLIP(torch.nn.Module):
+    """Image feature: the object's colour (the 2x2 centre) plus `lean` x (the border's red - blue): with lean > 0
+    warm images look redder. Text feature: which colour words a text holds."""
+
+    def __init__(self, lean: float):
+        super().__init__()
+        self.lean = lean
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
+
+    def encode_image(self, images, normalize=False):
+        centre = images[:, :, 3:5, 3:5].mean(dim=(2, 3)) - 0.45  # (B, 3)
+        border = images[:, :, 0, 0]  # (B, 3) the tint
+        centre[:, 0] += self.lean * (border[:, 0] - border[:, 2])
+        return centre
+
+    def encode_text(self, tokens, normalize=False):
+        return tokens.float()
+
+
+def tokenizer(texts):
+    return torch.tensor([[t.count(c) for c in COLOURS] for t in texts], dtype=torch.long)  # (B, 3)
+
+
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory):
+    """3 colours x 2 tints x 20 images, the object's brightness jittered (so that ties do not order by file)."""
+    root = tmp_path_factory.mktemp("audit")
+    rng = np.random.default_rng(0)
+    rows = []
+    for colour, rgb in COLOURS.items():
+        for tint, border in TINTS.items():
+            for i in range(20):
+                pixels = np.tile(np.array(border, np.uint8), (8, 8, 1))
+                pixels[2:6, 2:6] = np.clip(np.array(rgb) * rng.uniform(0.8, 1.0), 0, 255).astype(np.uint8)
+                name = f"{colour}-{tint}-{i}.png"
+                Image.fromarray(pixels).save(root / name)
+                rows.append(
+                    {"image": name, "caption": f"a {colour} square", "label": colour, "background": tint}
+                )
+    rng.shuffle(rows)
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "test.jsonl"
+
+
+def run(model, data, **kw):
+    return audit_dual_encoder(model, tokenizer, RAW, data, "background", k=10, samples=200, **kw)
+
+
+def test_a_model_that_ignores_the_attribute_is_found_unbiased(balanced):
+    r = run(TintedColourCLIP(lean=0.0), balanced)
+    m = r["metrics"]
+    assert m["gap"]["value"] == 0.0 and m["accuracy"]["value"] == 1.0
+    assert m["demographic_parity_difference"]["value"] < 0.15
+    for side in ("image", "text"):  # the probe does no better than chance (0.5): the interval covers it
+        assert m[f"leakage/{side}"]["low"] <= 0.5 + 0.05 and r["chance"][f"leakage/{side}"] == 0.5
+    assert m["max_skew@10/uniform"]["low"] < 0.3
+
+
+def test_a_model_that_leans_on_the_attribute_is_found_biased_everywhere(balanced):
+    r = run(TintedColourCLIP(lean=3.0), balanced)
+    m = r["metrics"]
+    assert m["gap"]["low"] > 0.2 and r["worst_group"] in ("blue | warm", "green | warm")
+    assert m["demographic_parity_difference"]["value"] > 0.3
+    assert m["leakage/image"]["low"] > 0.9
+    assert m["leakage/text"]["high"] < 0.75  # the captions never name the tint
+    assert m["max_skew@10/uniform"]["low"] > 0.4  # "a red" retrieves warm images
+    for name in ("gap", "max_skew@10/uniform", "ndkl@10/proportional", "equalized_odds_difference"):
+        assert m[name]["low"] <= m[name]["value"] <= m[name]["high"]
+
+
+def test_the_output_records_what_reproduces_it_and_the_report_is_written(balanced, tmp_path):
+    r = run(
+        TintedColourCLIP(lean=3.0), balanced, templates=["a picture of a {}."], seed=7, model_sha256="abc"
+    )
+    s = r["settings"]
+    assert s["k"] == 10 and s["templates"] == ["a picture of a {}."] and s["seed"] == 7
+    assert s["queries"] == ["a picture of a blue.", "a picture of a green.", "a picture of a red."]
+    assert s["targets"]["uniform"] == {"cool": 0.5, "warm": 0.5} and s["bootstrap_samples"] == 200
+    assert r["model_sha256"] == "abc" and r["counts"]["images"] == 120
+    assert r["counts"]["groups"] == {f"{c} | {t}": 20 for c in sorted(COLOURS) for t in sorted(TINTS)}
+    json.dumps(r)  # JSON-able throughout
+    again = run(
+        TintedColourCLIP(lean=3.0), balanced, templates=["a picture of a {}."], seed=7, model_sha256="abc"
+    )
+    assert again == r  # the same seed gives the same intervals
+    page = write_audit_report(r, tmp_path / "report")
+    text = page.read_text()
+    assert "blue | warm" in text or "green | warm" in text
+    for png in ("group_accuracy.png", "skew_per_query.png", "leakage.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+def test_bad_input_is_one_line(balanced, tmp_path):
+    with pytest.raises(ConfigError, match=r"--k must be an integer in \[1, 120\].*never defaulted"):
+        run(TintedColourCLIP(0.0), balanced, k=121) if False else audit_dual_encoder(
+            TintedColourCLIP(0.0), tokenizer, RAW, balanced, "background", k=121
+        )
+    one = tmp_path / "one.jsonl"
+    lines = balanced.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        row["image"] = str(balanced.parent / row["image"])
+        row["background"] = "warm"
+    one.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    from vlmkit.errors import DataError
+
+    with pytest.raises(DataError, match="same 'background'"):
+        audit_dual_encoder(TintedColourCLIP(0.0), tokenizer, RAW, one, "background", k=5)
+    with pytest.raises(DataError, match="no row has an image, a caption, 'label' and 'gender'"):
+        audit_dual_encoder(TintedColourCLIP(0.0), tokenizer, RAW, balanced, "gender", k=5)

@@ -1,0 +1,133 @@
+"""Fairness metrics against hand computations: skew with its 1/k floor, NDKL with its log2 discount, accuracy by
+group, parity differences (fairlearn against a count by hand), leakage and bootstrap intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vlmkit.errors import ConfigError
+from vlmkit.eval.fairness import (
+    bootstrap,
+    group_accuracy,
+    leakage_probe,
+    ndkl,
+    parity_differences,
+    parity_fast,
+    retrieval_skew,
+    skew_at_k,
+    target_distribution,
+)
+
+UNIFORM = {"cool": 0.5, "warm": 0.5}
+
+
+def test_skew_by_hand_and_the_zero_share_floor():
+    s = skew_at_k(["warm", "warm", "warm", "cool", "cool"], 4, UNIFORM)
+    assert s["warm"] == pytest.approx(math.log(0.75 / 0.5)) and s["cool"] == pytest.approx(
+        math.log(0.25 / 0.5)
+    )
+    s = skew_at_k(["warm"] * 4 + ["cool"], 4, UNIFORM)  # no cool image in the top 4: its share counts as 1/4
+    assert s["cool"] == pytest.approx(math.log(0.25 / 0.5)) and s["warm"] == pytest.approx(math.log(2.0))
+
+
+def test_proportional_max_skew_at_k_equal_to_the_gallery_is_always_zero():
+    """Why k is required: over the whole ranking every share equals the gallery's, whatever the order."""
+    values = ["warm"] * 7 + ["cool"] * 3
+    target = target_distribution(values, "proportional")
+    assert target == {"cool": 0.3, "warm": 0.7}
+    assert max(skew_at_k(values, 10, target).values()) == pytest.approx(0.0)
+    assert max(skew_at_k(values, 5, target).values()) > 0.3  # the top 5 is all warm
+    with pytest.raises(ConfigError, match=r"k must be an integer in \[1, 10\]"):
+        skew_at_k(values, 11, target)
+    with pytest.raises(ConfigError, match="k must be"):
+        skew_at_k(values, 0, target)
+
+
+def test_ndkl_by_hand():
+    # top 1 = (warm): KL = ln 2, weight 1 / log2(2) = 1; top 2 = (warm, cool): KL = 0, weight 1 / log2(3)
+    z = 1 + 1 / math.log2(3)
+    assert ndkl(["warm", "cool", "warm"], 2, UNIFORM) == pytest.approx(math.log(2) / z)
+    # three warm: KL = ln 2 at every i
+    assert ndkl(["warm"] * 3, 3, UNIFORM) == pytest.approx(math.log(2))
+    assert ndkl(["warm", "cool", "cool", "warm"], 4, UNIFORM) > 0
+
+
+def test_retrieval_skew_ranks_by_similarity_and_averages_over_queries():
+    values = ["warm", "cool", "warm", "cool"]
+    sim = np.array([[0.9, 0.1, 0.8, 0.2], [0.1, 0.9, 0.3, 0.8]])  # query 0 finds warm first, query 1 cool
+    r = retrieval_skew(sim, values, 2, UNIFORM)
+    # each top 2 holds one value only: MaxSkew ln 2; the missing value's share is floored at 1/k = 0.5, its skew 0
+    assert r["max_skew"] == pytest.approx(math.log(2)) and r["min_skew"] == pytest.approx(0.0)
+    assert r["ndkl"] == pytest.approx(math.log(2))
+
+
+def test_group_accuracy_by_hand():
+    labels = ["a", "a", "a", "a", "b", "b"]
+    preds = ["a", "a", "b", "b", "b", "a"]
+    values = ["w", "w", "c", "c", "w", "c"]
+    r = group_accuracy(labels, preds, values)
+    assert r["per_group"] == {"a | c": 0.0, "a | w": 1.0, "b | c": 0.0, "b | w": 1.0}
+    assert r["average_group_accuracy"] == 0.5 and r["worst_group_accuracy"] == 0.0 and r["gap"] == 0.5
+    assert r["accuracy"] == pytest.approx(3 / 6)
+
+
+def hand_parity(labels, preds, values, c):
+    labels, preds, values = map(np.asarray, (labels, preds, values))
+    rate, tpr, fpr = {}, {}, {}
+    for v in set(values):
+        m = values == v
+        rate[v] = (preds[m] == c).mean()
+        pos, neg = m & (labels == c), m & (labels != c)
+        tpr[v] = (preds[pos] == c).mean()
+        fpr[v] = (preds[neg] == c).mean()
+    spread = lambda d: max(d.values()) - min(d.values())  # noqa: E731
+    return spread(rate), max(spread(tpr), spread(fpr))
+
+
+def test_parity_differences_match_a_count_by_hand():
+    rng = np.random.default_rng(0)
+    classes = ["circle", "square", "star"]
+    labels = rng.choice(classes, 200)
+    values = rng.choice(["warm", "cool"], 200)
+    preds = np.where(rng.random(200) < 0.7, labels, rng.choice(classes, 200))
+    preds = np.where((values == "warm") & (rng.random(200) < 0.3), "circle", preds)  # warm leans to circle
+    r = parity_differences(labels, preds, values, classes)
+    for c in classes:
+        dpd, eod = hand_parity(labels, preds, values, c)
+        assert r["per_class"][c]["demographic_parity_difference"] == pytest.approx(dpd)
+        assert r["per_class"][c]["equalized_odds_difference"] == pytest.approx(eod)
+    assert r["demographic_parity_difference"] == max(
+        v["demographic_parity_difference"] for v in r["per_class"].values()
+    )
+    assert r["per_class"]["circle"]["demographic_parity_difference"] > 0.15
+    fast = parity_fast(labels, preds, values, classes)  # the bootstrap's NumPy path agrees with fairlearn
+    assert fast["demographic_parity_difference"] == pytest.approx(r["demographic_parity_difference"])
+    assert fast["equalized_odds_difference"] == pytest.approx(r["equalized_odds_difference"])
+
+
+def test_leakage_probe_finds_an_encoded_attribute_and_not_a_missing_one():
+    rng = np.random.default_rng(1)
+    values = rng.choice(["warm", "cool"], 300)
+    noise = rng.standard_normal((300, 8))
+    coded = noise + 3.0 * (values == "warm")[:, None]
+    assert leakage_probe(coded, values)["accuracy"] > 0.95
+    r = leakage_probe(noise, values)
+    assert abs(r["accuracy"] - 0.5) < 0.1 and r["chance"] == pytest.approx(
+        max(np.mean(values == "warm"), np.mean(values == "cool"))
+    )
+
+
+def test_bootstrap_interval_of_a_mean_is_near_the_normal_one():
+    x = np.array([0.0, 1.0] * 200)
+    r = bootstrap(lambda idx: {"mean": x[idx].mean(), "name": "not a number"}, len(x), samples=2000, seed=3)
+    half = 1.96 * math.sqrt(0.25 / len(x))
+    assert set(r) == {"mean"} and r["mean"]["value"] == 0.5
+    assert r["mean"]["low"] == pytest.approx(0.5 - half, abs=0.01) and r["mean"]["high"] == pytest.approx(
+        0.5 + half, abs=0.01
+    )
+    assert bootstrap(lambda idx: {"mean": x[idx].mean()}, len(x), samples=50, seed=3) == bootstrap(
+        lambda idx: {"mean": x[idx].mean()}, len(x), samples=50, seed=3
+    )
