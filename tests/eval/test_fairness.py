@@ -131,3 +131,37 @@ def test_bootstrap_interval_of_a_mean_is_near_the_normal_one():
     assert bootstrap(lambda idx: {"mean": x[idx].mean()}, len(x), samples=50, seed=3) == bootstrap(
         lambda idx: {"mean": x[idx].mean()}, len(x), samples=50, seed=3
     )
+
+
+def test_calibrated_projection_against_its_closed_form():
+    from vlmkit.eval.fairness import calibrated_projection, project
+
+    rng = np.random.default_rng(4)
+    spurious = rng.standard_normal((2, 6))
+    pairs = rng.standard_normal((3, 2, 6))
+    P0 = calibrated_projection(spurious, pairs, lam=0.0)  # no calibration: the orthogonal projection
+    closed = np.eye(6) - spurious.T @ np.linalg.inv(spurious @ spurious.T) @ spurious
+    np.testing.assert_allclose(P0, closed, atol=1e-12)
+    np.testing.assert_allclose(P0 @ spurious.T, 0, atol=1e-12)  # the attribute-only directions are gone
+    np.testing.assert_allclose(P0 @ P0, P0, atol=1e-12)
+    P = calibrated_projection(spurious, pairs, lam=1000.0)
+    d = pairs[:, 0] - pairs[:, 1]
+    M = d.T @ d / 3
+    np.testing.assert_allclose(P, closed @ np.linalg.solve(1000.0 * M + np.eye(6), np.eye(6)), atol=1e-10)
+    for diff in d:  # the calibration pulls each pair together
+        assert np.linalg.norm(P @ diff) < 0.05 * np.linalg.norm(diff)
+    z = project(rng.standard_normal((4, 6)), P)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0)
+
+
+def test_sfid_finds_and_neutralises_the_attribute_dimension():
+    from vlmkit.eval.fairness import SFID
+
+    rng = np.random.default_rng(5)
+    values = rng.choice(["warm", "cool"], 400)
+    x = rng.standard_normal((400, 8))
+    x[:, 3] += 4.0 * (values == "warm") - 2.0  # dimension 3 says the tint
+    sfid = SFID.fit(x, values, num_dims=1)
+    assert sfid.dims.tolist() == [3] and abs(sfid.values[0]) < 1.0  # the ambiguous samples sit in the middle
+    assert leakage_probe(x, values)["accuracy"] > 0.95
+    assert leakage_probe(sfid.apply(x), values)["accuracy"] < 0.65

@@ -28,6 +28,27 @@ def register_audit_cli(sub) -> None:
     p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for audit.json and report.html")
+    m = p.add_argument_group("post-hoc mitigation: the same audit after each method, on the same draws")
+    m.add_argument(
+        "--mitigate", nargs="+", choices=["projection", "sfid"], default=[], help="methods to measure"
+    )
+    m.add_argument(
+        "--attribute-template",
+        default="a picture of a {value} background.",
+        help="a prompt naming only the attribute value (projection, sfid)",
+    )
+    m.add_argument(
+        "--pair-template",
+        default="a picture of a {label} on a {value} background.",
+        help="prompts that differ only in the attribute value (projection's calibration, sfid's text side)",
+    )
+    m.add_argument(
+        "--lam", type=float, default=1000.0, help="projection: calibration strength (default 1000)"
+    )
+    m.add_argument("--fit-data", help="sfid: a manifest with the attribute column, not the audited one")
+    m.add_argument(
+        "--sfid-dims", type=int, default=0, help="sfid: dimensions to replace (default: an eighth)"
+    )
     p.set_defaults(func=cmd_audit)
 
 
@@ -47,7 +68,7 @@ def _queries(path: str | None) -> list[str] | None:
 
 def cmd_audit(args) -> None:
     from vlmkit.convert import load_pretrained
-    from vlmkit.eval.audit import audit_dual_encoder, weights_sha256, write_audit_report
+    from vlmkit.eval.audit import Mitigation, audit_dual_encoder, weights_sha256, write_audit_report
     from vlmkit.eval.features import save_results
     from vlmkit.eval.templates import load_templates
 
@@ -70,6 +91,14 @@ def cmd_audit(args) -> None:
         bf16=precision_of(args, device).bf16,
         model_name=args.model,
         model_sha256=weights_sha256(args.model),
+        mitigation=Mitigation(
+            names=tuple(args.mitigate),
+            attribute_template=args.attribute_template,
+            pair_template=args.pair_template,
+            lam=args.lam,
+            fit_data=args.fit_data,
+            sfid_dims=args.sfid_dims,
+        ),
     )
     out = Path(args.out)
     save_results(result, out / "audit.json")
@@ -77,4 +106,9 @@ def cmd_audit(args) -> None:
     m = result["metrics"]
     summary = {name: m[name]["value"] for name in m}
     print(json.dumps(summary, indent=2))
+    for name, after in result.get("mitigations", {}).items():
+        worse = ", ".join(after["worse"]) or "none"
+        print(
+            f"{name}: gap {after['change']['gap']:+.3f}, average accuracy {-after['accuracy_cost']:+.3f}; worse: {worse}"
+        )
     print(f"wrote {out / 'audit.json'} and {report}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,15 @@ from vlmkit.data.manifest import read_manifest
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.fairness import (
+    SFID,
     bootstrap,
+    calibrated_projection,
     group_accuracy,
+    group_key,
     leakage_probe,
     parity_differences,
     parity_fast,
+    project,
     retrieval_skew,
     target_distribution,
 )
@@ -58,6 +63,101 @@ def weights_sha256(model_dir: str | Path) -> str | None:
     return None
 
 
+@dataclass
+class Embedded:
+    """What the audit measures: unit-norm embeddings of the images, the classes (template means), the
+    neutral queries and the captions. A mitigation maps one Embedded to another."""
+
+    image: np.ndarray  # (N, D)
+    classes: np.ndarray  # (C, D)
+    queries: np.ndarray  # (Q, D)
+    captions: np.ndarray  # (N, D)
+
+
+@dataclass
+class Mitigation:
+    """Settings of the post-hoc mitigations (`--mitigate projection sfid`)."""
+
+    names: tuple[str, ...] = ()
+    attribute_template: str = "a picture of a {value} background."  # prompts naming only the attribute
+    pair_template: str = "a picture of a {label} on a {value} background."  # pairs differing only in it
+    lam: float = 1000.0  # the projection's calibration strength (Chuang et al.)
+    fit_data: str | None = None  # SFID: a manifest with the attribute (not the audited images)
+    sfid_dims: int = 0  # SFID: dimensions replaced; 0 = an eighth of the embedding
+    sfid_low_fraction: float = 0.1  # SFID: the least confident share of samples gives the replacements
+
+
+MITIGATIONS = ("projection", "sfid")
+# the measures where lower means less bias (the MinSkew is the negative side: nearer 0 is better)
+BIAS_MEASURES = (
+    "gap",
+    "demographic_parity_difference",
+    "equalized_odds_difference",
+    "leakage/image",
+    "leakage/text",
+)
+
+
+def _unit(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def measure(
+    e: Embedded,
+    labels: np.ndarray,
+    values: np.ndarray,
+    classes: list[str],
+    queries: list[str],
+    k: int,
+    samples: int,
+    seed: int,
+) -> dict:
+    """Every number of the audit for one set of embeddings, with bootstrap intervals (same seed, same draws)."""
+    predictions = np.array(classes)[(e.image @ e.classes.T).argmax(axis=1)]
+    similarity = e.queries @ e.image.T  # (Q, N)
+    leak_image = leakage_probe(e.image, values, seed)
+    leak_text = leakage_probe(e.captions, values, seed)
+
+    def statistic(idx: np.ndarray) -> dict[str, float]:
+        groups = group_accuracy(labels[idx], predictions[idx], values[idx])
+        out = {k_: groups[k_] for k_ in ("accuracy", "average_group_accuracy", "worst_group_accuracy", "gap")}
+        out.update({f"group/{g}": a for g, a in groups["per_group"].items()})
+        out.update(parity_fast(labels[idx], predictions[idx], values[idx], classes))
+        for target in TARGETS:
+            p = target_distribution(values[idx].tolist(), target)
+            skew = retrieval_skew(similarity[:, idx], values[idx], k, p)
+            out.update({f"{name}@{k}/{target}": v for name, v in skew.items()})
+        out["leakage/image"] = float((leak_image["predicted"][idx] == values[idx]).mean())
+        out["leakage/text"] = float((leak_text["predicted"][idx] == values[idx]).mean())
+        return out
+
+    intervals = bootstrap(statistic, len(labels), samples, seed)
+    parity = parity_differences(
+        labels, predictions, values, classes
+    )  # fairlearn's numbers are the ones reported
+    for key in ("demographic_parity_difference", "equalized_odds_difference"):
+        intervals[key]["value"] = parity[key]
+    groups = group_accuracy(labels, predictions, values)
+    per_query = []
+    for q, query in enumerate(queries):
+        entry = {"query": query}
+        for target in TARGETS:
+            skew = retrieval_skew(
+                similarity[q : q + 1], values, k, target_distribution(values.tolist(), target)
+            )
+            entry.update({f"{name}/{target}": v for name, v in skew.items()})
+        per_query.append(entry)
+    return {
+        "metrics": {key: v for key, v in intervals.items() if not key.startswith("group/")},
+        "chance": {"leakage/image": leak_image["chance"], "leakage/text": leak_text["chance"]},
+        "worst_group": groups["worst_group"],
+        "per_group": {g: intervals[f"group/{g}"] for g in groups["per_group"]},
+        "parity_per_class": parity["per_class"],
+        "per_query": per_query,
+    }
+
+
 def audit_dual_encoder(
     model: torch.nn.Module,
     tokenizer,
@@ -75,26 +175,35 @@ def audit_dual_encoder(
     bf16: bool = False,
     model_name: str = "",
     model_sha256: str | None = None,
+    mitigation: Mitigation | None = None,
 ) -> dict:
-    """The audit (see the module docstring) as a JSON-able dict."""
+    """The audit (see the module docstring) as a JSON-able dict; with `mitigation`, the same audit after each
+    post-hoc method too, on the same images, seeds and bootstrap draws."""
     if not hasattr(model, "encode_text") or not hasattr(model, "encode_image"):
         raise ConfigError(
             "vlmkit audit measures dual encoders (CLIP, SigLIP, FLIP); this model has no encode_text"
+        )
+    mitigation = mitigation or Mitigation()
+    unknown = [m for m in mitigation.names if m not in MITIGATIONS]
+    if unknown:
+        raise ConfigError(f"unknown mitigation {unknown[0]!r}; choose from {', '.join(MITIGATIONS)}")
+    if "sfid" in mitigation.names and not mitigation.fit_data:
+        raise ConfigError(
+            "sfid learns which dimensions carry the attribute: pass --fit-data (a manifest other than --data)"
         )
     rows, bad = read_manifest(data, columns=(label_key, attribute))
     if bad:
         log.warning("%d rows of %s skipped (first: %s)", len(bad), data, bad[0])
     if not rows:
         raise DataError(f"{data}: no row has an image, a caption, {label_key!r} and {attribute!r}")
-    images = extract_image_features(
-        model, [r.image for r in rows], ImageTransform(preprocess), batch_size, device, bf16
-    )
+    transform = ImageTransform(preprocess)
+    images = extract_image_features(model, [r.image for r in rows], transform, batch_size, device, bf16)
     rows = [rows[i] for i in images.kept]
-    image_f = images.features.float()  # (N, D) unit norm
     labels = np.array([r.fields[label_key] for r in rows])
     values = np.array([r.fields[attribute] for r in rows])
     classes = sorted(set(labels.tolist()))
-    if len(set(values.tolist())) < 2:
+    value_names = sorted(set(values.tolist()))
+    if len(value_names) < 2:
         raise DataError(
             f"{data}: every usable row has the same {attribute!r}; an audit needs two values or more"
         )
@@ -102,48 +211,14 @@ def audit_dual_encoder(
     templates = list(templates or DEFAULT_TEMPLATES)
     queries = list(queries or [t.replace("{}", c) for c in classes for t in templates])
 
+    def text(texts: list[str]) -> np.ndarray:
+        return _unit(extract_text_features(model, tokenizer, texts, device=device, bf16=bf16))
+
     classifier = build_zeroshot_classifier(model, tokenizer, classes, templates, device=device, bf16=bf16)
-    predictions = np.array(classes)[(image_f @ classifier).argmax(dim=1).numpy()]
-    query_f = extract_text_features(model, tokenizer, queries, device=device, bf16=bf16)  # (Q, D)
-    similarity = (query_f @ image_f.T).numpy()  # (Q, N)
-    caption_f = extract_text_features(model, tokenizer, [r.caption for r in rows], device=device, bf16=bf16)
-    leak_image = leakage_probe(image_f.numpy(), values, seed)
-    leak_text = leakage_probe(caption_f.numpy(), values, seed)
-
-    def statistic(idx: np.ndarray) -> dict[str, float]:
-        groups = group_accuracy(labels[idx], predictions[idx], values[idx])
-        out = {k_: groups[k_] for k_ in ("accuracy", "average_group_accuracy", "worst_group_accuracy", "gap")}
-        out.update({f"group/{g}": a for g, a in groups["per_group"].items()})
-        out.update(parity_fast(labels[idx], predictions[idx], values[idx], classes))
-        for target in TARGETS:
-            p = target_distribution(values[idx].tolist(), target)
-            skew = retrieval_skew(similarity[:, idx], values[idx], k, p)
-            out.update({f"{name}@{k}/{target}": v for name, v in skew.items()})
-        out["leakage/image"] = float((leak_image["predicted"][idx] == values[idx]).mean())
-        out["leakage/text"] = float((leak_text["predicted"][idx] == values[idx]).mean())
-        return out
-
-    intervals = bootstrap(statistic, len(rows), samples, seed)
-    parity = parity_differences(
-        labels, predictions, values, classes
-    )  # fairlearn's numbers are the ones reported
-    for key in ("demographic_parity_difference", "equalized_odds_difference"):
-        intervals[key]["value"] = parity[key]
-    groups = group_accuracy(labels, predictions, values)
-    per_query = []
-    for q, query in enumerate(queries):
-        entry = {"query": query}
-        for target in TARGETS:
-            p = target_distribution(values.tolist(), target)
-            skew = retrieval_skew(similarity[q : q + 1], values, k, p)
-            entry.update({f"{name}/{target}": v for name, v in skew.items()})
-        per_query.append(entry)
-    metrics = {key: v for key, v in intervals.items() if not key.startswith("group/")}
-    counts = {
-        g: int(((labels == g.split(" | ")[0]) & (values == g.split(" | ")[1])).sum())
-        for g in groups["per_group"]
-    }
-    return {
+    before = Embedded(
+        _unit(images.features), _unit(classifier.T), text(queries), text([r.caption for r in rows])
+    )
+    result = {
         "task": "audit",
         "model": model_name,
         "model_sha256": model_sha256,
@@ -166,14 +241,99 @@ def audit_dual_encoder(
             "images": len(rows),
             "skipped_images": len(images.skipped),
             "bad_rows": len(bad),
-            "groups": counts,
+            "groups": {
+                group_key(c, v): int(((labels == c) & (values == v)).sum())
+                for c in classes
+                for v in value_names
+                if ((labels == c) & (values == v)).any()
+            },
         },
-        "metrics": metrics,
-        "chance": {"leakage/image": leak_image["chance"], "leakage/text": leak_text["chance"]},
-        "worst_group": groups["worst_group"],
-        "per_group": {g: intervals[f"group/{g}"] for g in groups["per_group"]},
-        "parity_per_class": parity["per_class"],
-        "per_query": per_query,
+        **measure(before, labels, values, classes, queries, k, samples, seed),
+    }
+    if mitigation.names:
+        result["settings"]["mitigation"] = asdict(mitigation)
+        result["mitigations"] = {}
+        for name in mitigation.names:
+            after = _mitigate(
+                name,
+                before,
+                mitigation,
+                text,
+                classes,
+                value_names,
+                attribute,
+                model,
+                transform,
+                batch_size,
+                device,
+                bf16,
+                seed,
+            )
+            measured = measure(after, labels, values, classes, queries, k, samples, seed)
+            result["mitigations"][name] = {**measured, **_compare(result["metrics"], measured["metrics"])}
+    return result
+
+
+def _mitigate(
+    name,
+    e,
+    m: Mitigation,
+    text,
+    classes,
+    value_names,
+    attribute,
+    model,
+    transform,
+    batch_size,
+    device,
+    bf16,
+    seed,
+) -> Embedded:
+    pairs = [
+        (m.pair_template.format(label=c, value=a), m.pair_template.format(label=c, value=b))
+        for c in classes
+        for i, a in enumerate(value_names)
+        for b in value_names[i + 1 :]
+    ]
+    if name == "projection":  # text side only: the class and query embeddings, and the captions
+        spurious = text([m.attribute_template.format(value=v) for v in value_names])
+        pair_f = text([t for pair in pairs for t in pair]).reshape(len(pairs), 2, -1)
+        P = calibrated_projection(spurious, pair_f, m.lam)
+        return Embedded(e.image, project(e.classes, P), project(e.queries, P), project(e.captions, P))
+    # sfid: a forest on images of another split finds the image dimensions, one on attribute prompts the text ones
+    fit_rows, _ = read_manifest(m.fit_data, columns=(attribute,))
+    if not fit_rows:
+        raise DataError(f"{m.fit_data}: no row has an image, a caption and {attribute!r}")
+    fit = extract_image_features(model, [r.image for r in fit_rows], transform, batch_size, device, bf16)
+    fit_values = [fit_rows[i].fields[attribute] for i in fit.kept]
+    dims = m.sfid_dims or max(1, e.image.shape[1] // 8)
+    image_sfid = SFID.fit(_unit(fit.features), fit_values, dims, m.sfid_low_fraction, seed)
+    prompts = [m.pair_template.format(label=c, value=v) for c in classes for v in value_names]
+    prompts += [m.attribute_template.format(value=v) for v in value_names]
+    prompt_values = [v for _ in classes for v in value_names] + list(value_names)
+    text_sfid = SFID.fit(text(prompts), prompt_values, dims, m.sfid_low_fraction, seed)
+    return Embedded(
+        image_sfid.apply(e.image),
+        text_sfid.apply(e.classes),
+        text_sfid.apply(e.queries),
+        text_sfid.apply(e.captions),
+    )
+
+
+def _compare(before: dict, after: dict) -> dict:
+    """Each number's change; which bias measures got worse (their interval moved wholly above the old value)
+    and the cost in average accuracy."""
+    change = {key: after[key]["value"] - before[key]["value"] for key in before}
+    worse = [
+        key
+        for key in before
+        if (key in BIAS_MEASURES or key.startswith(("max_skew", "ndkl")))
+        and after[key]["low"] > before[key]["value"]
+    ]
+    return {
+        "change": change,
+        "worse": worse,
+        "accuracy_cost": before["average_group_accuracy"]["value"] - after["average_group_accuracy"]["value"],
     }
 
 
@@ -197,6 +357,30 @@ def _bars(ax, names, entries, chance=None, colour="#4c72b0"):
     ax.invert_yaxis()
     if chance is not None:
         ax.axvline(chance, color="#c44e52", linestyle="--", linewidth=1)
+
+
+def _mitigation_html(result: dict) -> list[str]:
+    """Before and after each mitigation, side by side; a bias measure that got worse is marked."""
+    from vlmkit.eval.report import _table
+
+    after = result.get("mitigations")
+    if not after:
+        return []
+    names = list(after)
+    rows = []
+    for key, entry in result["metrics"].items():
+        cells = [key, entry["value"]]
+        for name in names:
+            value = after[name]["metrics"][key]["value"]
+            cells.append(f"{value:.4f}" + (" (worse)" if key in after[name]["worse"] else ""))
+        rows.append(cells)
+    costs = ", ".join(f"{n}: {after[n]['accuracy_cost']:+.4f}" for n in names)
+    return [
+        "<h2>Mitigation: before and after</h2>",
+        f"<p>Same images, seeds and bootstrap draws. Cost in average group accuracy: {costs}. "
+        "'(worse)': the interval after lies wholly above the value before.</p>",
+        _table(["metric", "before", *names], rows),
+    ]
 
 
 def write_audit_report(result: dict, out_dir: str | Path) -> Path:
@@ -262,10 +446,19 @@ def write_audit_report(result: dict, out_dir: str | Path) -> Path:
         '<img src="leakage.png" alt="leakage">',
         "<h2>Every number, with its 95% interval</h2>",
         _table(["metric", "value", "low", "high"], rows),
+        *_mitigation_html(result),
         "<h2>Settings (everything needed to reproduce the numbers)</h2>",
         f"<pre>{html.escape(json.dumps(result['settings'], indent=2))}</pre>",
     ]
     return write_page(out / "report.html", f"Bias audit: {result['attribute']}", sections)
 
 
-__all__ = ["DEFAULT_TEMPLATES", "audit_dual_encoder", "weights_sha256", "write_audit_report"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "MITIGATIONS",
+    "Mitigation",
+    "audit_dual_encoder",
+    "measure",
+    "weights_sha256",
+    "write_audit_report",
+]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -191,6 +192,65 @@ def leakage_probe(features: np.ndarray, values: Sequence[str], seed: int = 0, fo
     }
 
 
+# ---------------------------------------------------------------- post-hoc mitigation
+
+
+def calibrated_projection(spurious: np.ndarray, pairs: np.ndarray, lam: float = 1000.0) -> np.ndarray:
+    """Chuang et al. 2023's debiasing projection (D, D), applied to text embeddings as z -> P z.
+
+    `spurious` (m, D): embeddings of prompts that name only the attribute ("a picture of a warm
+    background."); P0 = I - V (V^T V)^+ V^T removes their span. `pairs` (p, 2, D): embeddings of prompts that
+    differ only in the attribute ("a circle on a warm background." / "... cool ..."); M = mean of
+    (z_i - z_j)(z_i - z_j)^T; P = P0 (lam M + I)^-1 also pulls each pair together (the calibration).
+    """
+    V = np.asarray(spurious, np.float64).T  # (D, m)
+    D = V.shape[0]
+    P0 = np.eye(D) - V @ np.linalg.pinv(V.T @ V) @ V.T  # (D, D)
+    diffs = np.asarray(pairs, np.float64)[:, 0] - np.asarray(pairs, np.float64)[:, 1]  # (p, D)
+    M = diffs.T @ diffs / max(len(diffs), 1)  # (D, D)
+    return P0 @ np.linalg.inv(lam * M + np.eye(D))
+
+
+def project(features: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """Rows z (N, D) -> P z, renormalised to unit length."""
+    out = np.asarray(features, np.float64) @ P.T
+    return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass
+class SFID:
+    """Selective feature imputation (SFID): the embedding dimensions a random forest finds most predictive of
+    the attribute, and what replaces them: their mean over the samples the forest is least sure about."""
+
+    dims: np.ndarray  # (m,) indices
+    values: np.ndarray  # (m,) replacements
+
+    @classmethod
+    def fit(
+        cls,
+        features: np.ndarray,
+        attribute: Sequence[str],
+        num_dims: int,
+        low_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> SFID:
+        from sklearn.ensemble import RandomForestClassifier
+
+        features = np.asarray(features, np.float64)
+        forest = RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=1).fit(
+            features, attribute
+        )
+        dims = np.argsort(forest.feature_importances_)[::-1][:num_dims].copy()
+        confidence = forest.predict_proba(features).max(axis=1)  # (N,) in-sample; lowest = most ambiguous
+        low = np.argsort(confidence, kind="stable")[: max(1, round(low_fraction * len(features)))]
+        return cls(dims, features[low][:, dims].mean(axis=0))
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        out = np.array(features, np.float64)
+        out[:, self.dims] = self.values
+        return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+
+
 # ---------------------------------------------------------------- bootstrap
 
 
@@ -215,7 +275,10 @@ def bootstrap(
 
 
 __all__ = [
+    "SFID",
     "bootstrap",
+    "calibrated_projection",
+    "project",
     "group_accuracy",
     "leakage_probe",
     "ndkl",
