@@ -213,7 +213,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
     WARNING as `skipped FILE:LINE: reason`. Raises `DataError` when no usable rows remain or when the bad
     fraction exceeds `max_bad_fraction`. With `cache_images` the decoded RGB images stay in memory (meant
     for datasets that fit in RAM), downscaled to `cache_short_side` on their shorter side when given
-    (twice the training resolution keeps every detail a random resized crop can use).
+    (twice the training resolution keeps every detail a random resized crop can use). `columns`: further
+    keys every row must have, kept in `samples[i].fields` (group-balanced sampling reads them).
 
     Augmentation is reproducible across resumes: sample i in epoch e is transformed with
     `np.random.default_rng([seed, e, i])`. Call `set_epoch` before creating each epoch's DataLoader
@@ -229,6 +230,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         seed: int = 0,
         log: logging.Logger | None = None,
         cache_short_side: int | None = None,
+        columns: Sequence[str] = (),
     ):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be within [0, 1], got {max_bad_fraction}")
@@ -238,7 +240,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
 
-        samples, bad = read_manifest(manifest)
+        samples, bad = read_manifest(manifest, columns)  # rows without a column in `columns` are bad rows
         self.num_total = len(samples) + len(bad)  # every non-blank row
         samples, bad_images, images = check_images(
             samples, self.file, keep_images=cache_images, max_short_side=cache_short_side

@@ -126,6 +126,12 @@ class Task:
         """The training set for manifest data: items by index, with `set_epoch(epoch)` and `len()`."""
         raise NotImplementedError
 
+    def sample_groups(self) -> list[tuple[str, ...]]:
+        """The group of every training row (data.group_columns), for group-balanced sampling."""
+        raise ConfigError(
+            f"group_balance: the {self.name} task has no group columns to balance (contrastive and fusion tasks do)"
+        )
+
     def collate(self) -> Callable[[list], Any]:
         """Items -> a micro-batch (tensors, or a tuple / dict of them); a picklable function for workers."""
         raise NotImplementedError

@@ -67,7 +67,14 @@ class ContrastiveTask(Task):
             log=log,
             cache_images=cfg.data.cache_images,
             cache_short_side=2 * t.preprocess.image_size,
+            columns=cfg.data.group_columns if cfg.data.group_balance else (),
         )
+
+    def sample_groups(self) -> list[tuple[str, ...]]:
+        """The group (values of data.group_columns) of every training row, for group-balanced sampling."""
+        ds = self.trainer.train_set
+        ds = getattr(ds, "pairs", ds)  # the fusion task wraps the pairs
+        return [tuple(s.fields[c] for c in self.cfg.data.group_columns) for s in ds.samples]
 
     def collate(self):
         return functools.partial(collate_pairs, self.trainer.tokenizer)

@@ -56,6 +56,10 @@ class DataConfig:
     # extra ITM examples, the caption a positive and the foil a negative
     hard_negatives: str | None = None
     tokenizer_data: str | None = None  # files a new tokenizer learns from (default: train)
+    # group-balanced sampling (a bias mitigation): each epoch draws its rows with replacement, row i with
+    # weight N / (|G| n_g(i)) over the groups of these manifest columns, so every group is seen equally often
+    group_balance: bool = False
+    group_columns: list[str] = field(default_factory=lambda: ["label", "background"])
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range
     max_bad_fraction: float = 0.01  # stop if more than this fraction of rows is unreadable
     num_workers: int = 0

@@ -22,6 +22,7 @@ import logging
 import math
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -59,6 +60,18 @@ from vlmkit.train.parallelize import TaskModule, parallelize
 from vlmkit.train.shard_feed import ShardFeed
 
 log = logging.getLogger("vlmkit.train")
+
+
+def group_weights(groups: list[tuple[str, ...]], columns: list[str]) -> torch.Tensor:
+    """Row weights N / (|G| n_g) that make every group equally likely (a group-balanced sampler)."""
+    counts = Counter(groups)
+    if dist.is_main():
+        small, large = min(counts.values()), max(counts.values())
+        log.info(
+            "group-balanced sampling over %d groups of (%s): %d to %d rows each",
+            len(counts), ", ".join(columns), small, large,
+        )  # fmt: skip
+    return torch.tensor([len(groups) / (len(counts) * counts[g]) for g in groups], dtype=torch.double)
 
 
 class Trainer:
@@ -149,12 +162,17 @@ class Trainer:
             from_tokenizer = self.task.tokenizer_overrides(self.tokenizer, self.model_cfg)
             self.model_cfg = get_model_config(cfg.model.name, **from_tokenizer, **overrides)
 
+        self.sample_weights = None
         if self.train_urls is not None:
+            if cfg.data.group_balance:
+                raise ConfigError("group_balance reads group columns of a manifest; shards have none")
             self.train_set = None
             self.feed = ShardFeed(self.train_urls, cfg, self.info, self.train_transform, self.device)
         else:
             self.train_set = self.task.train_set()
             num_samples = len(self.train_set)
+            if cfg.data.group_balance:
+                self.sample_weights = group_weights(self.task.sample_groups(), cfg.data.group_columns)
         if num_samples < cfg.batch_size:
             raise DataError(
                 f"{cfg.data.train}: {num_samples} usable samples, fewer than one batch ({cfg.batch_size}); "
@@ -328,7 +346,10 @@ class Trainer:
             return self.feed.batches(epoch, start, self.micro_batch, self.task.collate())
         cfg, world, rank = self.cfg, self.info.world_size, self.info.rank
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.train_set), generator=g).tolist()
+        if self.sample_weights is not None:  # group-balanced: an epoch of draws with replacement
+            perm = torch.multinomial(self.sample_weights, len(self.train_set), True, generator=g).tolist()
+        else:
+            perm = torch.randperm(len(self.train_set), generator=g).tolist()
         self.train_set.set_epoch(epoch)
         order = []
         for b in range(start, self.steps_per_epoch):
