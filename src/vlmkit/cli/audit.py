@@ -112,3 +112,51 @@ def cmd_audit(args) -> None:
             f"{name}: gap {after['change']['gap']:+.3f}, average accuracy {-after['accuracy_cost']:+.3f}; worse: {worse}"
         )
     print(f"wrote {out / 'audit.json'} and {report}")
+
+
+def register_card_cli(sub, data) -> None:
+    """`vlmkit card` (a model card) and `vlmkit data card` (a datasheet)."""
+    p = sub.add_parser("card", help="write a model card (Mitchell et al.) with Hugging Face metadata")
+    p.add_argument(
+        "--model", required=True, help="a model folder (a vlmkit run, checkpoint or Hugging Face folder)"
+    )
+    p.add_argument(
+        "--audit", action="append", default=[], help="an audit.json of `vlmkit audit` (repeatable)"
+    )
+    p.add_argument("--name", help="model name in the card (default: the model folder's name)")
+    p.add_argument("--out", help="the card file (default: MODEL/README.md)")
+    p.set_defaults(func=cmd_card)
+    p = data.add_parser("card", help="write a datasheet of a manifest: counts, duplicates, label x attribute")
+    p.add_argument("--data", required=True, help="a JSONL/CSV manifest")
+    p.add_argument(
+        "--attribute", help="a sensitive attribute's column: its table, Cramer's V, caption mentions"
+    )
+    p.add_argument("--label-key", default="label", help="the label's column (default: label)")
+    p.add_argument("--name", help="dataset name in the card (default: the manifest's folder name)")
+    p.add_argument("--out", help="the datasheet file (default: DATASHEET.md beside the manifest)")
+    p.set_defaults(func=cmd_data_card)
+
+
+def cmd_card(args) -> None:
+    from vlmkit.config import atomic_write_text
+    from vlmkit.convert import load_pretrained
+    from vlmkit.convert.card import build_model_card, read_audit
+    from vlmkit.models.registry import model_family
+
+    audits = [read_audit(a) for a in args.audit]
+    pt = load_pretrained(args.model)
+    name = args.name or Path(args.model).resolve().name
+    card = build_model_card(name, pt.model.cfg, model_family(pt.model.cfg), args.model, audits)
+    out = Path(args.out) if args.out else Path(args.model) / "README.md"
+    atomic_write_text(out, card)
+    print(f"wrote {out}")
+
+
+def cmd_data_card(args) -> None:
+    from vlmkit.config import atomic_write_text
+    from vlmkit.data.datasheet import datasheet
+
+    text = datasheet(args.data, args.attribute, args.label_key, args.name)
+    out = Path(args.out) if args.out else Path(args.data).parent / "DATASHEET.md"
+    atomic_write_text(out, text)
+    print(f"wrote {out}")

@@ -26,7 +26,29 @@ def register_export_cli(subparsers) -> None:
         "--format", default="hf", choices=["hf"], help="hf: Hugging Face transformers (the default)"
     )
     p.add_argument("--name", help="model name in the model card (default: the --out folder's name)")
+    p.add_argument(
+        "--audit", action="append", default=[], help="an audit.json for the model card (repeatable)"
+    )
     p.set_defaults(func=cmd_export)
+
+
+def write_datasheet(run: Path, out: Path) -> None:
+    """DATASHEET.md of the run's training manifest (train_config.json's data.train), when it is one."""
+    from vlmkit.config import atomic_write_text, load_json
+    from vlmkit.data.datasheet import datasheet
+
+    config = run / "train_config.json"
+    if not config.is_file():
+        return
+    train = load_json(config).get("train", {})
+    data = (
+        (train.get("data") or {}).get("train")
+        if isinstance(train.get("data"), dict)
+        else train.get("train_data")
+    )
+    if data and Path(data).is_file() and Path(data).suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
+        atomic_write_text(out / "DATASHEET.md", datasheet(data))
+        print(f"wrote {out / 'DATASHEET.md'}: the datasheet of {data}, the run's training manifest")
 
 
 def cmd_export(args) -> None:
@@ -59,6 +81,12 @@ def cmd_export(args) -> None:
         raise ConfigError(
             f"{args.model} is a {family} model; transformers has no {family} class to export to"
         )
-    save_hf(pt.model, out, pt.tokenizer, pt.preprocess, name=args.name or "", source_dir=args.model)
+    from vlmkit.convert.card import read_audit
+
+    audits = [read_audit(a) for a in args.audit]
+    save_hf(
+        pt.model, out, pt.tokenizer, pt.preprocess, name=args.name or "", source_dir=args.model, audits=audits
+    )
+    write_datasheet(Path(args.model), out)
     cls = "SiglipModel" if layout_of(pt.model.cfg) == "siglip" else "CLIPModel"
     print(f"wrote {out} ({cls}): load it with transformers.{cls}.from_pretrained({str(out)!r})")

@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit.cli.generate import register as register_generative
 
     register_generative(sub, ev, data)
-    from vlmkit.cli.audit import register_audit_cli
+    from vlmkit.cli.audit import register_audit_cli, register_card_cli
 
     register_audit_cli(sub)
+    register_card_cli(sub, data)
     from vlmkit.cli.export import register_export_cli
 
     register_export_cli(sub)

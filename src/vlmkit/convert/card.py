@@ -1,6 +1,9 @@
-"""The model card (README.md) of an exported dual encoder: the Hub's metadata (library, pipeline tag, tags,
-model-index with vlmkit's evaluation results) through huggingface_hub's `ModelCardData` / `EvalResult`, and
-sections on usage, training data, evaluation, intended use, limitations and bias."""
+"""Model cards (Mitchell et al. 2019) for any vlmkit model folder: `vlmkit card`, and the README.md of
+`vlmkit export`. The Hub's metadata (library, pipeline tag, tags, model-index with vlmkit's evaluation and
+bias-audit results) goes through huggingface_hub's `ModelCardData` / `EvalResult`; the sections are Mitchell
+et al.'s: model details, intended use, factors, metrics, evaluation data, training data, quantitative analyses
+(disaggregated, with intervals), ethical considerations, caveats and recommendations. What the card cannot
+know from the folder it says so ("[More Information Needed]") instead of inventing it."""
 
 from __future__ import annotations
 
@@ -111,42 +114,239 @@ def _training_section(source_dir: str | Path | None) -> str:
     )
 
 
-def model_card(
-    name: str, cfg: CLIPConfig, layout: str, tokenizer: Tokenizer, source_dir: str | Path | None = None
+MORE = "[More Information Needed]"
+# family -> (pipeline tag, what it is, what it is for)
+_FAMILIES = {
+    "clip": (
+        "zero-shot-image-classification",
+        "an image-text dual encoder",
+        "zero-shot image classification, image-text retrieval and image or text embeddings (search, "
+        "deduplication, data curation)",
+    ),
+    "coca": (
+        "image-to-text",
+        "a contrastive captioner (CoCa)",
+        "image captioning, and embeddings from its towers",
+    ),
+    "llava": (
+        "image-text-to-text",
+        "a LLaVA-style vision-language model",
+        "answering questions about an image, captioning",
+    ),
+    "fusion": (
+        "zero-shot-image-classification",
+        "a fusion encoder (ALBEF/BLIP style)",
+        "image-text matching and retrieval (ITC, reranked by ITM)",
+    ),
+}
+
+
+def read_audit(path: str | Path) -> dict:
+    """An `audit.json` of `vlmkit audit`; ConfigError naming the file otherwise."""
+    from vlmkit.errors import ConfigError
+
+    data = _read_json(Path(path)) if Path(path).is_file() else None
+    if not data or data.get("task") != "audit" or not isinstance(data.get("metrics"), dict):
+        raise ConfigError(f"{path} is not an audit.json written by `vlmkit audit`")
+    return data
+
+
+def audit_results(audits: list[dict]) -> list:
+    """The headline numbers of each audit as the Hub's `EvalResult`s."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for a in audits:
+        dataset = Path(a["dataset"]).parent.name or a["dataset"]
+        for key in ("accuracy", "worst_group_accuracy", "gap", "demographic_parity_difference"):
+            if key in a["metrics"]:
+                results.append(
+                    EvalResult(
+                        task_type="zero-shot-image-classification",
+                        task_name=f"Bias audit ({a['attribute']})",
+                        dataset_type=dataset,
+                        dataset_name=dataset,
+                        metric_type=key,
+                        metric_name=key.replace("_", " "),
+                        metric_value=round(float(a["metrics"][key]["value"]), 4),
+                    )
+                )
+    return results
+
+
+def _architecture(cfg) -> str:
+    rows = []
+    v, t = getattr(cfg, "vision", None), getattr(cfg, "text", None)
+    if v is not None:
+        rows.append(("Image size / patch size", f"{v.image_size} / {v.patch_size}"))
+        rows.append(("Image tower (width, layers, heads)", f"{v.width}, {v.layers}, {v.heads}"))
+    if t is not None and hasattr(t, "width"):
+        rows.append(("Text tower (width, layers, heads)", f"{t.width}, {t.layers}, {t.heads}"))
+        rows.append(("Context length / vocabulary", f"{t.context_length} / {t.vocab_size}"))
+    if hasattr(cfg, "embed_dim"):
+        rows.append(("Embedding dimension", cfg.embed_dim))
+    if not rows:
+        return MORE
+    return "| Architecture | |\n|---|---|\n" + "\n".join(f"| {k} | {val} |" for k, val in rows)
+
+
+def _interval(e: dict) -> str:
+    return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
+
+def _audit_section(a: dict) -> str:
+    m, k = a["metrics"], a["settings"]["k"]
+    head = [f"### Bias audit: `{a['attribute']}` on `{a['dataset']}` ({a['counts']['images']} images)", ""]
+    head.append(
+        "Every number with its 95% bootstrap interval; settings (templates, queries, k, targets, seed) in the audit's JSON."
+    )
+    head += ["", "| Measure | Value [95% interval] |", "|---|---|"]
+    for key in ("accuracy", "average_group_accuracy", "worst_group_accuracy", "gap", "demographic_parity_difference",
+                "equalized_odds_difference", f"max_skew@{k}/uniform", f"ndkl@{k}/uniform", "leakage/image", "leakage/text"):  # fmt: skip
+        if key in m:
+            head.append(f"| {key} | {_interval(m[key])} |")
+    head += ["", "| Group (label, attribute) | Zero-shot accuracy [95% interval] |", "|---|---|"]
+    head += [
+        f"| {g.replace(' | ', ', ')} | {_interval(e)} |" for g, e in a["per_group"].items()
+    ]  # no "|" in a cell
+    for name, after in (a.get("mitigations") or {}).items():
+        head.append(
+            f"\nMitigation `{name}`: gap {_interval(after['metrics']['gap'])}, cost in average accuracy "
+            f"{after['accuracy_cost']:+.3f}; worse: {', '.join(after['worse']) or 'none'}."
+        )
+    return "\n".join(head)
+
+
+def build_model_card(
+    name: str,
+    cfg,
+    family: str,
+    source_dir: str | Path | None = None,
+    audits: list[dict] | None = None,
+    usage: str | None = None,
 ) -> str:
-    """README.md for an exported model: Hugging Face YAML front matter (library_name, pipeline_tag,
-    model-index from vlmkit's evaluations) and sections on usage, training data, evaluation, intended use,
-    limitations and bias."""
+    """A Mitchell et al. model card (README.md with Hub front matter) for a model of `family`: evaluation
+    results from `source_dir/eval/*.json`, bias audits from `audits` (read with `read_audit`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    results = eval_results(source_dir)
-    family = "SigLIP" if layout == "siglip" else "CLIP"
+    audits = audits or []
+    pipeline, what, uses = _FAMILIES.get(family, (None, f"a {family} model", MORE))
+    results = eval_results(source_dir) + audit_results(audits)
     data = ModelCardData(
         library_name="vlmkit",
-        pipeline_tag="zero-shot-image-classification",
-        tags=["vlmkit", layout, "vision-language", "zero-shot-image-classification"],
+        pipeline_tag=pipeline,
+        tags=["vlmkit", family, "vision-language"],
         model_name=name,
         eval_results=results or None,
+        license=None,
     )
-    v, t = cfg.vision, cfg.text
-    arch = "\n".join(
-        f"| {k} | {val} |"
-        for k, val in [
-            ("Image size / patch size", f"{v.image_size} / {v.patch_size}"),
-            ("Image tower (width, layers, heads)", f"{v.width}, {v.layers}, {v.heads}"),
-            ("Text tower (width, layers, heads)", f"{t.width}, {t.layers}, {t.heads}"),
-            ("Context length / vocabulary", f"{t.context_length} / {t.vocab_size}"),
-            ("Embedding dimension", cfg.embed_dim),
-            ("Activation", f"{v.act} (image), {t.act} (text)"),
-        ]
-    )
-    if results:
-        rows = [
-            f"| {r.dataset_name} | {r.task_name} | {r.metric_name} | {r.metric_value:.4f} |" for r in results
-        ]
-        evaluation = "| Dataset | Task | Metric | Value |\n|---|---|---|---|\n" + "\n".join(rows)
+    evals = [r for r in eval_results(source_dir)]
+    if evals:
+        evaluation = "| Dataset | Task | Metric | Value |\n|---|---|---|---|\n" + "\n".join(
+            f"| {r.dataset_name} | {r.task_name} | {r.metric_name} | {r.metric_value:.4f} |" for r in evals
+        )
     else:
         evaluation = "No vlmkit evaluation results (`eval/*.json`) were found for this model."
+    datasets = sorted({r.dataset_name for r in evals} | {a["dataset"] for a in audits})
+    factors = (
+        "Audited: "
+        + ", ".join(f"`{a['attribute']}` ({', '.join(a['settings']['targets']['uniform'])})" for a in audits)
+        + ". Other factors (image quality, domain, language of the prompts) were not measured: "
+        + MORE
+        if audits
+        else f"No bias audit was recorded for this model (`vlmkit audit`, then `vlmkit card --audit`). {MORE}"
+    )
+    if audits:
+        gaps = "; ".join(
+            f"on `{a['attribute']}` the worst group ({a['worst_group']}) is {a['metrics']['gap']['value']:.3f} below the "
+            f"group average [{a['metrics']['gap']['low']:.3f}, {a['metrics']['gap']['high']:.3f}]"
+            for a in audits
+        )
+        ethics = f"The audits below found: {gaps}. "
+    else:
+        ethics = "This card records no fairness evaluation. "
+    ethics += (
+        "Image-text models learn the associations in their training pairs, including stereotypes, and can "
+        "perform unevenly across groups of people. Do not use the model to make decisions about people "
+        "(hiring, policing, surveillance, credit); before any use on images of people, measure its accuracy "
+        "separately for the groups concerned."
+    )
+    analyses = (
+        "\n\n".join(_audit_section(a) for a in audits) or f"No disaggregated evaluation was recorded. {MORE}"
+    )
+    metrics_text = (
+        "Top-1 zero-shot accuracy and mean per-class recall (classification), recall@k (retrieval)"
+        + (
+            "; for bias: accuracy per (label, attribute) group, the worst group and its gap to the average, "
+            "demographic-parity and equalized-odds differences, MaxSkew@k and NDKL@k of neutral queries, and "
+            "attribute leakage of a linear probe, each with a 95% bootstrap interval"
+            if audits
+            else ""
+        )
+        + "."
+    )
+    body = f"""# {name}
+
+## Model details
+
+{what[0].upper() + what[1:]}, trained or exported with vlmkit {vlmkit.__version__}.
+
+{_architecture(cfg)}
+
+- License: {MORE}
+- Developed by / contact: {MORE}
+- Citation: {MORE}
+
+{("## Usage" + chr(10) + chr(10) + usage + chr(10) + chr(10)) if usage else ""}## Intended use
+
+Primary uses: {uses}, for research, teaching and prototyping, on data that resembles the training data.
+Check accuracy on your own labelled sample before relying on it.
+
+Out of scope: decisions about people; any use on data unlike the training data without measuring it first.
+
+## Factors
+
+{factors}
+
+## Metrics
+
+{metrics_text}
+
+## Evaluation data
+
+{", ".join(f"`{d}`" for d in datasets) if datasets else MORE}
+
+## Training data
+
+{_training_section(source_dir)}
+
+## Quantitative analyses
+
+{evaluation}
+
+{analyses}
+
+## Ethical considerations
+
+{ethics}
+
+## Caveats and recommendations
+
+- The model recognises only what its training captions describe; elsewhere its scores are unreliable, and it
+  does not say when it is outside what it knows.
+- Zero-shot accuracy depends on the wording of the labels and prompt templates.
+- Small models and small or synthetic training sets give representations far weaker than published models.
+- License: none was recorded; add one (`license:` in the front matter) before publishing.
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def model_card(
+    name: str, cfg: CLIPConfig, layout: str, tokenizer: Tokenizer, source_dir: str | Path | None = None,
+    audits: list[dict] | None = None,
+) -> str:  # fmt: skip
+    """README.md of an exported dual encoder: the model card with a usage section for transformers."""
+    t = cfg.text
     cls = "SiglipModel" if layout == "siglip" else "CLIPModel"
     usage = f"""```python
 from PIL import Image
@@ -162,54 +362,6 @@ logits_per_image = model(input_ids=text["input_ids"], pixel_values=pixels["pixel
 ```
 
 or with vlmkit, which reads this folder directly: `vlmkit classify --model PATH --image cat.jpg --labels cat dog`.
-Pad text to the full `max_length`, as above: that is how the model was trained and evaluated."""
-    body = f"""# {name}
-
-A {family} image-text dual encoder, exported by vlmkit {vlmkit.__version__} in the Hugging Face transformers
-format (`{cls}`, tokenizer, image processor).
-
-| Architecture | |
-|---|---|
-{arch}
-
-## Usage
-
-{usage}
-
-## Training data
-
-{_training_section(source_dir)}
-
-## Evaluation
-
-{evaluation}
-
-## Intended use
-
-Research, teaching and prototyping: zero-shot image classification, image-text retrieval and image or
-text embeddings (search, deduplication, data curation) on data that resembles the training data. Check
-accuracy on your own labelled sample before relying on it; the numbers above hold only for the datasets
-named there.
-
-## Limitations
-
-- The model recognises only what its training captions describe; on other images and words its scores
-  are unreliable, and it does not say when it is outside what it knows.
-- Zero-shot accuracy depends on the wording of the labels and prompt templates.
-- The tokenizer cuts text after {t.context_length - 2} tokens.
-- Small models and small or synthetic training sets give representations far weaker than published
-  CLIP/SigLIP models; compare against one before choosing this model.
-
-## Bias, risks and fairness
-
-Image-text models learn the associations in their training pairs, including stereotypes about gender,
-age, skin tone, culture and occupation, and they can perform unevenly across groups of people. This
-card records no fairness evaluation. Do not use the model to make decisions about people (hiring,
-policing, surveillance, credit); before any use on images of people, measure its accuracy separately
-for the groups concerned.
-
-## License
-
-No license was recorded at export; add one (`license:` in the front matter) before publishing.
-"""
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+Pad text to the full `max_length`, as above: that is how the model was trained and evaluated. The tokenizer
+cuts text after {t.context_length - 2} tokens."""
+    return build_model_card(name, cfg, "clip", source_dir, audits, usage)

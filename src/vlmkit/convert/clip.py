@@ -666,6 +666,7 @@ def save_hf(
     *,
     name: str = "",
     source_dir: str | Path | None = None,
+    audits: list[dict] | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face folder that `transformers.CLIPModel` / `SiglipModel.from_pretrained`,
     `AutoTokenizer` and the CLIP / SigLIP image processor load, with a model card (README.md).
@@ -718,7 +719,7 @@ def save_hf(
     atomic_write_text(out / PREPROCESSOR, json.dumps(preprocess_to_hf(preprocess, layout), indent=2) + "\n")
     from vlmkit.convert.card import model_card
 
-    card = model_card(name or out.resolve().name, cfg, layout, tokenizer, source_dir)
+    card = model_card(name or out.resolve().name, cfg, layout, tokenizer, source_dir, audits)
     atomic_write_text(out / MODEL_CARD, card)
     return out
 
