@@ -209,3 +209,13 @@ def test_sfid_needs_fit_data(balanced):
             k=5,
             mitigation=Mitigation(names=("sfid",)),
         )
+
+
+def test_the_signed_conflict_gap_is_zero_without_bias_and_large_with_it(balanced):
+    majority = {"red": "warm", "green": "cool", "blue": "cool"}
+    fair = run(TintedColourCLIP(lean=0.0), balanced, majority=majority)["metrics"]["conflict_gap"]
+    assert fair["value"] == 0.0 and fair["low"] <= 0.0 <= fair["high"]
+    r = run(TintedColourCLIP(lean=3.0), balanced, majority=majority)
+    assert r["metrics"]["conflict_gap"]["low"] > 0.5 and r["settings"]["majority"] == majority
+    with pytest.raises(ConfigError, match="--majority names no value for the label 'red'"):
+        run(TintedColourCLIP(lean=0.0), balanced, majority={"green": "cool", "blue": "cool"})

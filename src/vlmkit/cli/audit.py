@@ -25,6 +25,11 @@ def register_audit_cli(sub) -> None:
     p.add_argument(
         "--queries", help="file of neutral queries, one per line (default: every template x class)"
     )
+    p.add_argument(
+        "--majority",
+        help="JSON of label -> the attribute value it co-occurs with in training (or a dataset.json of `vlmkit data "
+        "synth --bias`): adds conflict_gap, accuracy on aligned minus conflicting images",
+    )
     p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for audit.json and report.html")
@@ -66,6 +71,23 @@ def _queries(path: str | None) -> list[str] | None:
     return queries
 
 
+def _majority(path: str | None) -> dict[str, str] | None:
+    from vlmkit.config import load_json
+    from vlmkit.errors import ConfigError
+
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--majority file not found: {path}")
+    data = load_json(path)
+    data = data.get("majority", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ConfigError(
+            f"{path}: expected a JSON object of label -> attribute value (or a key 'majority' holding one)"
+        )
+    return data
+
+
 def cmd_audit(args) -> None:
     from vlmkit.convert import load_pretrained
     from vlmkit.eval.audit import Mitigation, audit_dual_encoder, weights_sha256, write_audit_report
@@ -91,6 +113,7 @@ def cmd_audit(args) -> None:
         bf16=precision_of(args, device).bf16,
         model_name=args.model,
         model_sha256=weights_sha256(args.model),
+        majority=_majority(args.majority),
         mitigation=Mitigation(
             names=tuple(args.mitigate),
             attribute_template=args.attribute_template,

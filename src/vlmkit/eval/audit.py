@@ -112,6 +112,7 @@ def measure(
     k: int,
     samples: int,
     seed: int,
+    aligned: np.ndarray | None = None,
 ) -> dict:
     """Every number of the audit for one set of embeddings, with bootstrap intervals (same seed, same draws)."""
     predictions = np.array(classes)[(e.image @ e.classes.T).argmax(axis=1)]
@@ -124,6 +125,10 @@ def measure(
         out = {k_: groups[k_] for k_ in ("accuracy", "average_group_accuracy", "worst_group_accuracy", "gap")}
         out.update({f"group/{g}": a for g, a in groups["per_group"].items()})
         out.update(parity_fast(labels[idx], predictions[idx], values[idx], classes))
+        if aligned is not None:  # signed: 0 when the attribute does not matter, > 0 when the majority helps
+            right, a = labels[idx] == predictions[idx], aligned[idx]
+            if a.any() and (~a).any():
+                out["conflict_gap"] = float(right[a].mean() - right[~a].mean())
         for target in TARGETS:
             p = target_distribution(values[idx].tolist(), target)
             skew = retrieval_skew(similarity[:, idx], values[idx], k, p)
@@ -176,9 +181,12 @@ def audit_dual_encoder(
     model_name: str = "",
     model_sha256: str | None = None,
     mitigation: Mitigation | None = None,
+    majority: dict[str, str] | None = None,
 ) -> dict:
     """The audit (see the module docstring) as a JSON-able dict; with `mitigation`, the same audit after each
-    post-hoc method too, on the same images, seeds and bootstrap draws."""
+    post-hoc method too, on the same images, seeds and bootstrap draws. `majority` (label -> the attribute value
+    it co-occurs with in training, as `vlmkit data synth --bias` records it) adds the signed `conflict_gap`:
+    accuracy on bias-aligned images minus accuracy on bias-conflicting ones."""
     if not hasattr(model, "encode_text") or not hasattr(model, "encode_image"):
         raise ConfigError(
             "vlmkit audit measures dual encoders (CLIP, SigLIP, FLIP); this model has no encode_text"
@@ -208,6 +216,14 @@ def audit_dual_encoder(
             f"{data}: every usable row has the same {attribute!r}; an audit needs two values or more"
         )
     _check_k(k, len(rows))
+    aligned = None
+    if majority is not None:
+        missing = sorted(set(classes) - set(majority))
+        if missing:
+            raise ConfigError(
+                f"--majority names no value for the label {missing[0]!r}; give one for every label"
+            )
+        aligned = np.array([majority[y] == v for y, v in zip(labels, values, strict=True)])
     templates = list(templates or DEFAULT_TEMPLATES)
     queries = list(queries or [t.replace("{}", c) for c in classes for t in templates])
 
@@ -236,6 +252,7 @@ def audit_dual_encoder(
             "seed": seed,
             "leakage_probe": "logistic regression, 5-fold stratified cross-validation",
             "average": "plain mean over (label, attribute) groups",
+            "majority": majority,
         },
         "counts": {
             "images": len(rows),
@@ -248,7 +265,7 @@ def audit_dual_encoder(
                 if ((labels == c) & (values == v)).any()
             },
         },
-        **measure(before, labels, values, classes, queries, k, samples, seed),
+        **measure(before, labels, values, classes, queries, k, samples, seed, aligned),
     }
     if mitigation.names:
         result["settings"]["mitigation"] = asdict(mitigation)
@@ -269,7 +286,7 @@ def audit_dual_encoder(
                 bf16,
                 seed,
             )
-            measured = measure(after, labels, values, classes, queries, k, samples, seed)
+            measured = measure(after, labels, values, classes, queries, k, samples, seed, aligned)
             result["mitigations"][name] = {**measured, **_compare(result["metrics"], measured["metrics"])}
     return result
 
