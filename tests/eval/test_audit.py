@@ -219,3 +219,30 @@ def test_the_signed_conflict_gap_is_zero_without_bias_and_large_with_it(balanced
     assert r["metrics"]["conflict_gap"]["low"] > 0.5 and r["settings"]["majority"] == majority
     with pytest.raises(ConfigError, match="--majority names no value for the label 'red'"):
         run(TintedColourCLIP(lean=0.0), balanced, majority={"green": "cool", "blue": "cool"})
+
+
+def test_an_image_folder_with_a_metadata_file_is_audited(balanced, tmp_path):
+    """Users' own data as Hugging Face's imagefolder: class subfolders, metadata.csv with file_name and the
+    attribute. No captions: no text leakage is reported (rather than a made-up one)."""
+    import csv
+    import shutil
+
+    rows = [json.loads(line) for line in balanced.read_text().splitlines()]
+    root = tmp_path / "folder"
+    with open(tmp_path / "meta.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "background"])
+        for i, r in enumerate(rows):
+            (root / r["label"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(balanced.parent / r["image"], root / r["label"] / f"{i}.png")
+            w.writerow([f"{r['label']}/{i}.png", r["background"] if i else ""])  # row 1 lacks the attribute
+    shutil.move(tmp_path / "meta.csv", root / "metadata.csv")
+    r = audit_dual_encoder(TintedColourCLIP(lean=3.0), tokenizer, RAW, root, "background", k=10, samples=50)
+    assert r["counts"]["images"] == 119 and r["counts"]["bad_rows"] == 1
+    assert r["settings"]["classes"] == ["blue", "green", "red"]  # from the subfolders
+    assert "leakage/text" not in r["metrics"] and r["metrics"]["gap"]["value"] > 0.3
+    write_audit_report(r, tmp_path / "report")
+    from vlmkit.errors import DataError
+
+    with pytest.raises(DataError, match="has no metadata.jsonl or metadata.csv"):
+        audit_dual_encoder(TintedColourCLIP(0.0), tokenizer, RAW, tmp_path / "report", "background", k=5)

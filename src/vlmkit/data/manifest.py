@@ -422,3 +422,56 @@ def read_image_folder(
                 paths.append(p)
                 labels.append(label)
     return paths, labels, names
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder with a metadata file (Hugging Face's imagefolder convention)
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def read_folder_metadata(
+    root: str | os.PathLike, columns: Sequence[str] = (), label_key: str = "label"
+) -> tuple[list[Sample], list[BadRow]]:
+    """An ImageFolder whose `metadata.jsonl` / `metadata.csv` (Hugging Face's imagefolder convention) names each
+    image by `file_name` (relative to the folder) with further columns, such as a sensitive attribute.
+
+    Each Sample's `fields` hold `columns` and the label: the `label_key` column where the file has one, else
+    the image's class subfolder. Its caption is the file's `caption` or `text` column ("" without one). Rows
+    missing a column or naming a missing image are bad rows, as in `read_manifest`."""
+    root = Path(root)
+    meta = next((root / name for name in METADATA_FILES if (root / name).is_file()), None)
+    if meta is None:
+        raise DataError(
+            f"{root} has no {' or '.join(METADATA_FILES)}: an image folder needs one naming each image (file_name) "
+            "with its columns"
+        )
+    text = meta.read_text(encoding="utf-8-sig")
+    if meta.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        raw = [(reader.line_num, {k.strip().lower(): v for k, v in row.items() if k}) for row in reader]
+    else:
+        raw = [(n, row if row is not None else {}) for n, row, _ in _json_rows(text, meta)]
+    samples, bad = [], []
+    for line, row in raw:
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            bad.append(BadRow(str(meta), line, "missing key 'file_name'"))
+            continue
+        fields = {k: row[k] for k in columns if row.get(k) not in (None, "")}
+        parts = Path(name).parts
+        label = row.get(label_key) or (parts[0] if len(parts) > 1 else None)
+        missing = [k for k in columns if k not in fields] + ([label_key] if label in (None, "") else [])
+        if missing:
+            bad.append(BadRow(str(meta), line, f"missing key {missing[0]!r}"))
+            continue
+        path = root / name.strip()
+        try:
+            check_image_file(path)
+        except ImageDecodeError as e:
+            bad.append(BadRow(str(meta), line, f"image {path}: {e.reason}"))
+            continue
+        fields = {k: str(v).strip() for k, v in fields.items()} | {label_key: str(label).strip()}
+        caption = str(row.get("caption") or row.get("text") or "").strip()
+        samples.append(Sample(image=path, caption=caption, line=line, fields=fields))
+    return samples, bad

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmkit.data.manifest import read_manifest
+from vlmkit.data.manifest import read_folder_metadata, read_manifest
 from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.fairness import (
@@ -71,7 +71,7 @@ class Embedded:
     image: np.ndarray  # (N, D)
     classes: np.ndarray  # (C, D)
     queries: np.ndarray  # (Q, D)
-    captions: np.ndarray  # (N, D)
+    captions: np.ndarray | None  # (N, D); None when the data has no captions
 
 
 @dataclass
@@ -118,7 +118,7 @@ def measure(
     predictions = np.array(classes)[(e.image @ e.classes.T).argmax(axis=1)]
     similarity = e.queries @ e.image.T  # (Q, N)
     leak_image = leakage_probe(e.image, values, seed)
-    leak_text = leakage_probe(e.captions, values, seed)
+    leak_text = leakage_probe(e.captions, values, seed) if e.captions is not None else None
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         groups = group_accuracy(labels[idx], predictions[idx], values[idx])
@@ -134,7 +134,8 @@ def measure(
             skew = retrieval_skew(similarity[:, idx], values[idx], k, p)
             out.update({f"{name}@{k}/{target}": v for name, v in skew.items()})
         out["leakage/image"] = float((leak_image["predicted"][idx] == values[idx]).mean())
-        out["leakage/text"] = float((leak_text["predicted"][idx] == values[idx]).mean())
+        if leak_text is not None:
+            out["leakage/text"] = float((leak_text["predicted"][idx] == values[idx]).mean())
         return out
 
     intervals = bootstrap(statistic, len(labels), samples, seed)
@@ -155,7 +156,10 @@ def measure(
         per_query.append(entry)
     return {
         "metrics": {key: v for key, v in intervals.items() if not key.startswith("group/")},
-        "chance": {"leakage/image": leak_image["chance"], "leakage/text": leak_text["chance"]},
+        "chance": {
+            "leakage/image": leak_image["chance"],
+            "leakage/text": leak_text["chance"] if leak_text else None,
+        },
         "worst_group": groups["worst_group"],
         "per_group": {g: intervals[f"group/{g}"] for g in groups["per_group"]},
         "parity_per_class": parity["per_class"],
@@ -199,7 +203,10 @@ def audit_dual_encoder(
         raise ConfigError(
             "sfid learns which dimensions carry the attribute: pass --fit-data (a manifest other than --data)"
         )
-    rows, bad = read_manifest(data, columns=(label_key, attribute))
+    if Path(data).is_dir():  # an ImageFolder with metadata.jsonl/csv: the label is the class subfolder
+        rows, bad = read_folder_metadata(data, (attribute,), label_key)
+    else:
+        rows, bad = read_manifest(data, columns=(label_key, attribute))
     if bad:
         log.warning("%d rows of %s skipped (first: %s)", len(bad), data, bad[0])
     if not rows:
@@ -231,9 +238,10 @@ def audit_dual_encoder(
         return _unit(extract_text_features(model, tokenizer, texts, device=device, bf16=bf16))
 
     classifier = build_zeroshot_classifier(model, tokenizer, classes, templates, device=device, bf16=bf16)
-    before = Embedded(
-        _unit(images.features), _unit(classifier.T), text(queries), text([r.caption for r in rows])
-    )
+    captions = (
+        text([r.caption for r in rows]) if all(r.caption for r in rows) else None
+    )  # none: no text leakage
+    before = Embedded(_unit(images.features), _unit(classifier.T), text(queries), captions)
     result = {
         "task": "audit",
         "model": model_name,
@@ -316,7 +324,12 @@ def _mitigate(
         spurious = text([m.attribute_template.format(value=v) for v in value_names])
         pair_f = text([t for pair in pairs for t in pair]).reshape(len(pairs), 2, -1)
         P = calibrated_projection(spurious, pair_f, m.lam)
-        return Embedded(e.image, project(e.classes, P), project(e.queries, P), project(e.captions, P))
+        return Embedded(
+            e.image,
+            project(e.classes, P),
+            project(e.queries, P),
+            project(e.captions, P) if e.captions is not None else None,
+        )
     # sfid: a forest on images of another split finds the image dimensions, one on attribute prompts the text ones
     fit_rows, _ = read_manifest(m.fit_data, columns=(attribute,))
     if not fit_rows:
@@ -333,7 +346,7 @@ def _mitigate(
         image_sfid.apply(e.image),
         text_sfid.apply(e.classes),
         text_sfid.apply(e.queries),
-        text_sfid.apply(e.captions),
+        text_sfid.apply(e.captions) if e.captions is not None else None,
     )
 
 
@@ -443,8 +456,12 @@ def write_audit_report(result: dict, out_dir: str | Path) -> Path:
 
     fig = new_figure(5.0, 1.8)
     ax = fig.add_subplot()
-    leak = [m["leakage/image"], m["leakage/text"]]
-    _bars(ax, ["image embeddings", "caption embeddings"], leak, chance=result["chance"]["leakage/image"])
+    sides = [
+        (n, key)
+        for n, key in (("image embeddings", "leakage/image"), ("caption embeddings", "leakage/text"))
+        if key in m
+    ]
+    _bars(ax, [n for n, _ in sides], [m[key] for _, key in sides], chance=result["chance"]["leakage/image"])
     ax.set_xlim(0, 1.05)
     ax.set_xlabel(f"probe accuracy for {result['attribute']!r} (dashed: chance)")
     save_figure(fig, out / "leakage.png")
