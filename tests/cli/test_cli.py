@@ -230,6 +230,20 @@ def test_env_prints_machine_and_precision_choice(capsys):
         ),
         (["data", "synth", "--out", "{tmp}/b", "--bias", "gender"], "--bias must be one of background"),
         (
+            [
+                "audit",
+                "--model",
+                "{trained}",
+                "--data",
+                "{empty}",
+                "--attribute",
+                "background",
+                "--out",
+                "{tmp}/a",
+            ],
+            "--k is required for a dual encoder",
+        ),
+        (
             ["data", "synth", "--out", "{tmp}/b", "--bias", "background", "--tiny-fraction", "0.1"],
             "does not apply to --bias",
         ),
@@ -259,3 +273,27 @@ def test_audit_writes_json_and_a_report(trained, tmp_path, capsys):
     assert r["settings"]["k"] == 10 and r["counts"]["images"] == 40 and len(r["model_sha256"]) == 64
     assert set(r["counts"]["groups"].values()) == {4}  # 5 shapes x 2 tints, balanced
     assert (out / "report.html").is_file() and "gap" in capsys.readouterr().out
+
+
+def test_audit_of_a_captioning_model_reads_what_it_says(tmp_path, capsys):
+    """A (random) CoCa folder: `vlmkit audit` captions every image and audits the captions; no --k needed."""
+    from vlmkit.data.bias import generate_biased
+    from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.data.transforms import PreprocessConfig
+    from vlmkit.models.pretrained import save_pretrained
+    from vlmkit.models.registry import create_model
+
+    paths = generate_biased(
+        tmp_path / "bias", num_train=0, num_val=0, num_test=20, image_size=32, progress=False
+    )
+    captions = [json.loads(line)["caption"] for line in paths["test"].read_text().splitlines()]
+    tok = Tokenizer.train(captions * 5, vocab_size=300, context_length=16)
+    coca = create_model("coca-tiny", **{"decoder.vocab_size": tok.vocab_size, "vision.image_size": 32}).eval()
+    model = save_pretrained(coca, tmp_path / "coca", tok, PreprocessConfig(image_size=32))
+    out = tmp_path / "audit"
+    main(["audit", "--model", str(model), "--data", str(paths["test"]), "--attribute", "background",
+          "--majority", str(paths["dataset"]), "--samples", "20", "--out", str(out), "--precision", "fp32"])  # fmt: skip
+    r = json.loads((out / "audit.json").read_text())
+    assert r["task"] == "audit_captions" and r["counts"]["images"] == 20 and len(r["examples"]) == 20
+    assert {"accuracy", "gap", "conflict_gap", "majority_named_on_conflicting"} <= set(r["metrics"])
+    assert r["settings"]["majority"]["circle"] == "warm"

@@ -246,3 +246,32 @@ def test_an_image_folder_with_a_metadata_file_is_audited(balanced, tmp_path):
 
     with pytest.raises(DataError, match="has no metadata.jsonl or metadata.csv"):
         audit_dual_encoder(TintedColourCLIP(0.0), tokenizer, RAW, tmp_path / "report", "background", k=5)
+
+
+def test_captions_are_audited_by_group_and_by_what_they_say_of_the_attribute():
+    from vlmkit.eval.audit import audit_captions
+
+    labels = ["circle"] * 4 + ["star"] * 4
+    values = ["warm", "warm", "cool", "cool", "cool", "cool", "warm", "warm"]
+    majority = {"circle": "warm", "star": "cool"}
+    captions = [
+        "a red circle on a warm background",  # aligned, right
+        "two circles",  # aligned, right (plural)
+        "a circle on a warm background",  # conflicting: right shape, names the majority tint (wrong)
+        "a star",  # conflicting: wrong shape
+        "a star on a cool background",  # aligned, right
+        "a blue STAR",  # aligned, right (any case)
+        "a circle on a cool background",  # conflicting: wrong shape, names the majority tint
+        "a starfish",  # conflicting: "star" is not named as a word
+    ]
+    r = audit_captions(captions, labels, values, majority, samples=100)
+    m = r["metrics"]
+    assert m["accuracy"]["value"] == 5 / 8
+    assert r["per_group"]["circle | cool"]["value"] == 0.5 and r["per_group"]["star | warm"]["value"] == 0.0
+    assert m["conflict_gap"]["value"] == 1.0 - 1 / 4
+    assert (
+        m["majority_named_on_conflicting"]["value"] == 2 / 4
+        and m["majority_named_on_aligned"]["value"] == 2 / 4
+    )
+    assert m["attribute_named"]["value"] == 4 / 8
+    assert r["examples"][0]["caption"] == captions[0]

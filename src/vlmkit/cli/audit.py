@@ -18,7 +18,14 @@ def register_audit_cli(sub) -> None:
     )
     p.add_argument("--attribute", required=True, help="the sensitive attribute's column, e.g. background")
     p.add_argument(
-        "--k", type=int, required=True, help="top k of each neutral query's ranking for the skew metrics"
+        "--k",
+        type=int,
+        help="dual encoders (required): top k of each neutral query's ranking for the skew metrics",
+    )
+    p.add_argument(
+        "--prompt",
+        default="Describe the image briefly.",
+        help="CoCa/LLaVA: the captioning prompt (LLaVA; CoCa captions from its start token)",
     )
     p.add_argument("--label-key", default="label", help="the label's column (default: label)")
     p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
@@ -96,6 +103,17 @@ def cmd_audit(args) -> None:
 
     device = device_of(args.device)
     pt = load_pretrained(args.model, device)
+    from vlmkit.models.registry import model_family
+
+    if model_family(pt.model.cfg) in ("coca", "llava"):
+        return _audit_generative(args, pt, device)
+    if args.k is None:
+        from vlmkit.errors import ConfigError
+
+        raise ConfigError(
+            "--k is required for a dual encoder: the skew metrics read each query's top k, and k is never defaulted "
+            "(at k = the number of images the proportional MaxSkew is 0 whatever the model does)"
+        )
     result = audit_dual_encoder(
         pt.model,
         require_tokenizer(pt, args.model),
@@ -135,6 +153,47 @@ def cmd_audit(args) -> None:
             f"{name}: gap {after['change']['gap']:+.3f}, average accuracy {-after['accuracy_cost']:+.3f}; worse: {worse}"
         )
     print(f"wrote {out / 'audit.json'} and {report}")
+
+
+def _audit_generative(args, pt, device) -> None:
+    """CoCa/LLaVA: caption every image (in batches, with a progress bar), then `audit_captions`."""
+    from tqdm.auto import tqdm
+
+    from vlmkit.eval.audit import audit_captions, read_audit_rows, weights_sha256
+    from vlmkit.eval.features import save_results
+    from vlmkit.inference.generate import VLMPipeline
+
+    rows, bad = read_audit_rows(args.data, args.attribute, args.label_key)
+    precision = "bf16" if precision_of(args, device).bf16 else "fp32"
+    pipe = VLMPipeline(
+        pt.model, require_tokenizer(pt, args.model), pt.preprocess, device=device, precision=precision
+    )
+    captions = []
+    for i in tqdm(range(0, len(rows), args.batch_size), desc="captions", unit="batch"):
+        captions += pipe.caption([r.image for r in rows[i : i + args.batch_size]], prompt=args.prompt)
+    majority = _majority(args.majority)
+    result = audit_captions(
+        captions,
+        [r.fields[args.label_key] for r in rows],
+        [r.fields[args.attribute] for r in rows],
+        majority,
+        args.samples,
+        args.seed,
+    )
+    result.update(
+        task="audit_captions",
+        model=args.model,
+        model_sha256=weights_sha256(args.model),
+        dataset=str(args.data),
+        attribute=args.attribute,
+        settings={"prompt": args.prompt, "decoding": "greedy, at most 40 new tokens", "bootstrap_samples": args.samples,
+                  "seed": args.seed, "majority": majority, "right": "the caption names the label (singular or plural)"},
+        counts={"images": len(rows), "bad_rows": len(bad)},
+    )  # fmt: skip
+    out = Path(args.out)
+    save_results(result, out / "audit.json")
+    print(json.dumps({k: v["value"] for k, v in result["metrics"].items()}, indent=2))
+    print(f"wrote {out / 'audit.json'}")
 
 
 def register_card_cli(sub, data) -> None:

@@ -13,12 +13,16 @@ skipped and counted.
   uniform and a gallery-proportional target;
 - leakage: a linear probe for the attribute on the image embeddings and on the caption embeddings
   (5-fold cross-validated), against chance (the majority value's share).
+
+Captioning and VQA models (CoCa, LLaVA) are audited from what they say (`audit_captions`): accuracy by group
+(the caption names the label), and how often captions of bias-conflicting images name the majority value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -167,6 +171,78 @@ def measure(
     }
 
 
+def read_audit_rows(data: str | Path, attribute: str, label_key: str = "label"):
+    """(rows with the label and attribute in `fields`, bad rows) of a manifest or an imagefolder with metadata."""
+    if Path(data).is_dir():  # an ImageFolder with metadata.jsonl/csv: the label is the class subfolder
+        rows, bad = read_folder_metadata(data, (attribute,), label_key)
+    else:
+        rows, bad = read_manifest(data, columns=(label_key, attribute))
+    if bad:
+        log.warning("%d rows of %s skipped (first: %s)", len(bad), data, bad[0])
+    if not rows:
+        raise DataError(f"{data}: no row has an image, a caption, {label_key!r} and {attribute!r}")
+    return rows, bad
+
+
+def _names(word: str, text: str) -> bool:
+    """Whether `text` names `word` (as a word, singular or plural, any case)."""
+    return re.search(rf"\b{re.escape(word.lower())}(s|es)?\b", text.lower()) is not None
+
+
+def audit_captions(
+    captions: list[str],
+    labels: list[str],
+    values: list[str],
+    majority: dict[str, str] | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """The audit of a captioning or VQA model from its generated captions (or answers): a caption is right
+    when it names the image's label; accuracy by (label, attribute) group, average, worst, gap; how often
+    captions name any attribute value; and with `majority`, the signed conflict gap and how often captions of
+    bias-conflicting images name their label's majority value (the bias speaking), beside the same rate on
+    aligned images (where it is the truth). 95% bootstrap intervals on each."""
+    labels, values = np.asarray(labels), np.asarray(values)
+    names = sorted(set(values.tolist()))
+    right = np.array([_names(y, c) for y, c in zip(labels, captions, strict=True)])
+    predictions = np.where(right, labels, "")  # group_accuracy compares labels with predictions
+    any_value = np.array([any(_names(v, c) for v in names) for c in captions])
+    aligned = said_majority = None
+    if majority is not None:
+        missing = sorted(set(labels.tolist()) - set(majority))
+        if missing:
+            raise ConfigError(
+                f"--majority names no value for the label {missing[0]!r}; give one for every label"
+            )
+        aligned = np.array([majority[y] == v for y, v in zip(labels, values, strict=True)])
+        said_majority = np.array([_names(majority[y], c) for y, c in zip(labels, captions, strict=True)])
+
+    def statistic(idx: np.ndarray) -> dict[str, float]:
+        groups = group_accuracy(labels[idx], predictions[idx], values[idx])
+        out = {k: groups[k] for k in ("accuracy", "average_group_accuracy", "worst_group_accuracy", "gap")}
+        out.update({f"group/{g}": a for g, a in groups["per_group"].items()})
+        out["attribute_named"] = float(any_value[idx].mean())
+        if aligned is not None:
+            a = aligned[idx]
+            if a.any() and (~a).any():
+                out["conflict_gap"] = float(right[idx][a].mean() - right[idx][~a].mean())
+                out["majority_named_on_conflicting"] = float(said_majority[idx][~a].mean())
+                out["majority_named_on_aligned"] = float(said_majority[idx][a].mean())
+        return out
+
+    intervals = bootstrap(statistic, len(labels), samples, seed)
+    groups = group_accuracy(labels, predictions, values)
+    return {
+        "metrics": {k: v for k, v in intervals.items() if not k.startswith("group/")},
+        "worst_group": groups["worst_group"],
+        "per_group": {g: intervals[f"group/{g}"] for g in groups["per_group"]},
+        "examples": [
+            {"label": str(y), "value": str(v), "caption": c}
+            for y, v, c in list(zip(labels, values, captions, strict=True))[:20]
+        ],
+    }
+
+
 def audit_dual_encoder(
     model: torch.nn.Module,
     tokenizer,
@@ -203,14 +279,7 @@ def audit_dual_encoder(
         raise ConfigError(
             "sfid learns which dimensions carry the attribute: pass --fit-data (a manifest other than --data)"
         )
-    if Path(data).is_dir():  # an ImageFolder with metadata.jsonl/csv: the label is the class subfolder
-        rows, bad = read_folder_metadata(data, (attribute,), label_key)
-    else:
-        rows, bad = read_manifest(data, columns=(label_key, attribute))
-    if bad:
-        log.warning("%d rows of %s skipped (first: %s)", len(bad), data, bad[0])
-    if not rows:
-        raise DataError(f"{data}: no row has an image, a caption, {label_key!r} and {attribute!r}")
+    rows, bad = read_audit_rows(data, attribute, label_key)
     transform = ImageTransform(preprocess)
     images = extract_image_features(model, [r.image for r in rows], transform, batch_size, device, bf16)
     rows = [rows[i] for i in images.kept]
@@ -489,6 +558,8 @@ def write_audit_report(result: dict, out_dir: str | Path) -> Path:
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "audit_captions",
+    "read_audit_rows",
     "MITIGATIONS",
     "Mitigation",
     "audit_dual_encoder",
