@@ -12,7 +12,8 @@ from PIL import Image
 
 from vlmkit.data.transforms import PreprocessConfig
 from vlmkit.errors import ConfigError
-from vlmkit.eval.audit import audit_dual_encoder, write_audit_report
+from vlmkit.eval.audit import audit_dual_encoder
+from vlmkit.eval.audit_report import write_audit_report
 
 RAW = PreprocessConfig(image_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 COLOURS = {"red": (250, 30, 30), "green": (30, 250, 30), "blue": (30, 30, 250)}

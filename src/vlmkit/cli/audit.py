@@ -97,7 +97,8 @@ def _majority(path: str | None) -> dict[str, str] | None:
 
 def cmd_audit(args) -> None:
     from vlmkit.convert import load_pretrained
-    from vlmkit.eval.audit import Mitigation, audit_dual_encoder, weights_sha256, write_audit_report
+    from vlmkit.eval.audit import Mitigation, audit_dual_encoder, weights_sha256
+    from vlmkit.eval.audit_report import write_audit_report
     from vlmkit.eval.features import save_results
     from vlmkit.eval.templates import load_templates
 

@@ -231,7 +231,8 @@ def build_model_card(
 
     audits = audits or []
     pipeline, what, uses = _FAMILIES.get(family, (None, f"a {family} model", MORE))
-    results = eval_results(source_dir) + audit_results(audits)
+    evals = eval_results(source_dir)
+    results = evals + audit_results(audits)
     data = ModelCardData(
         library_name="vlmkit",
         pipeline_tag=pipeline,
@@ -240,7 +241,6 @@ def build_model_card(
         eval_results=results or None,
         license=None,
     )
-    evals = [r for r in eval_results(source_dir)]
     if evals:
         evaluation = "| Dataset | Task | Metric | Value |\n|---|---|---|---|\n" + "\n".join(
             f"| {r.dataset_name} | {r.task_name} | {r.metric_name} | {r.metric_value:.4f} |" for r in evals

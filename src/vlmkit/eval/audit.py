@@ -36,6 +36,7 @@ from vlmkit.eval.fairness import (
     SFID,
     bootstrap,
     calibrated_projection,
+    check_k,
     group_accuracy,
     group_key,
     leakage_probe,
@@ -149,13 +150,12 @@ def measure(
     for key in ("demographic_parity_difference", "equalized_odds_difference"):
         intervals[key]["value"] = parity[key]
     groups = group_accuracy(labels, predictions, values)
+    targets = {t: target_distribution(values.tolist(), t) for t in TARGETS}
     per_query = []
     for q, query in enumerate(queries):
         entry = {"query": query}
-        for target in TARGETS:
-            skew = retrieval_skew(
-                similarity[q : q + 1], values, k, target_distribution(values.tolist(), target)
-            )
+        for target, p in targets.items():
+            skew = retrieval_skew(similarity[q : q + 1], values, k, p)
             entry.update({f"{name}/{target}": v for name, v in skew.items()})
         per_query.append(entry)
     return {
@@ -169,6 +169,14 @@ def measure(
         "parity_per_class": parity["per_class"],
         "per_query": per_query,
     }
+
+
+def aligned_rows(labels: np.ndarray, values: np.ndarray, majority: dict[str, str]) -> np.ndarray:
+    """(N,) bool: the row's attribute value is its label's majority value (bias-aligned)."""
+    missing = sorted(set(labels.tolist()) - set(majority))
+    if missing:
+        raise ConfigError(f"--majority names no value for the label {missing[0]!r}; give one for every label")
+    return np.array([majority[y] == v for y, v in zip(labels, values, strict=True)])
 
 
 def read_audit_rows(data: str | Path, attribute: str, label_key: str = "label"):
@@ -209,12 +217,7 @@ def audit_captions(
     any_value = np.array([any(_names(v, c) for v in names) for c in captions])
     aligned = said_majority = None
     if majority is not None:
-        missing = sorted(set(labels.tolist()) - set(majority))
-        if missing:
-            raise ConfigError(
-                f"--majority names no value for the label {missing[0]!r}; give one for every label"
-            )
-        aligned = np.array([majority[y] == v for y, v in zip(labels, values, strict=True)])
+        aligned = aligned_rows(labels, values, majority)
         said_majority = np.array([_names(majority[y], c) for y, c in zip(labels, captions, strict=True)])
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
@@ -281,7 +284,11 @@ def audit_dual_encoder(
         )
     rows, bad = read_audit_rows(data, attribute, label_key)
     transform = ImageTransform(preprocess)
-    images = extract_image_features(model, [r.image for r in rows], transform, batch_size, device, bf16)
+
+    def embed_images(paths):
+        return extract_image_features(model, paths, transform, batch_size, device, bf16)
+
+    images = embed_images([r.image for r in rows])
     rows = [rows[i] for i in images.kept]
     labels = np.array([r.fields[label_key] for r in rows])
     values = np.array([r.fields[attribute] for r in rows])
@@ -291,15 +298,8 @@ def audit_dual_encoder(
         raise DataError(
             f"{data}: every usable row has the same {attribute!r}; an audit needs two values or more"
         )
-    _check_k(k, len(rows))
-    aligned = None
-    if majority is not None:
-        missing = sorted(set(classes) - set(majority))
-        if missing:
-            raise ConfigError(
-                f"--majority names no value for the label {missing[0]!r}; give one for every label"
-            )
-        aligned = np.array([majority[y] == v for y, v in zip(labels, values, strict=True)])
+    check_k(k, len(rows))
+    aligned = aligned_rows(labels, values, majority) if majority is not None else None
     templates = list(templates or DEFAULT_TEMPLATES)
     queries = list(queries or [t.replace("{}", c) for c in classes for t in templates])
 
@@ -349,19 +349,7 @@ def audit_dual_encoder(
         result["mitigations"] = {}
         for name in mitigation.names:
             after = _mitigate(
-                name,
-                before,
-                mitigation,
-                text,
-                classes,
-                value_names,
-                attribute,
-                model,
-                transform,
-                batch_size,
-                device,
-                bf16,
-                seed,
+                name, before, mitigation, text, embed_images, classes, value_names, attribute, seed
             )
             measured = measure(after, labels, values, classes, queries, k, samples, seed, aligned)
             result["mitigations"][name] = {**measured, **_compare(result["metrics"], measured["metrics"])}
@@ -369,20 +357,9 @@ def audit_dual_encoder(
 
 
 def _mitigate(
-    name,
-    e,
-    m: Mitigation,
-    text,
-    classes,
-    value_names,
-    attribute,
-    model,
-    transform,
-    batch_size,
-    device,
-    bf16,
-    seed,
+    name, e: Embedded, m: Mitigation, text, embed_images, classes, value_names, attribute, seed
 ) -> Embedded:
+    """`e` after the mitigation `name`; `text` and `embed_images` embed prompts and image paths with the model."""
     pairs = [
         (m.pair_template.format(label=c, value=a), m.pair_template.format(label=c, value=b))
         for c in classes
@@ -403,7 +380,7 @@ def _mitigate(
     fit_rows, _ = read_manifest(m.fit_data, columns=(attribute,))
     if not fit_rows:
         raise DataError(f"{m.fit_data}: no row has an image, a caption and {attribute!r}")
-    fit = extract_image_features(model, [r.image for r in fit_rows], transform, batch_size, device, bf16)
+    fit = embed_images([r.image for r in fit_rows])
     fit_values = [fit_rows[i].fields[attribute] for i in fit.kept]
     dims = m.sfid_dims or max(1, e.image.shape[1] // 8)
     image_sfid = SFID.fit(_unit(fit.features), fit_values, dims, m.sfid_low_fraction, seed)
@@ -436,126 +413,6 @@ def _compare(before: dict, after: dict) -> dict:
     }
 
 
-def _check_k(k: int, n: int) -> None:
-    if not isinstance(k, int) or not 1 <= k <= n:
-        raise ConfigError(
-            f"--k must be an integer in [1, {n}] (the number of audited images); it is never defaulted: at "
-            f"k = {n} the proportional MaxSkew is 0 whatever the model does"
-        )
-
-
-# ---------------------------------------------------------------- report
-
-
-def _bars(ax, names, entries, chance=None, colour="#4c72b0"):
-    values = [e["value"] for e in entries]
-    low = [e["value"] - e["low"] for e in entries]
-    high = [e["high"] - e["value"] for e in entries]
-    ax.barh(range(len(names)), values, xerr=[low, high], color=colour, capsize=3)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    if chance is not None:
-        ax.axvline(chance, color="#c44e52", linestyle="--", linewidth=1)
-
-
-def _mitigation_html(result: dict) -> list[str]:
-    """Before and after each mitigation, side by side; a bias measure that got worse is marked."""
-    from vlmkit.eval.report import _table
-
-    after = result.get("mitigations")
-    if not after:
-        return []
-    names = list(after)
-    rows = []
-    for key, entry in result["metrics"].items():
-        cells = [key, entry["value"]]
-        for name in names:
-            value = after[name]["metrics"][key]["value"]
-            cells.append(f"{value:.4f}" + (" (worse)" if key in after[name]["worse"] else ""))
-        rows.append(cells)
-    costs = ", ".join(f"{n}: {after[n]['accuracy_cost']:+.4f}" for n in names)
-    return [
-        "<h2>Mitigation: before and after</h2>",
-        f"<p>Same images, seeds and bootstrap draws. Cost in average group accuracy: {costs}. "
-        "'(worse)': the interval after lies wholly above the value before.</p>",
-        _table(["metric", "before", *names], rows),
-    ]
-
-
-def write_audit_report(result: dict, out_dir: str | Path) -> Path:
-    """report.html with per-group accuracy, skew per query and leakage plots, and the settings."""
-    import html
-    import json
-
-    from vlmkit.eval.report import _table, new_figure, save_figure, write_page
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    m, k = result["metrics"], result["settings"]["k"]
-    groups = result["per_group"]
-    fig = new_figure(6.5, 0.3 * len(groups) + 1.2)
-    ax = fig.add_subplot()
-    worst = result["worst_group"]
-    _bars(ax, list(groups), list(groups.values()))
-    for patch, name in zip(ax.patches, groups, strict=True):
-        if name == worst:
-            patch.set_color("#c44e52")
-    ax.set_xlim(0, 1.05)
-    ax.set_xlabel("zero-shot accuracy (95% interval); red: the worst group")
-    save_figure(fig, out / "group_accuracy.png")
-
-    fig = new_figure(6.5, 0.25 * len(result["per_query"]) + 1.2)
-    ax = fig.add_subplot()
-    names = [q["query"] for q in result["per_query"]]
-    y = np.arange(len(names))
-    for offset, target, colour in ((-0.2, "uniform", "#4c72b0"), (0.2, "proportional", "#dd8452")):
-        ax.barh(
-            y + offset,
-            [q[f"max_skew/{target}"] for q in result["per_query"]],
-            height=0.4,
-            color=colour,
-            label=target,
-        )
-    ax.set_yticks(y, names, fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel(f"MaxSkew@{k} per neutral query")
-    ax.legend(fontsize=8)
-    save_figure(fig, out / "skew_per_query.png")
-
-    fig = new_figure(5.0, 1.8)
-    ax = fig.add_subplot()
-    sides = [
-        (n, key)
-        for n, key in (("image embeddings", "leakage/image"), ("caption embeddings", "leakage/text"))
-        if key in m
-    ]
-    _bars(ax, [n for n, _ in sides], [m[key] for _, key in sides], chance=result["chance"]["leakage/image"])
-    ax.set_xlim(0, 1.05)
-    ax.set_xlabel(f"probe accuracy for {result['attribute']!r} (dashed: chance)")
-    save_figure(fig, out / "leakage.png")
-
-    rows = [[name, e["value"], e["low"], e["high"]] for name, e in m.items()]
-    sections = [
-        f"<p>Model <code>{html.escape(str(result['model']))}</code> (weights SHA-256 "
-        f"<code>{html.escape(str(result['model_sha256']))}</code>), data <code>{html.escape(result['dataset'])}</code>, "
-        f"attribute <code>{html.escape(result['attribute'])}</code>, k = {k}, {result['counts']['images']} images. "
-        f"Worst group: <b>{html.escape(worst)}</b>.</p>",
-        "<h2>Accuracy by group</h2>",
-        '<img src="group_accuracy.png" alt="accuracy by group">',
-        "<h2>Retrieval skew for neutral queries</h2>",
-        '<img src="skew_per_query.png" alt="skew per query">',
-        "<h2>Attribute leakage</h2>",
-        '<img src="leakage.png" alt="leakage">',
-        "<h2>Every number, with its 95% interval</h2>",
-        _table(["metric", "value", "low", "high"], rows),
-        *_mitigation_html(result),
-        "<h2>Settings (everything needed to reproduce the numbers)</h2>",
-        f"<pre>{html.escape(json.dumps(result['settings'], indent=2))}</pre>",
-    ]
-    return write_page(out / "report.html", f"Bias audit: {result['attribute']}", sections)
-
-
 __all__ = [
     "DEFAULT_TEMPLATES",
     "audit_captions",
@@ -565,5 +422,4 @@ __all__ = [
     "audit_dual_encoder",
     "measure",
     "weights_sha256",
-    "write_audit_report",
 ]

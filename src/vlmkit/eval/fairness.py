@@ -113,9 +113,13 @@ def parity_fast(
 # ---------------------------------------------------------------- retrieval skew
 
 
-def _check_k(k: int, n: int) -> None:
+def check_k(k: int, n: int) -> None:
+    """k in [1, n]; never defaulted: at k = n the proportional MaxSkew is 0 whatever the ranking."""
     if not isinstance(k, int) or not 1 <= k <= n:
-        raise ConfigError(f"k must be an integer in [1, {n}] (the gallery size), not {k!r}")
+        raise ConfigError(
+            f"--k must be an integer in [1, {n}] (the gallery size), not {k!r}; it is never defaulted: at "
+            f"k = {n} the proportional MaxSkew is 0 whatever the model does"
+        )
 
 
 def target_distribution(values: Sequence[str], kind: str) -> dict[str, float]:
@@ -133,14 +137,14 @@ def target_distribution(values: Sequence[str], kind: str) -> dict[str, float]:
 
 def skew_at_k(ranked_values: Sequence[str], k: int, target: dict[str, float]) -> dict[str, float]:
     """Skew_a@k = ln(p_k(a) / p*(a)) for every value a of `target`; a zero share counts as 1/k."""
-    _check_k(k, len(ranked_values))
+    check_k(k, len(ranked_values))
     top = list(ranked_values[:k])
     return {a: math.log(max(top.count(a) / k, 1.0 / k) / p) for a, p in target.items()}
 
 
 def ndkl(ranked_values: Sequence[str], k: int, target: dict[str, float]) -> float:
     """Normalised discounted KL divergence of the top-i attribute distributions from `target`, i = 1..k."""
-    _check_k(k, len(ranked_values))
+    check_k(k, len(ranked_values))
     counts = {a: 0 for a in target}
     total, z = 0.0, 0.0
     for i, value in enumerate(ranked_values[:k], start=1):
@@ -278,6 +282,7 @@ __all__ = [
     "SFID",
     "bootstrap",
     "calibrated_projection",
+    "check_k",
     "project",
     "group_accuracy",
     "leakage_probe",

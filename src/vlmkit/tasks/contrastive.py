@@ -72,9 +72,8 @@ class ContrastiveTask(Task):
 
     def sample_groups(self) -> list[tuple[str, ...]]:
         """The group (values of data.group_columns) of every training row, for group-balanced sampling."""
-        ds = self.trainer.train_set
-        ds = getattr(ds, "pairs", ds)  # the fusion task wraps the pairs
-        return [tuple(s.fields[c] for c in self.cfg.data.group_columns) for s in ds.samples]
+        columns = self.cfg.data.group_columns
+        return [tuple(s.fields[c] for c in columns) for s in self.trainer.train_set.samples]
 
     def collate(self):
         return functools.partial(collate_pairs, self.trainer.tokenizer)

@@ -56,6 +56,11 @@ class IdentifiedPairs(torch.utils.data.Dataset):
         ]
         self.foils = [foils.get(str(Path(p).resolve()), []) for p in pairs.image_paths] if foils else None
 
+    @property
+    def samples(self):
+        """The manifest rows (with their group columns), as ImageTextDataset's."""
+        return self.pairs.samples
+
     def set_epoch(self, epoch: int) -> None:
         self.pairs.set_epoch(epoch)
 
