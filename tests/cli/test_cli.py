@@ -297,3 +297,12 @@ def test_audit_of_a_captioning_model_reads_what_it_says(tmp_path, capsys):
     assert r["task"] == "audit_captions" and r["counts"]["images"] == 20 and len(r["examples"]) == 20
     assert {"accuracy", "gap", "conflict_gap", "majority_named_on_conflicting"} <= set(r["metrics"])
     assert r["settings"]["majority"]["circle"] == "warm"
+    # its model card carries the caption audit (a captioning task on the Hub, the caption-specific measures)
+    hub = pytest.importorskip("huggingface_hub")
+    main(["card", "--model", str(model), "--audit", str(out / "audit.json")])
+    card = hub.ModelCard.load(model / "README.md")
+    found = {e.metric_type: e for e in card.data.eval_results if e.task_name.startswith("Bias audit")}
+    assert found["gap"].task_type == "image-to-text"
+    assert found["gap"].metric_value == pytest.approx(round(r["metrics"]["gap"]["value"], 4))
+    assert "From the model's own captions" in card.text and "| majority_named_on_conflicting |" in card.text
+    assert "Audited: `background` (cool, warm)" in card.text

@@ -181,6 +181,26 @@ def test_mitigations_are_measured_before_and_after_on_the_same_draws(balanced):
     json.dumps(r)
 
 
+def test_the_image_measured_projection_removes_a_bias_that_lives_in_the_images(balanced):
+    """The tint direction measured on labelled images (within each colour, warm minus cool) is the 4th axis here;
+    projected out of both sides, the images stop leaking the tint and zero-shot stops leaning on it."""
+    from vlmkit.eval.audit import Mitigation
+
+    r = audit_dual_encoder(
+        TextBiasedCLIP(), tinted_tokenizer, RAW, balanced, "background", k=10, samples=200,
+        mitigation=Mitigation(names=("projection-images",), fit_data=str(balanced)),
+    )  # fmt: skip
+    p = r["mitigations"]["projection-images"]
+    assert r["metrics"]["gap"]["value"] > 0.4 and r["metrics"]["leakage/image"]["value"] > 0.95
+    assert p["metrics"]["gap"]["value"] == 0.0 and p["accuracy_cost"] < 0
+    assert p["metrics"]["leakage/image"]["value"] < 0.7  # the projection reaches the image side
+    with pytest.raises(ConfigError, match="projection-images .* --fit-data"):
+        audit_dual_encoder(
+            TextBiasedCLIP(), tinted_tokenizer, RAW, balanced, "background", k=10,
+            mitigation=Mitigation(names=("projection-images",)),
+        )  # fmt: skip
+
+
 def test_a_mitigation_that_makes_bias_worse_is_reported_as_such(balanced):
     """SFID on a model that ignores the tint: the image dimension the forest finds most tint-predictive is a
     colour axis, and replacing it makes some colours unrecognisable: the gap rises and is flagged."""

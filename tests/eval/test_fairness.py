@@ -133,6 +133,23 @@ def test_bootstrap_interval_of_a_mean_is_near_the_normal_one():
     )
 
 
+def test_attribute_directions_by_hand():
+    """Within each label the mean of one value minus the other's, averaged over labels; label-specific offsets
+    (here the labels' own axes) cancel, unevenly sized groups are weighted per label, not per sample."""
+    from vlmkit.eval.fairness import attribute_directions
+
+    f = np.array([[1, 0, 0], [1, 0, 0], [1, 0, 2], [1, 0, 4], [0, 5, 0], [0, 5, 1]], float)
+    labels = ["a", "a", "a", "a", "b", "b"]
+    values = ["cool", "cool", "warm", "warm", "cool", "warm"]
+    d = attribute_directions(f, labels, values, min_count=1)  # a: (0,0,3) - (0,0,0); b: (0,0,1) - (0,0,0)
+    np.testing.assert_allclose(d, [[0.0, 0.0, 2.0]])
+    d3 = attribute_directions(np.eye(3)[[0, 1, 2, 0, 1, 2]], list("xxxxxx"), list("pqrpqr"), min_count=1)
+    np.testing.assert_allclose(d3, [[-1, 1, 0], [0, -1, 1]])  # m values -> m - 1 directions (consecutive)
+    # b's groups have one sample each: by default (2 at least) a alone
+    np.testing.assert_allclose(attribute_directions(f, labels, values), [[0.0, 0.0, 3.0]])
+    assert attribute_directions(f, labels, values, min_count=3).shape == (0, 3)
+
+
 def test_calibrated_projection_against_its_closed_form():
     from vlmkit.eval.fairness import calibrated_projection, project
 

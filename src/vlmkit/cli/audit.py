@@ -42,7 +42,12 @@ def register_audit_cli(sub) -> None:
     p.add_argument("--out", required=True, help="folder for audit.json and report.html")
     m = p.add_argument_group("post-hoc mitigation: the same audit after each method, on the same draws")
     m.add_argument(
-        "--mitigate", nargs="+", choices=["projection", "sfid"], default=[], help="methods to measure"
+        "--mitigate",
+        nargs="+",
+        choices=["projection", "projection-images", "sfid"],
+        default=[],
+        help="methods to measure: projection (Chuang et al., from prompts naming the attribute), "
+        "projection-images (the attribute's direction measured on --fit-data images), sfid",
     )
     m.add_argument(
         "--attribute-template",
@@ -57,7 +62,10 @@ def register_audit_cli(sub) -> None:
     m.add_argument(
         "--lam", type=float, default=1000.0, help="projection: calibration strength (default 1000)"
     )
-    m.add_argument("--fit-data", help="sfid: a manifest with the attribute column, not the audited one")
+    m.add_argument(
+        "--fit-data",
+        help="sfid, projection-images: a manifest with the label and attribute columns, not the audited one",
+    )
     m.add_argument(
         "--sfid-dims", type=int, default=0, help="sfid: dimensions to replace (default: an eighth)"
     )

@@ -141,12 +141,16 @@ _FAMILIES = {
 }
 
 
+AUDIT_TASKS = {"audit": "zero-shot-image-classification", "audit_captions": "image-to-text"}
+
+
 def read_audit(path: str | Path) -> dict:
-    """An `audit.json` of `vlmkit audit`; ConfigError naming the file otherwise."""
+    """An `audit.json` of `vlmkit audit` (a dual encoder's, or a captioning model's: task `audit_captions`);
+    ConfigError naming the file otherwise."""
     from vlmkit.errors import ConfigError
 
     data = _read_json(Path(path)) if Path(path).is_file() else None
-    if not data or data.get("task") != "audit" or not isinstance(data.get("metrics"), dict):
+    if not data or data.get("task") not in AUDIT_TASKS or not isinstance(data.get("metrics"), dict):
         raise ConfigError(f"{path} is not an audit.json written by `vlmkit audit`")
     return data
 
@@ -162,7 +166,7 @@ def audit_results(audits: list[dict]) -> list:
             if key in a["metrics"]:
                 results.append(
                     EvalResult(
-                        task_type="zero-shot-image-classification",
+                        task_type=AUDIT_TASKS[a["task"]],
                         task_name=f"Bias audit ({a['attribute']})",
                         dataset_type=dataset,
                         dataset_name=dataset,
@@ -194,18 +198,29 @@ def _interval(e: dict) -> str:
     return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
 
 
+def _values(a: dict) -> list[str]:
+    """The attribute values an audit saw, from its (label, attribute) groups."""
+    return sorted({g.split(" | ")[-1] for g in a["per_group"]})
+
+
 def _audit_section(a: dict) -> str:
-    m, k = a["metrics"], a["settings"]["k"]
+    m, k = a["metrics"], a["settings"].get("k")
+    by_captions = a["task"] == "audit_captions"
     head = [f"### Bias audit: `{a['attribute']}` on `{a['dataset']}` ({a['counts']['images']} images)", ""]
     head.append(
         "Every number with its 95% bootstrap interval; settings (templates, queries, k, targets, seed) in the audit's JSON."
+        if not by_captions
+        else "From the model's own captions (right when a caption names the label); every number with its 95% "
+        "bootstrap interval; the prompt, decoding and seed in the audit's JSON."
     )
     head += ["", "| Measure | Value [95% interval] |", "|---|---|"]
     for key in ("accuracy", "average_group_accuracy", "worst_group_accuracy", "gap", "demographic_parity_difference",
-                "equalized_odds_difference", f"max_skew@{k}/uniform", f"ndkl@{k}/uniform", "leakage/image", "leakage/text"):  # fmt: skip
+                "equalized_odds_difference", "conflict_gap", f"max_skew@{k}/uniform", f"ndkl@{k}/uniform", "leakage/image",
+                "leakage/text", "attribute_named", "majority_named_on_conflicting", "majority_named_on_aligned"):  # fmt: skip
         if key in m:
             head.append(f"| {key} | {_interval(m[key])} |")
-    head += ["", "| Group (label, attribute) | Zero-shot accuracy [95% interval] |", "|---|---|"]
+    kind = "Caption accuracy" if by_captions else "Zero-shot accuracy"
+    head += ["", f"| Group (label, attribute) | {kind} [95% interval] |", "|---|---|"]
     head += [
         f"| {g.replace(' | ', ', ')} | {_interval(e)} |" for g, e in a["per_group"].items()
     ]  # no "|" in a cell
@@ -250,7 +265,7 @@ def build_model_card(
     datasets = sorted({r.dataset_name for r in evals} | {a["dataset"] for a in audits})
     factors = (
         "Audited: "
-        + ", ".join(f"`{a['attribute']}` ({', '.join(a['settings']['targets']['uniform'])})" for a in audits)
+        + ", ".join(f"`{a['attribute']}` ({', '.join(_values(a))})" for a in audits)
         + ". Other factors (image quality, domain, language of the prompts) were not measured: "
         + MORE
         if audits

@@ -34,6 +34,7 @@ from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.fairness import (
     SFID,
+    attribute_directions,
     bootstrap,
     calibrated_projection,
     check_k,
@@ -81,18 +82,20 @@ class Embedded:
 
 @dataclass
 class Mitigation:
-    """Settings of the post-hoc mitigations (`--mitigate projection sfid`)."""
+    """Settings of the post-hoc mitigations (`--mitigate projection projection-images sfid`)."""
 
     names: tuple[str, ...] = ()
     attribute_template: str = "a picture of a {value} background."  # prompts naming only the attribute
     pair_template: str = "a picture of a {label} on a {value} background."  # pairs differing only in it
     lam: float = 1000.0  # the projection's calibration strength (Chuang et al.)
-    fit_data: str | None = None  # SFID: a manifest with the attribute (not the audited images)
+    fit_data: str | None = (
+        None  # SFID, projection-images: a manifest with label and attribute (not the audited)
+    )
     sfid_dims: int = 0  # SFID: dimensions replaced; 0 = an eighth of the embedding
     sfid_low_fraction: float = 0.1  # SFID: the least confident share of samples gives the replacements
 
 
-MITIGATIONS = ("projection", "sfid")
+MITIGATIONS = ("projection", "projection-images", "sfid")
 # the measures where lower means less bias (the MinSkew is the negative side: nearer 0 is better)
 BIAS_MEASURES = (
     "gap",
@@ -278,9 +281,11 @@ def audit_dual_encoder(
     unknown = [m for m in mitigation.names if m not in MITIGATIONS]
     if unknown:
         raise ConfigError(f"unknown mitigation {unknown[0]!r}; choose from {', '.join(MITIGATIONS)}")
-    if "sfid" in mitigation.names and not mitigation.fit_data:
+    fitted = [m for m in mitigation.names if m in ("sfid", "projection-images")]
+    if fitted and not mitigation.fit_data:
         raise ConfigError(
-            "sfid learns which dimensions carry the attribute: pass --fit-data (a manifest other than --data)"
+            f"{fitted[0]} learns where the attribute lies from labelled images: pass --fit-data (a manifest "
+            "other than --data, with the label and the attribute)"
         )
     rows, bad = read_audit_rows(data, attribute, label_key)
     transform = ImageTransform(preprocess)
@@ -345,45 +350,62 @@ def audit_dual_encoder(
         **measure(before, labels, values, classes, queries, k, samples, seed, aligned),
     }
     if mitigation.names:
+        cache: list = []
+
+        def fit_split():  # embedded once, for whichever methods need it
+            if not cache:
+                cache.append(_fit_split(mitigation, attribute, label_key, embed_images))
+            return cache[0]
+
         result["settings"]["mitigation"] = asdict(mitigation)
         result["mitigations"] = {}
         for name in mitigation.names:
-            after = _mitigate(
-                name, before, mitigation, text, embed_images, classes, value_names, attribute, seed
-            )
+            after = _mitigate(name, before, mitigation, text, fit_split, classes, value_names, seed)
             measured = measure(after, labels, values, classes, queries, k, samples, seed, aligned)
             result["mitigations"][name] = {**measured, **_compare(result["metrics"], measured["metrics"])}
     return result
 
 
-def _mitigate(
-    name, e: Embedded, m: Mitigation, text, embed_images, classes, value_names, attribute, seed
-) -> Embedded:
-    """`e` after the mitigation `name`; `text` and `embed_images` embed prompts and image paths with the model."""
+def _fit_split(m: Mitigation, attribute: str, label_key: str, embed_images) -> tuple[np.ndarray, list, list]:
+    """The fit split's unit image embeddings, labels and attribute values (rows lacking either are skipped)."""
+    fit_rows, _ = read_manifest(m.fit_data, columns=(attribute, label_key))
+    if not fit_rows:
+        raise DataError(f"{m.fit_data}: no row has an image, a caption, {label_key!r} and {attribute!r}")
+    fit = embed_images([r.image for r in fit_rows])
+    kept = [fit_rows[i] for i in fit.kept]
+    return _unit(fit.features), [r.fields[label_key] for r in kept], [r.fields[attribute] for r in kept]
+
+
+def _mitigate(name, e: Embedded, m: Mitigation, text, fit_split, classes, value_names, seed) -> Embedded:
+    """`e` after the mitigation `name`; `text` embeds prompts, `fit_split()` gives the fit split's embeddings."""
     pairs = [
         (m.pair_template.format(label=c, value=a), m.pair_template.format(label=c, value=b))
         for c in classes
         for i, a in enumerate(value_names)
         for b in value_names[i + 1 :]
     ]
-    if name == "projection":  # text side only: the class and query embeddings, and the captions
-        spurious = text([m.attribute_template.format(value=v) for v in value_names])
-        pair_f = text([t for pair in pairs for t in pair]).reshape(len(pairs), 2, -1)
-        P = calibrated_projection(spurious, pair_f, m.lam)
+    if name in ("projection", "projection-images"):
+        if (
+            name == "projection"
+        ):  # Chuang et al.: the directions of prompts naming the attribute; text side only
+            spurious = text([m.attribute_template.format(value=v) for v in value_names])
+            pair_f = text([t for pair in pairs for t in pair]).reshape(len(pairs), 2, -1)
+            P = calibrated_projection(spurious, pair_f, m.lam)
+        else:  # the directions measured on labelled images of the fit split, projected out of both sides
+            spurious = attribute_directions(*fit_split())
+            if not len(spurious):
+                raise DataError(f"{m.fit_data}: no label has two attribute values with 2 images each")
+            P = calibrated_projection(spurious, np.zeros((0, 2, spurious.shape[1])), 0.0)
         return Embedded(
-            e.image,
+            e.image if name == "projection" else project(e.image, P),
             project(e.classes, P),
             project(e.queries, P),
             project(e.captions, P) if e.captions is not None else None,
         )
     # sfid: a forest on images of another split finds the image dimensions, one on attribute prompts the text ones
-    fit_rows, _ = read_manifest(m.fit_data, columns=(attribute,))
-    if not fit_rows:
-        raise DataError(f"{m.fit_data}: no row has an image, a caption and {attribute!r}")
-    fit = embed_images([r.image for r in fit_rows])
-    fit_values = [fit_rows[i].fields[attribute] for i in fit.kept]
+    fit, _, fit_values = fit_split()
     dims = m.sfid_dims or max(1, e.image.shape[1] // 8)
-    image_sfid = SFID.fit(_unit(fit.features), fit_values, dims, m.sfid_low_fraction, seed)
+    image_sfid = SFID.fit(fit, fit_values, dims, m.sfid_low_fraction, seed)
     prompts = [m.pair_template.format(label=c, value=v) for c in classes for v in value_names]
     prompts += [m.attribute_template.format(value=v) for v in value_names]
     prompt_values = [v for _ in classes for v in value_names] + list(value_names)

@@ -215,6 +215,29 @@ def calibrated_projection(spurious: np.ndarray, pairs: np.ndarray, lam: float = 
     return P0 @ np.linalg.inv(lam * M + np.eye(D))
 
 
+def attribute_directions(
+    features: np.ndarray, labels: Sequence[str], values: Sequence[str], min_count: int = 2
+) -> np.ndarray:
+    """The attribute's directions as the embeddings show them, (m - 1, D) for m attribute values: the difference
+    between the mean embeddings of consecutive values (sorted) within each label, averaged over the labels, so
+    the labels' own directions stay out even where the values are unevenly spread over them. (label, value)
+    groups with fewer than `min_count` samples are left out; none left -> (0, D)."""
+    features = np.asarray(features, np.float64)
+    labels, values = np.asarray(labels), np.asarray(values)
+    names = sorted(set(values.tolist()))
+    out = []
+    for a, b in zip(names, names[1:], strict=False):
+        diffs = [
+            features[(labels == c) & (values == b)].mean(axis=0)
+            - features[(labels == c) & (values == a)].mean(axis=0)
+            for c in sorted(set(labels.tolist()))
+            if min(((labels == c) & (values == v)).sum() for v in (a, b)) >= min_count
+        ]
+        if diffs:
+            out.append(np.mean(diffs, axis=0))
+    return np.array(out).reshape(-1, features.shape[1])
+
+
 def project(features: np.ndarray, P: np.ndarray) -> np.ndarray:
     """Rows z (N, D) -> P z, renormalised to unit length."""
     out = np.asarray(features, np.float64) @ P.T
