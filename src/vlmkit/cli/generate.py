@@ -1,5 +1,5 @@
-"""The CLI of the generative models: `vlmkit caption`, `vlmkit chat`, `vlmkit eval captioning|vqa` and
-`vlmkit data tasks`. Thin wrappers over `vlmkit.inference.generate.VLMPipeline` and `vlmkit.eval.vqa`."""
+"""The CLI of the generative models: `vlmkit caption`, `vlmkit chat`, `vlmkit generate` (Flamingo),
+`vlmkit eval captioning|vqa|fewshot` and `vlmkit data tasks`. Thin wrappers over `vlmkit.inference.generate.VLMPipeline` and `vlmkit.eval.vqa`."""
 
 from __future__ import annotations
 
@@ -109,6 +109,87 @@ def cmd_chat(args) -> None:
         conversation.append({"from": "gpt", "value": reply})
 
 
+def cmd_generate(args) -> None:
+    """Flamingo: an interleaved prompt whose <image> placeholders the --image files fill in order; the
+    continuation streams."""
+    import torch
+
+    from vlmkit.cli.common import device_of
+    from vlmkit.convert import load_pretrained
+    from vlmkit.data.transforms import ImageTransform, load_image
+    from vlmkit.models.generation import GenerationConfig, TextStreamer
+
+    images = list(args.image or [])
+    _check_images(images)
+    pt = load_pretrained(args.model, device=device_of(args.device))
+    model, tok = pt.model, pt.tokenizer
+    if not hasattr(model, "gated_cross_attn_layers"):
+        raise VlmkitError(
+            f"{args.model} is not a Flamingo-style model; for CoCa / LLaVA use `vlmkit caption` or `vlmkit chat`"
+        )
+    if tok is None:
+        raise VlmkitError(f"{args.model} has no tokenizer.json; generation needs one")
+    ids = ([tok.sot_token_id] if tok.sot_token_id is not None else []) + tok.encode(args.prompt)
+    placeholders = ids.count(model.cfg.image_token_id)
+    if placeholders != len(images):
+        raise VlmkitError(
+            f"the prompt has {placeholders} <image> placeholders but {len(images)} --image files were given; "
+            "give one image per <image>, in order"
+        )
+    if len(ids) >= model.cfg.decoder.max_seq_len:
+        raise VlmkitError(
+            f"the prompt is {len(ids)} tokens; the model's context is {model.cfg.decoder.max_seq_len}"
+        )
+    transform = ImageTransform(pt.preprocess)
+    device = next(model.parameters()).device
+    pixels = torch.stack([transform(load_image(p)) for p in images])[None].to(device) if images else None
+    d = model.cfg.decoder
+    options = _generation(args)
+    options["max_new_tokens"] = min(options["max_new_tokens"], d.max_seq_len - len(ids))
+    config = GenerationConfig(eos_token_id=[d.eos_token_id, model.cfg.chunk_token_id], pad_token_id=d.pad_token_id,
+                              **options)  # fmt: skip
+    streamer = TextStreamer(tok, on_text=lambda piece: print(piece, end="", flush=True))
+    streamer = streamer if args.num_beams == 1 else None
+    new = model.generate(
+        torch.tensor([ids], device=device), pixels, config=config, tokenizer=tok, streamer=streamer
+    )
+    if streamer is None:
+        print(tok.decode(new[0].tolist()), end="")
+    print(flush=True)
+
+
+def cmd_eval_fewshot(args) -> None:
+    from vlmkit.cli.common import device_of
+    from vlmkit.convert import load_pretrained
+    from vlmkit.eval.fewshot import FewShot, evaluate_fewshot, plot_fewshot
+
+    data = Path(args.data) if args.data else None
+    defaults = {"classify": ("train_classify", "val_episodes"), "caption": ("train_captions", "val_captions"),
+                "vqa": ("train_vqa", "val_vqa")}[args.task]  # fmt: skip
+    support = args.support or (data / f"{defaults[0]}.jsonl" if data else None)
+    queries = args.queries or (data / f"{defaults[1]}.jsonl" if data else None)
+    if support is None or queries is None:
+        raise VlmkitError("pass --data (a folder from `vlmkit data tasks`) or both --support and --queries")
+    pt = load_pretrained(args.model, device=device_of(args.device))
+    if pt.tokenizer is None:
+        raise VlmkitError(f"{args.model} has no tokenizer.json; few-shot evaluation needs one")
+    fs = FewShot(pt.model, pt.tokenizer, pt.preprocess, next(pt.model.parameters()).device, args.batch_size)
+    result = evaluate_fewshot(fs, args.task, args.shots, args.demos, support=support, queries=queries,
+                              limit=args.limit, seed=args.seed)  # fmt: skip
+    result["model"] = args.model
+    key = "cider" if args.task == "caption" else "accuracy"
+    for k, r in result["results"].items():
+        v = r[key]
+        print(f"{args.task} {k} shots ({args.demos}): {key} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+              f" on {r['num_queries']}")  # fmt: skip
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"fewshot_{args.task}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        plot_fewshot(result, out / f"fewshot_{args.task}.png")
+        print(f"wrote {out / f'fewshot_{args.task}.json'} and the plot beside it")
+
+
 def _emit(result: dict, output: str | None) -> None:
     from vlmkit.eval.features import save_results
 
@@ -186,6 +267,34 @@ def register(sub, eval_sub, data_sub) -> None:
     )
     _generation_args(p, 128)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "generate", help="continue an interleaved prompt with a Flamingo model; images fill <image> in order"
+    )
+    _model_args(p)
+    p.add_argument(
+        "--prompt", required=True, help='e.g. "<image>Output: a red circle<|endofchunk|><image>Output:"'
+    )
+    p.add_argument("--image", action="append", default=[], help="an image for the next <image> (repeatable)")
+    _generation_args(p, 32)
+    p.set_defaults(func=cmd_generate)
+
+    p = eval_sub.add_parser("fewshot", help="few-shot accuracy / CIDEr of a Flamingo model against shots")
+    _model_args(p)
+    p.add_argument("--task", required=True, choices=["classify", "caption", "vqa"])
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8])
+    p.add_argument("--demos", choices=["random", "similar"], default="random",
+                   help="demonstrations at random or by image similarity (RICES, the most similar last)")  # fmt: skip
+    p.add_argument(
+        "--data", help="a folder from `vlmkit data tasks` (support and queries by the task's names)"
+    )
+    p.add_argument("--support", help="the demonstrations' file (classify: train_classify.jsonl)")
+    p.add_argument("--queries", help="the queries' file (classify: val_episodes.jsonl)")
+    p.add_argument("--limit", type=int, help="the first N queries only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for fewshot_<task>.json and its plot")
+    p.set_defaults(func=cmd_eval_fewshot)
 
     for task, func, tokens, data_help in (
         (

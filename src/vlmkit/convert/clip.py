@@ -624,6 +624,10 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
         from vlmkit.convert.blip import load_hf_blip
 
         return load_hf_blip(path, device)
+    if meta.get("model_type") == "idefics":
+        from vlmkit.convert.idefics import load_hf_idefics
+
+        return load_hf_idefics(path, device)
     _model_type(meta, where)  # before reading possibly large weights
     state = read_hf_weights(path)
     scale, bias = state.get("logit_scale"), state.get("logit_bias")

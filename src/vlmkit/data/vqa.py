@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 TASKS_FILE = "tasks.json"  # the write_tasks arguments that made a folder's task files
 QUESTION_TYPES = ("colour", "shape", "count", "position", "exists", "relation")
 TASK_TYPES = (*QUESTION_TYPES, "caption")
+FEWSHOT_FILES = ("train_interleaved", "train_classify", "val_classify", "val_episodes")  # vlmkit.data.fewshot
 # A relation needs the two box centres apart by this fraction of the boxes' mean extent along the axis.
 RELATION_MARGIN = 0.5
 # A position question needs the box centre at least this fraction of the image side away from the lines
@@ -309,7 +310,8 @@ def write_tasks(
     (the extra conversations draw from their own random stream, so the other files do not change). Scenes
     the noise options corrupted are left out. `{split}_compositional.jsonl` holds each scene's true caption
     and foils (vlmkit.data.compositional), from a stream of its own too. Returns {"{split}_vqa": path,
-    "{split}_captions": path, "{split}_chat": path, "{split}_compositional": path}.
+    "{split}_captions": path, "{split}_chat": path, "{split}_compositional": path}, and with both splits the
+    few-shot files of `vlmkit.data.fewshot.write_fewshot` (interleaved documents, classes, episodes).
     """
     if multi_object_chats < 1:
         raise ConfigError(f"multi_object_chats must be at least 1, not {multi_object_chats}")
@@ -375,6 +377,10 @@ def write_tasks(
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             paths[f"{split}_{name}"] = path
         log.info("%s: %d questions (%s), %d captions", split, len(vqa_rows), dict(asked), len(caption_rows))
+    if {"train", "val"} <= set(splits):  # Flamingo's interleaved documents and few-shot episodes
+        from vlmkit.data.fewshot import write_fewshot
+
+        paths |= write_fewshot(data_dir, seed=seed)
     settings = {
         "seed": seed,
         "questions_per_image": questions_per_image,
@@ -395,6 +401,8 @@ def tasks_are_current(data_dir: str | Path, **write_args) -> bool:
     splits = write_args.pop("splits", saved.get("splits", ()))
     kinds = ("vqa", "captions", "chat", "compositional")
     files = [data_dir / f"{split}_{kind}.jsonl" for split in splits for kind in kinds]
+    if {"train", "val"} <= set(splits):
+        files += [data_dir / f"{name}.jsonl" for name in FEWSHOT_FILES]
     return (
         set(splits) <= set(saved.get("splits", ()))
         and all(f.is_file() for f in files)

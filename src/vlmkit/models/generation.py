@@ -43,6 +43,7 @@ class GenerationConfig:
     pad_token_id: int | None = None  # what finished rows emit; None = the (first) end token
     stop_strings: list[str] = field(default_factory=list)  # needs `tokenizer`
     seed: int | None = None  # sampling: a torch.Generator seeded with this makes results reproducible
+    suppress_tokens: list[int] = field(default_factory=list)  # never generated (e.g. an image placeholder)
     use_cache: bool = True  # False recomputes the whole prefix each step (reference / benchmark)
 
     def __post_init__(self):
@@ -147,8 +148,11 @@ class TextStreamer:
 class _Model:
     """The forward calls generate makes: prompt once, then one step at a time, with or without a cache."""
 
-    def __init__(self, model, prompt_ids, prompt_embeds, mask, max_new: int, use_cache: bool, kwargs: dict):
+    def __init__(
+        self, model, prompt_ids, prompt_embeds, mask, max_new: int, use_cache: bool, kwargs: dict, suppress=()
+    ):
         self.model, self.kwargs, self.use_cache = model, kwargs, use_cache
+        self.suppress = torch.tensor(list(suppress), dtype=torch.long) if suppress else None
         self.prompt_ids, self.prompt_embeds = prompt_ids, prompt_embeds
         prompt = prompt_ids if prompt_ids is not None else prompt_embeds
         B, T = prompt.shape[:2]
@@ -164,7 +168,10 @@ class _Model:
     def _logits(self, mask_len: int, **inputs) -> torch.Tensor:
         mask = self.mask[:, :mask_len] if self.mask is not None else None
         out = self.model(**inputs, attention_mask=mask, cache=self.cache, logits="last", **self.kwargs)
-        return out.logits[:, -1]  # (B, V)
+        logits = out.logits[:, -1]  # (B, V)
+        if self.suppress is not None:
+            logits = logits.index_fill(-1, self.suppress.to(logits.device), float("-inf"))
+        return logits
 
     def prefill(self) -> torch.Tensor:
         if self.prompt_ids is not None:
@@ -257,8 +264,9 @@ def generate(
             model, input_ids, inputs_embeds, attention_mask, config, eos_ids, pad, stop, model_kwargs
         )
     runner = _Model(
-        model, input_ids, inputs_embeds, attention_mask, config.max_new_tokens, config.use_cache, model_kwargs
-    )
+        model, input_ids, inputs_embeds, attention_mask, config.max_new_tokens, config.use_cache, model_kwargs,
+        config.suppress_tokens,
+    )  # fmt: skip
     return _decode(runner, B, prompt.device, config, eos_ids, pad, stop, streamer)
 
 
@@ -332,8 +340,9 @@ def _beam_search(
 
     kwargs = {k: per_beam(v) for k, v in model_kwargs.items()}
     runner = _Model(
-        model, per_beam(input_ids), per_beam(inputs_embeds), per_beam(mask), N, config.use_cache, kwargs
-    )
+        model, per_beam(input_ids), per_beam(inputs_embeds), per_beam(mask), N, config.use_cache, kwargs,
+        config.suppress_tokens,
+    )  # fmt: skip
     K = max(2, 1 + (0 if eos_ids is None else len(eos_ids))) * nb
     top_nb = torch.arange(K, device=device) < nb  # (K,)
     neg = -1.0e9  # HF's "impossible" score

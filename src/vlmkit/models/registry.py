@@ -9,7 +9,9 @@ a function from a size row to the config (as a nested dict), and the name of the
 - generative models: `coca` (dual encoder + captioning decoder) and `llava` (vision tower -> projector ->
   Llama-style decoder); sizes `tiny` and `small` for CPU, `B-16` for GPUs;
 - fusion encoder-decoders: `fusion` (ALBEF/BLIP: ITC, ITM, MLM, MIM, captioning); `tiny` for CPU, `B-16`
-  (BLIP-base's shape) for GPUs.
+  (BLIP-base's shape) for GPUs;
+- interleaved image-text models: `flamingo` (frozen vision tower -> Perceiver resampler -> an LM with gated
+  cross-attention); `tiny` for CPU, `B` for GPUs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from vlmkit.config import from_dict
 from vlmkit.errors import ConfigError
 from vlmkit.models.clip import CLIP, CLIPConfig
 from vlmkit.models.coca import CoCa, CoCaConfig
+from vlmkit.models.flamingo import Flamingo, FlamingoConfig
 from vlmkit.models.fusion import Fusion, FusionConfig
 from vlmkit.models.llava import Llava, LlavaConfig
 
@@ -58,6 +61,16 @@ FUSION_SIZES: dict[str, dict[str, Any]] = {
     "B-16": dict(
         image=224, patch=16, v=(768, 12, 12), t=(768, 12, 12), start=0, embed=256, ctx=512, post_norm=True
     ),
+}
+
+
+# size -> (image_size, patch, vision width/layers/heads, decoder width/layers/heads, perceiver latents/depth,
+# a gated cross-attention block every n LM layers). tiny: clip-tiny's tower, so a trained one can be frozen in;
+# B: OpenFlamingo-3B's layout at ViT-B/16 (64 latents, depth 6; cross-attention every layer would double
+# the LM; every 4th as in OpenFlamingo-9B)
+FLAMINGO_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(image=64, patch=8, v=(128, 3, 2), d=(256, 4, 4), latents=(16, 2), every=1),
+    "B": dict(image=224, patch=16, v=(768, 12, 12), d=(1024, 16, 16), latents=(64, 6), every=4),
 }
 
 
@@ -130,6 +143,19 @@ def _llava(s: dict) -> dict[str, Any]:
     return dict(vision=_vision(s, proj=False), decoder=dict(width=dw, layers=dl, heads=dh, max_seq_len=1024))
 
 
+def _flamingo(s: dict) -> dict[str, Any]:
+    # the tower's hidden states feed the resampler: its pooling head and projection are unused
+    (dw, dl, dh) = s["d"]
+    latents, depth = s["latents"]
+    heads = max(2, s["v"][0] // 64)
+    return dict(
+        vision=_vision(s, proj=False),
+        decoder=dict(width=dw, layers=dl, heads=dh, max_seq_len=1024),
+        perceiver=dict(latents=latents, depth=depth, heads=heads, head_dim=s["v"][0] // heads),
+        cross_every=s["every"],
+    )
+
+
 def _fusion(s: dict) -> dict[str, Any]:
     (tw, tl, th) = s["t"]
     text = dict(
@@ -162,6 +188,7 @@ FAMILIES: dict[str, Family] = {
     "coca": Family(CoCaConfig, CoCa, GENERATIVE_SIZES, _coca, "coca"),
     "llava": Family(LlavaConfig, Llava, GENERATIVE_SIZES, _llava, "llava"),
     "fusion": Family(FusionConfig, Fusion, FUSION_SIZES, _fusion, "fusion"),
+    "flamingo": Family(FlamingoConfig, Flamingo, FLAMINGO_SIZES, _flamingo, "flamingo"),
 }
 
 

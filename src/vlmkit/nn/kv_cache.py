@@ -35,6 +35,8 @@ class KVCache:
         self.cross: dict[int, tuple[Tensor, Tensor]] = {}
         # the encoder key-padding mask that goes with `cross`, (B, 1, 1, N) bool (True = attend), or None
         self.cross_mask: Tensor | None = None
+        # Flamingo: how many <image> tokens each row has read so far, (B,) long, or None
+        self.media_count: Tensor | None = None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, nkv, T, hs) at [length, length+T) of `layer`; return that layer's (B, nkv, length+T, hs)."""
@@ -64,3 +66,5 @@ class KVCache:
         }
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, index)
+        if self.media_count is not None:
+            self.media_count = self.media_count.index_select(0, index)

@@ -16,6 +16,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "quick_gelu": quick_gelu,
+    "relu": F.relu,  # Idefics' Perceiver resampler
 }
 
 

@@ -219,6 +219,53 @@ RECIPES |= {
         save_every=200,
         max_len=160,
     ),
+    # Flamingo: the image tower pretrained contrastively (stage 1, as LLaVA's), then frozen while the
+    # resampler, the gated cross-attention and the language model learn from interleaved documents of 2-9
+    # scenes (vlmkit.data.fewshot): captions, questions, and novel-label documents whose made-up words only
+    # the document's earlier scenes explain, so that the model learns to read labels from its context.
+    # Validation: 2-way novel-label episodes with words training never saw (val_episodes.jsonl).
+    "flamingo-tiny-shapes": dict(
+        model="flamingo-tiny",
+        out="runs/flamingo-tiny-shapes",
+        synthetic_data="data/shapes-vqa",
+        synthetic_args=SHAPES_VQA,
+        **SHAPES_TASKS,
+        stages=[
+            CLIP_STAGE,
+            dict(
+                name="interleaved",
+                train_data="{data}/train_interleaved.jsonl",
+                freeze=["^vision_model\\."],
+                time_budget=10.0,
+                epochs=100,
+            ),
+        ],
+        val_data="{data}/val_episodes.jsonl",
+        batch_size=32,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        eval_every=200,
+        save_every=200,
+        max_len=160,
+        precision="fp32",
+    ),
+    # One stage on your own interleaved documents (--train-data DOCS.jsonl); the image tower from a
+    # CLIP/SigLIP folder with --set vision_init_from=DIR, frozen.
+    "flamingo-tiny": dict(
+        model="flamingo-tiny",
+        out="runs/flamingo-tiny",
+        freeze=["^vision_model\\."],
+        batch_size=32,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        epochs=10,
+        eval_every=200,
+        save_every=200,
+        max_len=160,
+        precision="fp32",
+    ),
     # One stage on your own conversation files (--train-data, --val-data); start the image tower from a
     # CLIP/SigLIP folder with --set vision_init_from=DIR.
     "llava-tiny": dict(
@@ -372,6 +419,8 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
         small["embed_dim"] = 64  # the vision tower has no projection: its width is the embedding
     if family == "coca":
         small.update({"embed_dim": 32, "decoder.cross_attention_start": 1, "decoder.encoder_width": 64})
+    if family == "flamingo":
+        small.update({"perceiver.latents": 4, "perceiver.depth": 1})
     steps = {"max_steps": 3, "time_budget": None, "compile": False}  # compiling takes longer than 3 steps
     stages = [{**stage, **steps, **({"smoke": True} if "recipe" in stage else {})} for stage in cfg.stages]
     changes: dict[str, Any] = {
