@@ -146,6 +146,22 @@ def test_rows_with_fewer_images_pad_their_slots():
     torch.testing.assert_close(out[1:], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_a_right_padded_training_batch_equals_each_row_alone():
+    """Training batches run packed (no compute on padding): each row's logits as when it is alone."""
+    torch.manual_seed(0)
+    model = opened(Flamingo(tiny()))
+    rows = [[5, IMG, 7, 8, EOC, IMG, 9, 10, 11], [IMG, 12, 13, EOC]]
+    images = torch.randn(2, 2, 3, 16, 16)
+    T = max(map(len, rows))
+    x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    out = model(x, images, mask, num_media=torch.tensor([2, 1]))
+    for b, r in enumerate(rows):
+        alone = model(torch.tensor([r]), images[b : b + 1, : r.count(IMG)]).logits[0]
+        torch.testing.assert_close(out.logits[b, : len(r)], alone, atol=1e-5, rtol=1e-5)
+    assert out.hidden[1, len(rows[1]) :].abs().sum() == 0  # nothing computed at the padding
+
+
 def test_a_frozen_language_model_trains_only_the_new_rows_resampler_and_gates():
     torch.manual_seed(0)
     model = Flamingo(tiny())

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.models.decoder import Decoder, DecoderConfig, DecoderOutput
+from vlmkit.models.decoder import Decoder, DecoderConfig, DecoderOutput, right_padded_packing
 from vlmkit.models.vit import VisionConfig, VisionTransformer
 from vlmkit.nn.attention import CrossAttention
 from vlmkit.nn.kv_cache import KVCache
 from vlmkit.nn.mlp import SwiGLU, get_activation
 from vlmkit.nn.norm import RMSNorm
+from vlmkit.nn.packing import Packing
 
 PARTS = ("vision_model", "perceiver", "gated_cross_attn_layers", "new_tokens", "language_model")
 MEDIA_ATTENTION = ("previous", "all")
@@ -213,11 +214,13 @@ class GatedCrossAttentionBlock(nn.Module):
         sees_media: Tensor | None,
         cache: KVCache | None,
         index: int,
+        packing: Packing | None = None,
     ) -> Tensor:
-        """x (B, T, C); media (B, M*L, Dv) or None (no image in the batch: the attention part is skipped);
-        media_mask (B, 1, T, M*L) bool; sees_media (B, T) bool."""
+        """x (B, T, C), or the packed real tokens (N, C) with `packing`; media (B, M*L, Dv) or None (no image
+        in the batch: the attention part is skipped); media_mask (B, 1, T, M*L) bool; sees_media (B, T) bool,
+        or (N,) with `packing`."""
         if media is not None:
-            h = self.cross_attn(self.input_layernorm(x), media, media_mask, cache, index)  # (B, T, C)
+            h = self.cross_attn(self.input_layernorm(x), media, media_mask, cache, index, packing)
             h = h * sees_media[..., None].to(h.dtype)
             x = x + torch.tanh(self.alpha_cross_attn) * h
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
@@ -275,8 +278,9 @@ class Flamingo(nn.Module):
         weight = weight.index_copy(0, self.new_token_id_tensor, self.new_token_head.to(weight.dtype))
         return F.linear(h, weight)
 
-    def encode_media(self, pixel_values: Tensor) -> Tensor:
-        """Images (B, M, 3, H, W) or frames (B, M, F, 3, H, W) -> media tokens (B, M, L, Dv)."""
+    def encode_media(self, pixel_values: Tensor, num_media: Tensor | None = None) -> Tensor:
+        """Images (B, M, 3, H, W) or frames (B, M, F, 3, H, W) -> media tokens (B, M, L, Dv). With
+        `num_media` (B,) only each row's first images are encoded; the padding slots stay zero."""
         if pixel_values.dim() == 5:
             pixel_values = pixel_values[:, :, None]  # one frame each
         if pixel_values.dim() != 6:
@@ -284,10 +288,22 @@ class Flamingo(nn.Module):
                 f"pixel_values must be (B, M, 3, H, W) or (B, M, F, 3, H, W), got {tuple(pixel_values.shape)}"
             )
         B, M, Fr = pixel_values.shape[:3]
-        x = self.vision_model.forward_hidden(pixel_values.flatten(0, 2), self.cfg.vision_feature_layer)
-        x = x.view(B * M, Fr, *x.shape[1:])  # (B*M, F, N, Dv)
-        x = self.perceiver(x) if self.perceiver is not None else x.flatten(1, 2)  # (B*M, L, Dv)
-        return x.view(B, M, *x.shape[1:])  # (B, M, L, Dv)
+        real = None
+        if num_media is not None:
+            real = (
+                torch.arange(M, device=pixel_values.device)[None] < num_media.to(pixel_values.device)[:, None]
+            )
+            pixel_values = pixel_values[real]  # (N, F, 3, H, W): the real images only
+        n = pixel_values.shape[0] if real is not None else B * M
+        x = self.vision_model.forward_hidden(pixel_values.flatten(0, 1 if real is not None else 2),
+                                             self.cfg.vision_feature_layer)  # fmt: skip
+        x = x.view(n, Fr, *x.shape[1:])  # (n, F, N, Dv)
+        x = self.perceiver(x) if self.perceiver is not None else x.flatten(1, 2)  # (n, L, Dv)
+        if real is None:
+            return x.view(B, M, *x.shape[1:])  # (B, M, L, Dv)
+        out = x.new_zeros(B, M, *x.shape[1:])
+        out[real] = x
+        return out
 
     def new_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         return self.language_model.new_cache(batch_size, max_len, device=device, dtype=dtype)
@@ -314,13 +330,15 @@ class Flamingo(nn.Module):
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
         if media is None and pixel_values is not None:
-            media = self.encode_media(pixel_values)
+            media = self.encode_media(pixel_values, num_media)
         lm, cfg = self.language_model, self.cfg
         past = cache.length if cache is not None else 0
         count = media_counts(input_ids, cfg.image_token_id, cache.media_count if cache is not None else None)
         if cache is None or past == 0:
             self._check_images(count[:, -1], media, num_media)
         x, rope, mask, is_causal = lm._inputs(None, self.embed(input_ids), attention_mask, None, past)
+        # a right-padded training batch: norms, projections and MLPs run on the real tokens only
+        packing = right_padded_packing(attention_mask) if cache is None else None
         media_flat = cross_mask = sees = None
         if media is not None:
             B, M, L, Dv = media.shape
@@ -330,27 +348,32 @@ class Flamingo(nn.Module):
             allowed = allowed | ~sees[..., None]
             cross_mask = allowed.repeat_interleave(L, dim=-1)[:, None]  # (B, 1, T, M*L)
             media_flat = media.reshape(B, M * L, Dv).to(x.dtype)
+        if packing is not None:
+            x, mask, is_causal = packing.pack(x), None, True  # (N, C); real tokens see only real tokens
+            sees = packing.pack(sees[..., None]).squeeze(-1) if sees is not None else None  # (N,)
         for i, block in enumerate(lm.layers):
             if i % cfg.cross_every == 0:
                 gated = self.gated_cross_attn_layers[i // cfg.cross_every]
-                x = self._maybe_checkpoint(
-                    gated, x, media_flat, cross_mask, sees, cache, i // cfg.cross_every
-                )
-            x = self._maybe_checkpoint(block, x, rope, mask, is_causal, cache, i)
+                args = (media_flat, cross_mask, sees, cache, i // cfg.cross_every, packing)
+                x = self._maybe_checkpoint(gated, x, *args)
+            x = self._maybe_checkpoint(block, x, rope, mask, is_causal, cache, i, None, None, packing)
         if cache is not None:
             cache.advance(x.shape[1])
             cache.media_count = count[:, -1]  # (B,) what the next tokens continue from
-        h = lm.norm(x)  # (B, T, C)
+        h = lm.norm(x)  # (B, T, C), or packed (N, C)
+        if packing is not None:
+            h = packing.unpack(h)  # (B, T, C), zeros at the padding
         if logits == "none":
             out = None
         else:
             out = self.lm_head(h[:, -1:] if logits == "last" else h)
         return DecoderOutput(logits=out, hidden=h, unimodal=None)
 
-    def _maybe_checkpoint(self, module, *args):
-        if self.language_model.grad_checkpointing and self.training and args[-2] is None:
-            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+    def _maybe_checkpoint(self, module, x, *args):
+        cache = args[3]  # both blocks take the cache fourth after x
+        if self.language_model.grad_checkpointing and self.training and cache is None:
+            return torch.utils.checkpoint.checkpoint(module, x, *args, use_reentrant=False)
+        return module(x, *args)
 
     def _check_images(self, tokens: Tensor, media: Tensor | None, num_media: Tensor | None) -> None:
         """One line when a row's <image> tokens and its images differ in number."""
@@ -396,7 +419,7 @@ class Flamingo(nn.Module):
             config = dataclasses.replace(
                 config, suppress_tokens=[*config.suppress_tokens, self.cfg.image_token_id]
             )
-        media = self.encode_media(pixel_values) if pixel_values is not None else None
+        media = self.encode_media(pixel_values, num_media) if pixel_values is not None else None
         kwargs = {"media": media} if media is not None else {}
         if num_media is not None:
             kwargs["num_media"] = num_media
