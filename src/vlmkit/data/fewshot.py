@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmkit.data.synthetic import COLOURS, SHAPES
+from vlmkit.data.vqa import _read_scene_rows
 from vlmkit.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,6 @@ def scene_class(row: dict) -> str | None:
     return f"{objects[0]['colour']} {objects[0]['shape']}"
 
 
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"{path} not found; write the dataset first with `vlmkit data synth {path.parent}`")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _episode_doc(
     by_class: dict[str, list[str]], rng: np.random.Generator, words: tuple[str, ...], n: int
 ) -> dict:
@@ -106,7 +101,12 @@ def write_fewshot(
     paths = {}
     by_split = {}
     for split in ("train", "val"):
-        rows = [r for r in _rows(data_dir / f"{split}.jsonl") if not r.get("corruption")]
+        source = data_dir / f"{split}.jsonl"
+        if not source.is_file():
+            raise DataError(
+                f"{source} not found; write the dataset first with `vlmkit data synth {data_dir}`"
+            )
+        rows = [row for _, row in _read_scene_rows(source)]  # corrupted scenes left out
         classify = [{"image": r["image"], "label": scene_class(r)} for r in rows if scene_class(r)]
         by_split[split] = (rows, classify)
         path = data_dir / f"{split}_classify.jsonl"
@@ -124,7 +124,7 @@ def write_fewshot(
     vqa = {}
     vqa_file = data_dir / "train_vqa.jsonl"
     if vqa_file.is_file():
-        for r in _rows(vqa_file):
+        for r in map(json.loads, filter(str.strip, vqa_file.read_text(encoding="utf-8").splitlines())):
             question = r["conversations"][0]["value"].replace("<image>", "").strip()
             vqa.setdefault(r["image"], []).append(VQA_FORMAT.format(question, r["answer"]))
     rng = np.random.default_rng([seed, zlib.crc32(b"interleaved")])

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.data.chat import collate
-from vlmkit.data.manifest import BadRow
+from vlmkit.data.manifest import BadRow, _json_rows, read_utf8
 from vlmkit.data.transforms import ImageDecodeError, ImageTransform, check_image_file, load_image
 from vlmkit.errors import DataError
 from vlmkit.losses.captioning import IGNORE_INDEX
@@ -102,22 +102,9 @@ def read_documents(path: str | Path) -> Documents:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"document file not found: {path} (expected JSONL of interleaved documents)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
-        ) from None
     docs, bad = [], []
-    for lineno, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            item = json.loads(raw)
-        except json.JSONDecodeError as e:
-            bad.append(BadRow(str(path), lineno, f"malformed JSON ({e.msg} at column {e.colno})"))
-            continue
-        doc = parse_document(item, path.parent, lineno)
+    for lineno, item, reason in _json_rows(read_utf8(path), path):
+        doc = parse_document(item, path.parent, lineno) if item is not None else reason
         if isinstance(doc, str):
             bad.append(BadRow(str(path), lineno, doc))
         else:

@@ -56,6 +56,16 @@ class BadRow:
 _Row = tuple[int, dict | None, str]  # (line, fields, reason why fields is None)
 
 
+def read_utf8(path: Path) -> str:
+    """A user's text file; -sig drops the BOM spreadsheet programs write. DataError for other encodings."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
+
+
 def _json_rows(text: str, file: Path) -> Iterator[_Row]:
     if text.lstrip().startswith("["):
         raise DataError(f"{file} holds a JSON array; write one JSON object per line (JSONL)")
@@ -146,12 +156,7 @@ def read_manifest(path: str | os.PathLike, columns: Sequence[str] = ()) -> tuple
     ext = path.suffix.lower()
     if ext not in MANIFEST_DELIMITERS:
         raise DataError(f"{path}: unknown manifest extension {ext!r}; use one of {list(MANIFEST_DELIMITERS)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drop the BOM spreadsheet programs write
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
-        ) from None
+    text = read_utf8(path)
     delimiter = MANIFEST_DELIMITERS[ext]
     rows = _json_rows(text, path) if delimiter is None else _csv_rows(text, path, delimiter, columns)
     root = path.parent

@@ -32,7 +32,7 @@ from PIL import Image
 
 from vlmkit.data.chat import IMAGE_TOKEN, normalize_conversation
 from vlmkit.data.compositional import foils_for, relation_facts, unique_objects
-from vlmkit.data.manifest import BadRow
+from vlmkit.data.manifest import BadRow, read_utf8
 from vlmkit.data.synthetic import COLOURS, SHAPES, _article, plural
 from vlmkit.data.transforms import ImageDecodeError, check_image_file
 from vlmkit.errors import ConfigError, DataError
@@ -452,12 +452,7 @@ def read_conversations(path: str | Path) -> Conversations:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"conversation file not found: {path} (expected JSONL, e.g. val_vqa.jsonl)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
-        ) from None
+    text = read_utf8(path)
     items: list[tuple[int, object]] = []
     bad: list[BadRow] = []
     if text.lstrip().startswith("["):

@@ -20,6 +20,7 @@ Captioning and VQA models (CoCa, LLaVA) are audited from what they say (`audit_c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -350,12 +351,10 @@ def audit_dual_encoder(
         **measure(before, labels, values, classes, queries, k, samples, seed, aligned),
     }
     if mitigation.names:
-        cache: list = []
 
+        @functools.cache
         def fit_split():  # embedded once, for whichever methods need it
-            if not cache:
-                cache.append(_fit_split(mitigation, attribute, label_key, embed_images))
-            return cache[0]
+            return _fit_split(mitigation, attribute, label_key, embed_images)
 
         result["settings"]["mitigation"] = asdict(mitigation)
         result["mitigations"] = {}

@@ -238,7 +238,8 @@ def evaluate_generative(fs: FewShot, task: str, support: str | Path, queries: st
     from vlmkit.eval.vqa import normalize_answer
 
     pool = _examples(support, task)
-    items = _examples(queries, task)[:limit]
+    every = _examples(queries, task)  # all of them give the references; the first `limit` are asked
+    items = every[:limit]
     prompts = []
     for index, q in enumerate(items):
         candidates = [e for e in pool if e.image != q.image]  # never the query's own image
@@ -246,10 +247,10 @@ def evaluate_generative(fs: FewShot, task: str, support: str | Path, queries: st
     answers = fs.generate(prompts)
     if task == "caption":
         refs: dict[Path, list[str]] = {}
-        for e in _examples(queries, task):
+        for e in every:
             refs.setdefault(e.image, []).append(e.answer)
         keys = list(range(len(items)))
-        summary, per = caption_scores(
+        _, per = caption_scores(
             {i: refs[q.image] for i, q in enumerate(items)}, dict(zip(keys, answers, strict=True))
         )
         metric = {"cider": _bootstrap(np.asarray(per["cider"], float), seed=seed)}

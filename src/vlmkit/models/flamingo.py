@@ -377,13 +377,12 @@ class Flamingo(nn.Module):
 
     def _check_images(self, tokens: Tensor, media: Tensor | None, num_media: Tensor | None) -> None:
         """One line when a row's <image> tokens and its images differ in number."""
-        have = (
-            torch.zeros_like(tokens)
-            if media is None
-            else num_media.to(tokens.device)
-            if num_media is not None
-            else torch.full_like(tokens, media.shape[1])
-        )
+        if media is None:
+            have = torch.zeros_like(tokens)
+        elif num_media is not None:
+            have = num_media.to(tokens.device)
+        else:
+            have = torch.full_like(tokens, media.shape[1])
         bad = (tokens != have).nonzero()
         if len(bad):
             b = int(bad[0, 0])

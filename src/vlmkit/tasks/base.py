@@ -118,6 +118,21 @@ class Task:
     def prepare_model(self, model: nn.Module) -> None:
         """After freezing and LoRA (vlmkit.train.transfer): anything the task never trains."""
 
+    def freeze_unused(self, model: nn.Module) -> None:
+        """Freeze the parameters no output depends on (`model.unused_parameter_names()`: a vision tower's
+        blocks after the layer read, its final norm and head); DDP requires every trained one to get a gradient."""
+        unused = model.unused_parameter_names()
+        params = dict(model.named_parameters())
+        for name in unused:
+            params[name].requires_grad_(False)
+        if unused:
+            from vlmkit import distributed as dist
+
+            if dist.is_main():
+                log.info(
+                    "%d vision-tower tensors after the feature layer are unused and stay frozen", len(unused)
+                )
+
     def train_mode(self, model: nn.Module) -> None:
         model.train()
 

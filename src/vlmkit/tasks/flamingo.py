@@ -83,14 +83,7 @@ class FlamingoTask(Task):
         return model
 
     def prepare_model(self, model: nn.Module) -> None:
-        unused = model.unused_parameter_names()
-        params = dict(model.named_parameters())
-        for name in unused:
-            params[name].requires_grad_(False)
-        if unused and dist.is_main():
-            log.info(
-                "%d vision-tower tensors after the feature layer are unused and stay frozen", len(unused)
-            )
+        self.freeze_unused(model)
 
     # ---------------------------------------------------------------- data and step
     def encode(self, doc):

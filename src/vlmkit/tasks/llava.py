@@ -7,11 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit import distributed as dist
 from vlmkit.data.chat import IMAGE_TOKEN, get_template
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.losses.captioning import next_token_loss
-from vlmkit.tasks.base import log
 from vlmkit.tasks.conversation import ConversationTask
 
 
@@ -37,14 +35,7 @@ class LlavaTask(ConversationTask):
         }
 
     def prepare_model(self, model: nn.Module) -> None:
-        unused = model.unused_parameter_names()
-        params = dict(model.named_parameters())
-        for name in unused:
-            params[name].requires_grad_(False)
-        if unused and dist.is_main():
-            log.info(
-                "%d vision-tower tensors after the feature layer are unused and stay frozen", len(unused)
-            )
+        self.freeze_unused(model)
 
     def render_row(self, row: dict) -> tuple[list[int], list[int]]:
         c = self.trainer.model_cfg
