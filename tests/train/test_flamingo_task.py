@@ -73,3 +73,19 @@ def test_the_cli_generates_and_evaluates_few_shot(run, tmp_path, capsys):
     assert "classify 0 shots (random): accuracy" in printed and "classify 2 shots" in printed
     result = json.loads((tmp_path / "fewshot_classify.json").read_text())
     assert result["results"]["2"]["num_queries"] == 4 and (tmp_path / "fewshot_classify.png").is_file()
+
+
+def test_the_one_stage_recipe_trains_on_document_shards(run, tmp_path, capsys):
+    from vlmkit.cli import main
+
+    _, _, data = run
+    shards = tmp_path / "shards"
+    main(["data", "shard-documents", "--input", str(data / "train_interleaved.jsonl"), "--out", str(shards),
+          "--shard-size", "20", "--no-progress"])  # fmt: skip
+    assert "documents, 0 bad lines skipped" in capsys.readouterr().out
+    main(["train", "--recipe", "flamingo-tiny", "--smoke", "--train-data", f"{shards}/{{00000..00001}}.tar",
+          "--out", str(tmp_path / "run")])  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (
+        summary["step"] == 3 and "documents: {'documents': 40" in (tmp_path / "run" / "train.log").read_text()
+    )

@@ -75,18 +75,21 @@ def cmd_caption(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    """Several turns about one image; each answer streams as it is generated."""
+    """Several turns about one image or more (LLaVA, Flamingo; CoCa reads one); each answer streams as it is
+    generated. The images come in order at the start of the first turn."""
     from vlmkit.data.chat import IMAGE_TOKEN
     from vlmkit.models.generation import TextStreamer
 
-    _check_images([args.image])
+    _check_images(args.image)
     vlm = _pipeline(args)
+    if len(args.image) > 1 and vlm.family == "coca":
+        raise VlmkitError(f"{args.model} is a CoCa model, which reads one image; give one --image")
     config = vlm.generation_config(**_generation(args))
     streamer = TextStreamer(vlm.tokenizer, on_text=lambda piece: print(piece, end="", flush=True))
     scripted = list(args.message or [])
     interactive = not scripted
     if interactive:
-        print(f"chatting about {args.image} (an empty line or Ctrl-D ends)", file=sys.stderr)
+        print(f"chatting about {', '.join(args.image)} (an empty line or Ctrl-D ends)", file=sys.stderr)
     conversation: list[dict] = []
     while True:
         if scripted:
@@ -101,7 +104,7 @@ def cmd_chat(args) -> None:
                 break
         else:
             break
-        text = message if conversation else f"{IMAGE_TOKEN}\n{message}"
+        text = message if conversation else f"{IMAGE_TOKEN}\n" * len(args.image) + message
         conversation.append({"from": "human", "value": text})
         print("assistant: ", end="", flush=True)
         reply = vlm.generate([args.image], [conversation], config, streamer=streamer)[0]
@@ -257,9 +260,17 @@ def register(sub, eval_sub, data_sub) -> None:
     _generation_args(p, 40)
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("chat", help="talk about an image with a LLaVA (or CoCa) model; answers stream")
+    p = sub.add_parser(
+        "chat",
+        help="talk about one image or several with a LLaVA or Flamingo (or CoCa) model; answers stream",
+    )
     _model_args(p)
-    p.add_argument("--image", required=True, help="the image the conversation is about")
+    p.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        help="an image the conversation is about (repeatable, in order)",
+    )
     p.add_argument(
         "--message",
         action="append",

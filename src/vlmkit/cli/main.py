@@ -91,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     bias.add_argument("--num-test", type=int, default=500, help="balanced test images")
     p.set_defaults(func=cmd_data_synth)
     from vlmkit.cli.shards import register_cli as register_shard
+    from vlmkit.cli.shards import register_documents_cli
 
     register_shard(data)
+    register_documents_cli(data)
     from vlmkit.cli.transfer import register_manifest_cli
 
     register_manifest_cli(data)

@@ -59,6 +59,42 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def register_documents_cli(subparsers) -> argparse.ArgumentParser:
+    """Add `shard-documents` to the `vlmkit data` subcommands."""
+    p = subparsers.add_parser(
+        "shard-documents",
+        help="write interleaved documents (Flamingo's JSONL) into WebDataset shards, one sample per document",
+        description="OUT/00000.tar with {key}.json (the document, images named by member) and {key}.0.png, "
+        "{key}.1.png, ... (the image files' bytes). Bad lines are skipped and counted.",
+    )
+    p.add_argument(
+        "--input", required=True, help="a document file (JSONL: segments, or OBELICS texts/images)"
+    )
+    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.add_argument("--shard-size", type=int, default=1000, help="documents per shard (default 1000)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shard_documents)
+    return p
+
+
+def cmd_shard_documents(args: argparse.Namespace) -> dict:
+    from vlmkit.data.shards.documents import write_document_shards
+
+    totals = write_document_shards(
+        args.input,
+        args.out,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {totals['shards']} shards to {totals['out']}: {totals['documents']} documents, "
+        f"{totals['skipped']} bad lines skipped"
+    )
+    return totals
+
+
 def cmd_shard(args: argparse.Namespace) -> dict:
     """Handler of `vlmkit data shard`: write the shards and print a totals summary."""
     totals = write_shards(

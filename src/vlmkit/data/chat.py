@@ -67,6 +67,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "user_assistant": ChatTemplate(None, "{system} ", "USER: {content} ", "ASSISTANT:"),
     # LLaVA's stage-1 pretraining and CoCa captioning: no roles, the user text (often only <image>) then the answer
     "plain": ChatTemplate(None, "{system}", "{content}", ""),
+    # Flamingo's VQA format (vlmkit.data.fewshot), a turn per chunk: images, then
+    # "Question: ... Short answer: ...<|endofchunk|>" (`flamingo_turns` puts the images first)
+    "flamingo": ChatTemplate(None, "{system}", "{content}", " Short answer:", end_of_turn="<|endofchunk|>"),
 }
 
 
@@ -256,6 +259,21 @@ def collate_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict
             input_ids[i, T - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[i, T - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def flamingo_turns(conversation: list[dict]) -> list[dict]:
+    """A conversation in Flamingo's format: each user turn's images first (the text after an image is what
+    attends to it), then `Question: <text>`."""
+    out = []
+    for turn in conversation:
+        role = turn.get("from", turn.get("role"))
+        text = _content(turn.get("value", turn.get("content", "")), "conversation")
+        if role in ("human", "user"):
+            text = (
+                IMAGE_TOKEN * text.count(IMAGE_TOKEN) + "Question: " + text.replace(IMAGE_TOKEN, "").strip()
+            )
+        out.append({"from": role, "value": text})
+    return out
 
 
 def coca_turns(conversation: list[dict], is_caption: bool) -> list[dict]:

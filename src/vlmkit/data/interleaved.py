@@ -5,7 +5,8 @@ A document file is JSONL, one document per line, in either of two shapes:
     {"segments": [{"text": "Two scenes."}, {"image": "a.png"}, {"text": "a red circle."}, {"image": "b.png"}, ...]}
     {"texts": ["Two scenes.", null, "a red circle.", null], "images": [null, "a.png", null, "b.png"]}   (OBELICS)
 
-Image paths are relative to the file's folder. A bad line (malformed JSON, a segment that is neither, a
+Image paths are relative to the file's folder. Documents also come in WebDataset shards
+(vlmkit.data.shards.documents), their images held as `MemberImage`s. A bad line (malformed JSON, a segment that is neither, a
 missing image file) is skipped, logged as `skipped FILE:LINE: reason` and counted in `.bad_rows`.
 
 Tokens (`encode_document`): [start] then, in order, one `<image>` per image and each text's tokens; the text
@@ -18,6 +19,7 @@ whole chunk that fits (counted); an image with no text after it has nothing to p
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +29,14 @@ import torch
 
 from vlmkit.data.chat import collate
 from vlmkit.data.manifest import BadRow, _json_rows, read_utf8
-from vlmkit.data.transforms import ImageDecodeError, ImageTransform, check_image_file, load_image
+from vlmkit.data.transforms import (
+    DecodeFailure,
+    ImageDecodeError,
+    ImageTransform,
+    check_image_file,
+    decode,
+    load_image,
+)
 from vlmkit.errors import DataError
 from vlmkit.losses.captioning import IGNORE_INDEX
 
@@ -37,15 +46,33 @@ IMAGE_TOKEN = "<image>"
 CHUNK_TOKEN = "<|endofchunk|>"
 
 
+@dataclass(frozen=True, eq=False)
+class MemberImage:
+    """An image held in a shard: where it is (`shard.tar:key.0.png`, for messages) and its bytes."""
+
+    where: str
+    data: bytes = field(repr=False)
+
+
+def open_image(image: Path | MemberImage):
+    """A document image as RGB PIL: a file, or a shard member decoded from its bytes (ImageDecodeError)."""
+    if isinstance(image, MemberImage):
+        try:
+            return decode(io.BytesIO(image.data))
+        except DecodeFailure as e:
+            raise ImageDecodeError(image.where, f"{e.reason}: {e.message}") from None
+    return load_image(image)
+
+
 @dataclass
 class Document:
-    """A document's segments in order: ("text", str) or ("image", Path)."""
+    """A document's segments in order: ("text", str) or ("image", Path | MemberImage)."""
 
-    segments: list[tuple[str, str | Path]]
+    segments: list[tuple[str, str | Path | MemberImage]]
     line: int = 0
 
     @property
-    def images(self) -> list[Path]:
+    def images(self) -> list[Path | MemberImage]:
         return [value for kind, value in self.segments if kind == "image"]
 
 
@@ -121,7 +148,7 @@ def read_documents(path: str | Path) -> Documents:
 class Encoded:
     ids: list[int]
     labels: list[int]
-    images: list[Path]
+    images: list[Path | MemberImage]
     notes: list[str] = field(default_factory=list)  # what was cut or dropped ("truncated", "trailing image")
 
 
@@ -144,7 +171,7 @@ def encode_document(
         notes.append("trailing image")
     ids = [tokenizer.sot_token_id] if tokenizer.sot_token_id is not None else []
     labels = [IGNORE_INDEX] * len(ids)
-    images: list[Path] = []
+    images: list[Path | MemberImage] = []
     ends = []  # token count at each chunk boundary, with the images used so far
     for kind, value in segments:
         if kind == "image":
@@ -211,10 +238,12 @@ class InterleavedDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:  # the trainer's hook for per-epoch randomness; none here
         pass
 
-    def image(self, path: Path) -> torch.Tensor:
-        if path not in self.cache:
-            self.cache[path] = self.transform(load_image(path))
-        return self.cache[path]
+    def image(self, image: Path | MemberImage) -> torch.Tensor:
+        if isinstance(image, MemberImage):  # a shard's image belongs to one document: not cached
+            return self.transform(open_image(image))
+        if image not in self.cache:
+            self.cache[image] = self.transform(load_image(image))
+        return self.cache[image]
 
     def __getitem__(self, i: int):
         enc = self.items[i]

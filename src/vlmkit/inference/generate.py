@@ -3,10 +3,12 @@
     vlm = VLMPipeline.from_pretrained("runs/llava-tiny-shapes")
     vlm.answer(["cat.png"], ["what colour is the star?"])     # -> ["red"]
     vlm.caption(["cat.png"])                                   # -> ["a small red star on the left"]
-    vlm.chat("cat.png", [{"from": "human", "value": "<image>\\nwhat is this?"}], streamer=...)
+    vlm.generate([["a.png", "b.png"]], [[{"from": "human", "value": "<image><image>\\nsame colour?"}]])
 
-It renders prompts with the model's chat template (LLaVA) or the plain template (CoCa), loads and
-preprocesses the images, left-pads the batch and decodes the new tokens. The CLI (`vlmkit caption`,
+It renders prompts with the model's chat template (LLaVA), the plain template (CoCa) or Flamingo's
+`<image>Question: ... Short answer:` chunks, loads and preprocesses the images, left-pads the batch and
+decodes the new tokens. A conversation may hold several images (LLaVA, Flamingo: one per `<image>`, in
+order); CoCa reads one. The CLI (`vlmkit caption`,
 `vlmkit chat`, `vlmkit eval vqa|captioning`) and the trainer's evaluations use it.
 """
 
@@ -18,9 +20,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlmkit.data.chat import IMAGE_TOKEN, coca_turns, get_template, render
+from vlmkit.data.chat import (
+    IMAGE_TOKEN,
+    coca_turns,
+    flamingo_turns,
+    get_template,
+    normalize_conversation,
+    render,
+)
 from vlmkit.data.transforms import ImageTransform
-from vlmkit.errors import ConfigError
+from vlmkit.errors import ConfigError, DataError
 from vlmkit.inference.embed import image_batch
 from vlmkit.losses.captioning import IGNORE_INDEX
 from vlmkit.models.generation import GenerationConfig, trim_stop_strings
@@ -52,9 +61,14 @@ class VLMPipeline:
         # "auto": bf16 autocast only where this device runs bf16 fast (vlmkit.runtime)
         self.precision = resolve_precision(precision, self.device).name
         cfg = model.cfg
-        self.template = cfg.chat_template if self.family == "llava" else "plain"
-        self.num_image_tokens = model.num_image_tokens if self.family == "llava" else 0
-        self.image_token_id = cfg.image_token_id if self.family == "llava" else None
+        self.template = {"llava": getattr(cfg, "chat_template", None), "flamingo": "flamingo"}.get(
+            self.family, "plain"
+        )
+        # LLaVA: each <image> becomes the image's tokens; Flamingo keeps one <image> token per image
+        self.num_image_tokens = {"llava": getattr(model, "num_image_tokens", 0), "flamingo": 1}.get(
+            self.family, 0
+        )
+        self.image_token_id = cfg.image_token_id if self.family in ("llava", "flamingo") else None
         self.transform = ImageTransform(preprocess, train=False)
         self.end_ids = get_template(self.template).end_ids(tokenizer)
 
@@ -74,7 +88,7 @@ class VLMPipeline:
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
         """The conversation rendered up to the assistant's turn, as token ids."""
         ids, _ = render(
-            conversation,
+            flamingo_turns(conversation) if self.family == "flamingo" else conversation,
             self.tokenizer,
             self.template,
             num_image_tokens=self.num_image_tokens,
@@ -92,17 +106,48 @@ class VLMPipeline:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # ---------------------------------------------------------------- generation
+    def _image_groups(self, images, conversations) -> list[list]:
+        """Each conversation's images as a list, checked against its <image> markers (one line if not)."""
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(images)} images for {len(conversations)} conversations")
+        groups = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+        for i, (group, conversation) in enumerate(zip(groups, conversations, strict=True)):
+            if self.family == "coca":
+                if len(group) != 1:
+                    raise DataError(
+                        f"conversation {i}: CoCa reads one image per conversation, not {len(group)}"
+                    )
+                continue
+            turns = normalize_conversation(conversation, f"conversation {i}")
+            markers = sum(text.count(IMAGE_TOKEN) for _, text in turns)
+            if markers != len(group):
+                raise DataError(
+                    f"conversation {i} has {markers} {IMAGE_TOKEN} markers but {len(group)} images; "
+                    f"give one image per {IMAGE_TOKEN}, in order"
+                )
+        return groups
+
+    def _pixels(self, groups: list[list]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LLaVA / CoCa: every image in order (N, 3, S, S); Flamingo: (B, M, 3, S, S) with each row's count."""
+        flat = self.pixel_values([im for g in groups for im in g])
+        if self.family != "flamingo":
+            return flat, None
+        counts = torch.tensor([len(g) for g in groups])
+        out = flat.new_zeros(len(groups), max(1, int(counts.max())), *flat.shape[1:])
+        out[torch.arange(out.shape[1])[None] < counts[:, None]] = flat
+        return out, counts.to(self.device)
+
     @torch.inference_mode()
     def generate(
         self,
-        images: Sequence[str | Path | Image.Image],
+        images: Sequence[str | Path | Image.Image | Sequence[str | Path | Image.Image]],
         conversations: Sequence[list[dict]],
         config: GenerationConfig | None = None,
         streamer=None,
     ) -> list[str]:
-        """One image per conversation; returns the assistant's next message for each."""
-        if len(images) != len(conversations):
-            raise ValueError(f"{len(images)} images for {len(conversations)} conversations")
+        """The assistant's next message for each conversation. `images[i]` is conversation i's image, or
+        the list of its images, one per `<image>` marker in order (LLaVA and Flamingo models)."""
+        groups = self._image_groups(images, conversations)
         config = config or self.generation_config()
         if self.family == "coca":
             conversations = [coca_turns(c, is_caption=False) for c in conversations]
@@ -114,14 +159,16 @@ class VLMPipeline:
         for i, p in enumerate(prompts):  # left padding: every row's next token is at position T
             input_ids[i, T - len(p) :] = torch.tensor(p)
             attention_mask[i, T - len(p) :] = 1
+        pixels, counts = self._pixels(groups)
         with self._autocast():
             new = self.model.generate(
                 input_ids=input_ids.to(self.device),
-                pixel_values=self.pixel_values(images),
+                pixel_values=pixels,
                 attention_mask=attention_mask.to(self.device),
                 config=config,
                 tokenizer=self.tokenizer,
                 streamer=streamer,
+                **({"num_media": counts} if counts is not None else {}),
             )
         texts = [self.decode(row) for row in new.tolist()]
         return [trim_stop_strings(t, config.stop_strings) for t in texts] if config.stop_strings else texts
@@ -149,10 +196,27 @@ class VLMPipeline:
                     pixel_values=self.pixel_values(images), config=config, tokenizer=self.tokenizer
                 )
             return [self.decode(row) for row in new.tolist()]
+        if self.family == "flamingo":  # Flamingo's captioning format: <image>Output: caption<|endofchunk|>
+            return self._flamingo_captions(
+                images, self.generation_config(**{"max_new_tokens": 40, **generation})
+            )
         conversations = [[{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}]] * len(images)
         return self.generate(
             images, conversations, self.generation_config(**{"max_new_tokens": 40, **generation})
         )
+
+    @torch.inference_mode()
+    def _flamingo_captions(self, images, config: GenerationConfig) -> list[str]:
+        from vlmkit.data.fewshot import CAPTION_FORMAT
+
+        ids = self.tokenizer.encode(IMAGE_TOKEN + CAPTION_FORMAT.format("").strip())
+        bos = self.tokenizer.sot_token_id
+        ids = ([bos] if bos is not None else []) + ids
+        input_ids = torch.tensor([ids] * len(images), device=self.device)
+        with self._autocast():
+            new = self.model.generate(input_ids, self.pixel_values(images)[:, None], config=config,
+                                      tokenizer=self.tokenizer)  # fmt: skip
+        return [self.decode(row).strip() for row in new.tolist()]
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()
@@ -166,6 +230,10 @@ class VLMPipeline:
         of turn, as the model captions (CoCa: the caption alone; LLaVA: the answer to `prompt`). (B,) float32."""
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images for {len(captions)} captions")
+        if self.family == "flamingo":
+            raise ConfigError(
+                "caption likelihoods are for CoCa and LLaVA models; score Flamingo with vlmkit.eval.fewshot"
+            )
         rows = []
         for caption in captions:
             turns = [

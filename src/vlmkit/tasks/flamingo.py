@@ -1,6 +1,7 @@
 """Flamingo: interleaved documents (vlmkit.data.interleaved), next-token loss on each image's text.
 
-Training data are document files (`--train-data DOCS.jsonl`, several joined with "::"); validation is
+Training data are document files (`--train-data DOCS.jsonl`, several joined with "::") or WebDataset shards of
+documents (`vlmkit data shard-documents`; read into memory, images decoded as batches use them); validation is
 few-shot: `data.val` names a novel-label episode file (`val_episodes.jsonl` of vlmkit.data.fewshot) whose
 support set is the `train_classify.jsonl` beside it, measured at 4 shots during training and at 0, 4 and 8
 (with captioning from `val_captions.jsonl` when there) at the end.
@@ -46,9 +47,12 @@ class FlamingoTask(Task):
         return model_cfg.decoder.max_seq_len
 
     def _documents(self, spec: str) -> list:
+        from vlmkit.data.shards import is_shard_spec
+        from vlmkit.data.shards.documents import read_document_shards
+
         docs = []
         for file in split_files(spec):
-            docs += list(read_documents(file))
+            docs += list(read_document_shards(file) if is_shard_spec(file) else read_documents(file))
         return docs
 
     def training_texts(self) -> list[str]:

@@ -271,10 +271,10 @@ def _tar_is_complete(f) -> bool:
     return os.pread(f.fileno(), _TAR_END, size - _TAR_END) == bytes(_TAR_END)
 
 
-def _read_shard(url: str, exts: frozenset[str] = READ_EXTS) -> Iterator[_Raw | _Skip]:
+def _read_shard(url: str, exts: frozenset[str] | Callable[[str], bool] = READ_EXTS) -> Iterator[_Raw | _Skip]:
     """The samples of one shard in order, then a _Skip if the shard is unreadable or truncated.
 
-    Members whose extension is not in `exts` are never read. A sample cut short by truncation is
+    Members whose extension is not in `exts` (or for which `exts(ext)` is false) are never read. A sample cut short by truncation is
     dropped (the truncated_tar skip accounts for it) unless its image and caption were both read.
     """
     try:
@@ -286,7 +286,7 @@ def _read_shard(url: str, exts: frozenset[str] = READ_EXTS) -> Iterator[_Raw | _
 
     def select(fname: str) -> bool:
         ext = (base_plus_ext(fname)[1] or "").lower()
-        if ext in exts:
+        if exts(ext) if callable(exts) else ext in exts:
             return True
         if ext not in READ_EXTS:
             ignored[ext] += 1

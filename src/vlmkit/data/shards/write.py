@@ -187,6 +187,18 @@ class ShardWriter:
         self._advance()
         return key
 
+    def add_members(self, record: dict, images: list[tuple[str, bytes]], source: str | None = None) -> str:
+        """Add a sample of several images (an interleaved document): `{key}.json` (`record`) and each image
+        as `{key}.{name}` (bytes as given; names like "0.png"). Returns the key."""
+        key = self._next_key()
+        for name, data in images:
+            self._add_member(f"{key}.{name}", data)
+        self._add_member(f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        self._rows.append(self._row(key, None, source, "success", None, {}))
+        self._successes += 1
+        self._advance()
+        return key
+
     def add_failure(self, source: str, reason: str, detail: str = "", caption: str | None = None) -> None:
         """Record an input that was skipped: it takes a key and a parquet row, but nothing in the tar."""
         key = self._next_key()
