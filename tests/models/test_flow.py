@@ -1,0 +1,55 @@
+"""Flow matching: the loss is zero for the exact velocity of a point mass, Euler sampling carries a Gaussian to
+the Gaussian the analytic velocity says, guidance is its formula, and the UNet reads its condition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmkit.errors import ConfigError
+from vlmkit.models.flow import FlowConfig, FlowUNet, euler_sample, flow_loss, guided
+
+
+def test_the_exact_velocity_of_a_point_mass_has_zero_loss_and_lands_on_it():
+    target = torch.randn(1, 3, 4, 4)
+    exact = lambda x, t: (target - x) / (1 - t.view(-1, 1, 1, 1))  # noqa: E731  the straight line's velocity
+    x1 = target.expand(8, -1, -1, -1)
+    assert flow_loss(exact, x1, torch.Generator().manual_seed(0)).item() < 1e-10
+    landed = euler_sample(exact, torch.randn(8, 3, 4, 4), steps=5)
+    torch.testing.assert_close(landed, x1, atol=1e-5, rtol=0)
+
+
+def test_euler_sampling_carries_noise_to_the_analytic_gaussian():
+    # x1 ~ N(m, s^2) independent of x0 ~ N(0, 1): E[x1 - x0 | x_t = x] is linear in x
+    m, s = 2.0, 0.5
+    torch.manual_seed(0)
+
+    def velocity(x, t):
+        t = t.view(-1, 1).double()
+        var = (1 - t) ** 2 + t**2 * s**2
+        return m + (t * s**2 - (1 - t)) / var * (x - t * m)
+
+    x = euler_sample(velocity, torch.randn(20000, 1, dtype=torch.float64), steps=200)
+    assert abs(x.mean().item() - m) < 0.02 and abs(x.std().item() - s) < 0.02
+
+
+def test_guidance_is_its_formula_and_the_condition_matters():
+    torch.manual_seed(0)
+    model = FlowUNet(FlowConfig(image_size=16, channels=(8, 16), cond_dim=12, embed_dim=16))
+    for p in model.parameters():  # the zero-initialised output convolutions would hide everything
+        torch.nn.init.normal_(p, std=0.2)
+    x, t, cond = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.7]), torch.randn(2, 12)
+    vc, vu = model(x, t, cond), model(x, t, None)
+    assert vc.shape == x.shape and not torch.allclose(vc, vu)
+    torch.testing.assert_close(guided(model, cond, 3.0)(x, t), vu + 3.0 * (vc - vu), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided(model, cond, 1.0)(x, t), vc)
+    dropped = model.drop_condition(torch.randn(4000, 12), torch.Generator().manual_seed(0))
+    share = (dropped == model.null_cond).all(dim=1).float().mean().item()
+    assert 0.08 < share < 0.12
+
+
+def test_bad_settings_are_one_line():
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        FlowConfig(channels=(12,))
+    with pytest.raises(ConfigError, match="at least 1"):
+        euler_sample(lambda x, t: x, torch.zeros(1), steps=0)
