@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlmkit.errors import ConfigError
-from vlmkit.models.flow import FlowConfig, FlowUNet, euler_sample, flow_loss, guided
+from vlmkit.models.flow import FlowConfig, build_flow_model, euler_sample, flow_loss, guided
 
 
 def test_the_exact_velocity_of_a_point_mass_has_zero_loss_and_lands_on_it():
@@ -33,10 +33,14 @@ def test_euler_sampling_carries_noise_to_the_analytic_gaussian():
     assert abs(x.mean().item() - m) < 0.02 and abs(x.std().item() - s) < 0.02
 
 
-def test_guidance_is_its_formula_and_the_condition_matters():
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_guidance_is_its_formula_and_the_condition_matters(arch):
     torch.manual_seed(0)
-    model = FlowUNet(FlowConfig(image_size=16, channels=(8, 16), cond_dim=12, embed_dim=16))
-    for p in model.parameters():  # the zero-initialised output convolutions would hide everything
+    cfg = FlowConfig(
+        image_size=16, channels=(8, 16), cond_dim=12, embed_dim=16, arch=arch, patch=4, width=32, heads=2
+    )
+    model = build_flow_model(cfg)
+    for p in model.parameters():  # the zero-initialised output layers would hide everything
         torch.nn.init.normal_(p, std=0.2)
     x, t, cond = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.7]), torch.randn(2, 12)
     vc, vu = model(x, t, cond), model(x, t, None)
@@ -48,8 +52,26 @@ def test_guidance_is_its_formula_and_the_condition_matters():
     assert 0.08 < share < 0.12
 
 
+def test_the_dit_puts_each_patch_back_where_it_came_from():
+    cfg = FlowConfig(image_size=8, arch="dit", patch=2, width=16, heads=2, layers=1, cond_dim=4, embed_dim=8)
+    model = build_flow_model(cfg)
+    g, p = 4, 2
+    code = torch.tensor([[tok * 1000 + py * 100 + px * 10 + c for py in range(p) for px in range(p) for c in range(3)]
+                         for tok in range(g * g)], dtype=torch.float32)  # (tokens, p*p*3)  # fmt: skip
+    model.head = torch.nn.Module()
+    model.head.forward = lambda h: code.expand(h.shape[0], -1, -1)
+    out = model(torch.zeros(2, 3, 8, 8), torch.zeros(2), None)
+    for c, y, x in ((0, 0, 0), (2, 1, 0), (1, 3, 6), (0, 7, 7)):
+        expected = ((y // p) * g + x // p) * 1000 + (y % p) * 100 + (x % p) * 10 + c
+        assert out[1, c, y, x].item() == expected
+
+
 def test_bad_settings_are_one_line():
     with pytest.raises(ConfigError, match="multiples of 8"):
         FlowConfig(channels=(12,))
+    with pytest.raises(ConfigError, match="arch must be"):
+        FlowConfig(arch="vae")
+    with pytest.raises(ConfigError, match="multiple of patch"):
+        FlowConfig(image_size=30, arch="dit", patch=4)
     with pytest.raises(ConfigError, match="at least 1"):
         euler_sample(lambda x, t: x, torch.zeros(1), steps=0)

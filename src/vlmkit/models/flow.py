@@ -7,8 +7,15 @@
 caption's embedding from a frozen text tower (a vlmkit CLIP's `encode_text`), replaced by a learned null
 embedding for `cond_drop` of the batch, so one network gives both the conditional and the unconditional
 velocity; sampling integrates dx/dt = v_u + s (v_c - v_u) from noise at t = 0 to an image at t = 1 with Euler
-steps (classifier-free guidance, scale s). Time and condition enter every residual block as a FiLM scale and
-shift of its normalised features.
+steps (classifier-free guidance, scale s). Two networks compute v (`FlowConfig.arch`):
+
+- `unet`: a UNet whose every residual block takes time and condition as a FiLM scale and shift of its
+  normalised features;
+- `dit`: a patch transformer (Peebles & Xie's DiT): patches of `patch` pixels as tokens with learned positions,
+  blocks whose layer norms are modulated by the embedding and whose residual branches are gated by it, the
+  gates starting at zero (adaLN-Zero).
+
+`build_flow_model(cfg)` builds the one `arch` names; both take (x_t, t, c) and return the velocity.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkit.errors import ConfigError
+from vlmkit.nn.attention import Attention
+from vlmkit.nn.mlp import MLP
 
 
 @dataclass
@@ -31,8 +40,17 @@ class FlowConfig:
     cond_dim: int = 128  # the text tower's embedding size
     embed_dim: int = 128  # time + condition embedding inside the network
     cond_drop: float = 0.1
+    arch: str = "unet"  # or "dit"
+    patch: int = 4  # dit: pixels per patch side
+    width: int = 128  # dit
+    layers: int = 4  # dit
+    heads: int = 4  # dit
 
     def __post_init__(self):
+        if self.arch not in ("unet", "dit"):
+            raise ConfigError(f"arch must be 'unet' or 'dit', not {self.arch!r}")
+        if self.arch == "dit" and self.image_size % self.patch:
+            raise ConfigError(f"image_size {self.image_size} must be a multiple of patch {self.patch}")
         self.channels = tuple(self.channels)
         if any(c % 8 for c in self.channels):
             raise ConfigError(f"channels {self.channels} must be multiples of 8 (group norm of 8 groups)")
@@ -67,17 +85,35 @@ class FiLMBlock(nn.Module):
         return self.skip(x) + self.conv2(F.silu(h))
 
 
-class FlowUNet(nn.Module):
-    """v(x_t, t, c): images (B, 3, S, S), times (B,), condition embeddings (B, cond_dim) or None (the null
-    condition) -> velocities (B, 3, S, S)."""
+class _Conditioned(nn.Module):
+    """What both networks share: the embedding of time and condition, the null condition, condition dropout."""
 
     def __init__(self, cfg: FlowConfig):
         super().__init__()
         self.cfg = cfg
-        ch, e = cfg.channels, cfg.embed_dim
+        e = cfg.embed_dim
         self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
         self.cond_proj = nn.Linear(cfg.cond_dim, e)
         self.null_cond = nn.Parameter(torch.zeros(cfg.cond_dim))
+
+    def embedding(self, t: Tensor, cond: Tensor | None, batch: int) -> Tensor:
+        if cond is None:
+            cond = self.null_cond.expand(batch, -1)
+        return F.silu(self.time_mlp(time_embedding(t, self.cfg.embed_dim)) + self.cond_proj(cond))
+
+    def drop_condition(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """`cond` with `cond_drop` of its rows replaced by the null embedding (training)."""
+        drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.cfg.cond_drop
+        return torch.where(drop[:, None], self.null_cond.to(cond.dtype).expand_as(cond), cond)
+
+
+class FlowUNet(_Conditioned):
+    """v(x_t, t, c): images (B, 3, S, S), times (B,), condition embeddings (B, cond_dim) or None (the null
+    condition) -> velocities (B, 3, S, S)."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__(cfg)
+        ch, e = cfg.channels, cfg.embed_dim
         self.stem = nn.Conv2d(3, ch[0], 3, padding=1)
         self.down = nn.ModuleList(FiLMBlock(ch[max(i - 1, 0)], c, e) for i, c in enumerate(ch))
         self.mid = FiLMBlock(ch[-1], ch[-1], e)
@@ -87,9 +123,7 @@ class FlowUNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        if cond is None:
-            cond = self.null_cond.expand(x.shape[0], -1)
-        e = F.silu(self.time_mlp(time_embedding(t, self.cfg.embed_dim)) + self.cond_proj(cond))
+        e = self.embedding(t, cond, x.shape[0])
         h = self.stem(x)
         skips = []
         for i, block in enumerate(self.down):
@@ -104,10 +138,58 @@ class FlowUNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), e)
         return self.out(h)
 
-    def drop_condition(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """`cond` with `cond_drop` of its rows replaced by the null embedding (training)."""
-        drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < self.cfg.cond_drop
-        return torch.where(drop[:, None], self.null_cond.to(cond.dtype).expand_as(cond), cond)
+
+class DiTBlock(nn.Module):
+    """x + g1 * attn(modulate(norm(x))), then x + g2 * mlp(modulate(norm(x))); shifts, scales and gates from
+    the embedding, the gates zero at the start (adaLN-Zero)."""
+
+    def __init__(self, width: int, heads: int, embed_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(width, 4 * width, act="gelu_tanh")
+        self.modulation = nn.Linear(embed_dim, 6 * width)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        s1, b1, g1, s2, b2, g2 = self.modulation(e)[:, None].chunk(6, dim=-1)  # each (B, 1, C)
+        x = x + g1 * self.attn(self.norm1(x) * (1 + s1) + b1)
+        return x + g2 * self.mlp(self.norm2(x) * (1 + s2) + b2)
+
+
+class FlowDiT(_Conditioned):
+    """The patch transformer of the module docstring; the same call as FlowUNet."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__(cfg)
+        p, w = cfg.patch, cfg.width
+        self.grid = cfg.image_size // p
+        self.patchify = nn.Conv2d(3, w, p, stride=p)
+        self.pos = nn.Parameter(torch.randn(1, self.grid**2, w) * 0.02)
+        self.blocks = nn.ModuleList(DiTBlock(w, cfg.heads, cfg.embed_dim) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(cfg.embed_dim, 2 * w)
+        self.head = nn.Linear(w, p * p * 3)
+        for layer in (self.final_modulation, self.head):  # the velocity starts at zero
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        B, p, g = x.shape[0], self.cfg.patch, self.grid
+        e = self.embedding(t, cond, B)
+        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # (B, g*g, w)
+        for block in self.blocks:
+            h = block(h, e)
+        scale, shift = self.final_modulation(e)[:, None].chunk(2, dim=-1)
+        h = self.head(self.norm(h) * (1 + scale) + shift)  # (B, g*g, p*p*3)
+        return h.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
+
+
+def build_flow_model(cfg: FlowConfig) -> FlowUNet | FlowDiT:
+    """The velocity network `cfg.arch` names."""
+    return FlowUNet(cfg) if cfg.arch == "unet" else FlowDiT(cfg)
 
 
 def flow_loss(
@@ -134,7 +216,7 @@ def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor, steps
     return x
 
 
-def guided(model: FlowUNet, cond: Tensor, scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+def guided(model: FlowUNet | FlowDiT, cond: Tensor, scale: float) -> Callable[[Tensor, Tensor], Tensor]:
     """The classifier-free guided velocity v_u + scale (v_c - v_u), both halves in one batch."""
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
