@@ -61,7 +61,9 @@ def test_a_batch_of_captions_samples_as_each_alone(model):
     together = model.sample(CAPTIONS, temperature=0.0, guidance=2.0)
     for i, caption in enumerate(CAPTIONS):
         assert torch.equal(together[i], model.sample([caption], temperature=0.0, guidance=2.0)[0])
-    assert torch.equal(together, model.sample(CAPTIONS, temperature=1.0, top_k=1, guidance=2.0))  # top-1 = greedy
+    assert torch.equal(
+        together, model.sample(CAPTIONS, temperature=1.0, top_k=1, guidance=2.0)
+    )  # top-1 = greedy
 
 
 def test_guidance_mixes_the_captionless_prediction(model):
