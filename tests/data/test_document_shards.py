@@ -19,16 +19,6 @@ from vlmkit.data.transforms import ImageTransform, PreprocessConfig
 from vlmkit.errors import DataError
 
 
-class WordTokenizer:
-    sot_token_id = 1
-
-    def __init__(self):
-        self.vocab: dict[str, int] = {}
-
-    def encode(self, text: str) -> list[int]:
-        return [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
-
-
 @pytest.fixture
 def docs_file(tmp_path):
     rng = np.random.default_rng(0)
@@ -53,13 +43,13 @@ def docs_file(tmp_path):
     return path
 
 
-def test_documents_round_trip_through_shards(docs_file, tmp_path):
+def test_documents_round_trip_through_shards(docs_file, tmp_path, word_tokenizer):
     totals = write_document_shards(docs_file, tmp_path / "shards", shard_size=2, progress=False)
     assert totals == {"shards": 2, "documents": 3, "skipped": 1, "out": str(tmp_path / "shards")}
     original = read_documents(docs_file)
     back = read_document_shards(tmp_path / "shards")
     assert len(back) == 3 and not back.bad_rows
-    tok = WordTokenizer()
+    tok = word_tokenizer
     for a, b in zip(original, back, strict=True):
         assert [k for k, _ in a.segments] == [k for k, _ in b.segments]
         for (kind, x), (_, y) in zip(a.segments, b.segments, strict=True):

@@ -23,18 +23,6 @@ from vlmkit.errors import DataError
 IMG, EOC = 3, 4
 
 
-class WordTokenizer:
-    """One id per word (ids from 10), start token 1."""
-
-    sot_token_id = 1
-
-    def __init__(self):
-        self.vocab: dict[str, int] = {}
-
-    def encode(self, text: str) -> list[int]:
-        return [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
-
-
 @pytest.fixture
 def folder(tmp_path):
     for name in ("a.png", "b.png", "c.png"):
@@ -59,8 +47,8 @@ def test_both_file_shapes_and_bad_lines(folder):
     assert "missing file" in reasons[3] and "no image" in reasons[4] and "malformed JSON" in reasons[6]
 
 
-def test_tokens_and_labels_follow_openflamingo(folder):
-    tok = WordTokenizer()
+def test_tokens_and_labels_follow_openflamingo(folder, word_tokenizer):
+    tok = word_tokenizer
     doc = Document([("text", "intro words"), ("image", folder / "a.png"), ("text", "red one"),
                     ("image", folder / "b.png"), ("text", "blue")])  # fmt: skip
     enc = encode_document(doc, tok, IMG, EOC, max_len=100)
@@ -85,8 +73,8 @@ def test_tokens_and_labels_follow_openflamingo(folder):
     assert prompt.ids == enc.ids[:-1]
 
 
-def test_long_documents_are_cut_at_chunk_boundaries_and_trailing_images_dropped(folder):
-    tok = WordTokenizer()
+def test_long_documents_are_cut_at_chunk_boundaries_and_trailing_images_dropped(folder, word_tokenizer):
+    tok = word_tokenizer
     doc = Document([("image", folder / "a.png"), ("text", "w " * 5), ("image", folder / "b.png"),
                     ("text", "v " * 5), ("image", folder / "c.png")])  # fmt: skip
     enc = encode_document(doc, tok, IMG, EOC, max_len=12)
@@ -97,8 +85,8 @@ def test_long_documents_are_cut_at_chunk_boundaries_and_trailing_images_dropped(
         encode_document(doc, tok, IMG, EOC, max_len=5)
 
 
-def test_dataset_counts_and_collates(folder):
-    tok = WordTokenizer()
+def test_dataset_counts_and_collates(folder, word_tokenizer):
+    tok = word_tokenizer
     docs = [
         Document([("image", folder / "a.png"), ("text", "one two")], 1),
         Document([("image", folder / "a.png"), ("text", "x"), ("image", folder / "b.png"), ("text", "y")], 2),
