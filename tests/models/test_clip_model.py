@@ -265,7 +265,8 @@ def test_config_round_trips_through_json(name):
     cfg = get_model_config(name)
     restored = from_dict(type(cfg), json.loads(json.dumps(to_dict(cfg))))
     assert restored == cfg
-    assert restored.vision.image_size % restored.vision.patch_size == 0
+    if hasattr(restored, "vision"):
+        assert restored.vision.image_size % restored.vision.patch_size == 0
 
 
 def test_every_named_model_builds():

@@ -48,6 +48,10 @@ class DalleConfig:
             )
 
     @property
+    def image_size(self) -> int:
+        return self.vqvae.image_size
+
+    @property
     def boi_token_id(self) -> int:
         return self.text_vocab_size + self.vqvae.codebook_size
 

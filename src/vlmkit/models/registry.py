@@ -11,7 +11,9 @@ a function from a size row to the config (as a nested dict), and the name of the
 - fusion encoder-decoders: `fusion` (ALBEF/BLIP: ITC, ITM, MLM, MIM, captioning); `tiny` for CPU, `B-16`
   (BLIP-base's shape) for GPUs;
 - interleaved image-text models: `flamingo` (frozen vision tower -> Perceiver resampler -> an LM with gated
-  cross-attention); `tiny` for CPU, `B` for GPUs.
+  cross-attention); `tiny` for CPU, `B` for GPUs;
+- text-to-image: `dalle` (a VQ-VAE image tokenizer and a decoder LM over [caption][codes]); `tiny` (64 px,
+  8x8 codes) for CPU, `B` (256 px, 16x16 codes) for GPUs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from vlmkit.config import from_dict
 from vlmkit.errors import ConfigError
 from vlmkit.models.clip import CLIP, CLIPConfig
 from vlmkit.models.coca import CoCa, CoCaConfig
+from vlmkit.models.dalle import Dalle, DalleConfig
 from vlmkit.models.flamingo import Flamingo, FlamingoConfig
 from vlmkit.models.fusion import Fusion, FusionConfig
 from vlmkit.models.llava import Llava, LlavaConfig
@@ -72,6 +75,22 @@ FLAMINGO_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(image=64, patch=8, v=(128, 3, 2), d=(256, 4, 4), latents=(16, 2), every=1),
     "B": dict(image=224, patch=16, v=(768, 12, 12), d=(1024, 16, 16), latents=(64, 6), every=4),
 }
+
+# size -> (image_size, VQ-VAE channels per stage, codebook size, code dim, decoder width/layers/heads, max caption)
+DALLE_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(image=64, vq=(32, 64, 128), codes=(512, 64), d=(256, 4, 4), text=32),
+    "B": dict(image=256, vq=(64, 128, 256, 256), codes=(8192, 256), d=(768, 12, 12), text=64),
+}
+
+
+def _dalle(s: dict) -> dict[str, Any]:
+    (dw, dl, dh), (k, dim) = s["d"], s["codes"]
+    grid = s["image"] // 2 ** len(s["vq"])
+    return dict(
+        vqvae=dict(image_size=s["image"], channels=s["vq"], codebook_size=k, code_dim=dim),
+        decoder=dict(width=dw, layers=dl, heads=dh, max_seq_len=s["text"] + 2 + grid**2),
+        max_text_len=s["text"],
+    )
 
 
 def _vision(s: dict, **extra: Any) -> dict[str, Any]:
@@ -189,6 +208,7 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(LlavaConfig, Llava, GENERATIVE_SIZES, _llava, "llava"),
     "fusion": Family(FusionConfig, Fusion, FUSION_SIZES, _fusion, "fusion"),
     "flamingo": Family(FlamingoConfig, Flamingo, FLAMINGO_SIZES, _flamingo, "flamingo"),
+    "dalle": Family(DalleConfig, Dalle, DALLE_SIZES, _dalle, "dalle"),
 }
 
 

@@ -252,6 +252,28 @@ RECIPES |= {
         val_data="{data}/val_episodes.jsonl",
         **FLAMINGO_SETTINGS,
     ),
+    # DALL-E style text-to-image (issue 18, being built): the VQ-VAE image tokenizer first, then the decoder
+    # over [caption][codes] with the tokenizer frozen. Not yet measured against the issue's targets.
+    "dalle-tiny-shapes": dict(
+        model="dalle-tiny",
+        out="runs/dalle-tiny-shapes",
+        synthetic_data="data/shapes",
+        synthetic_args=SHAPES_ARGS,
+        train_data="{data}/train.jsonl",
+        val_data="{data}/val.jsonl",
+        stages=[
+            dict(name="vqvae", phase="vqvae", time_budget=5.0, epochs=100),
+            dict(name="transformer", phase="transformer", time_budget=9.0, epochs=100),
+        ],
+        batch_size=64,
+        lr=1e-3,
+        weight_decay=0.0,
+        warmup_steps=50,
+        eval_every=200,
+        save_every=200,
+        eval_limit=64,
+        precision="fp32",
+    ),  # fmt: skip
     # One stage on your own interleaved documents (--train-data DOCS.jsonl); the image tower from a
     # CLIP/SigLIP folder with --set vision_init_from=DIR, frozen.
     "flamingo-tiny": dict(
@@ -400,6 +422,17 @@ _SMOKE_MODELS: dict[str, dict[str, Any]] = {
         "decoder.width": 64,
         "decoder.layers": 2,
         "decoder.heads": 2,
+    },
+    "dalle": {  # 32 px -> 4x4 codes
+        "vqvae.image_size": 32,
+        "vqvae.channels": (8, 16, 32),
+        "vqvae.codebook_size": 32,
+        "vqvae.code_dim": 8,
+        "decoder.width": 64,
+        "decoder.layers": 2,
+        "decoder.heads": 2,
+        "decoder.max_seq_len": 64,
+        "max_text_len": 32,
     },
 }
 

@@ -84,6 +84,7 @@ class TaskConfig:
     eval_limit: int = 256  # CoCa/LLaVA: rows of data.val for each periodic evaluation
     final_eval_limit: int | None = 2000  # rows for the final VQA / captioning evaluation (None = all)
     eval_batch_size: int = 64
+    phase: str = ""  # dalle: "vqvae" trains the image tokenizer, "transformer" the model over its codes
 
 
 @dataclass
@@ -182,6 +183,7 @@ STAGE_KEYS = (
     "freeze",
     "batch_size",
     "compile",
+    "phase",  # the dalle task: which part the stage trains
 )
 
 

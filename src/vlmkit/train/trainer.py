@@ -148,7 +148,7 @@ class Trainer:
         else:
             self.model_cfg = get_model_config(cfg.model.name, **overrides)
             self.preprocess = PreprocessConfig(
-                image_size=self.model_cfg.vision.image_size,
+                image_size=getattr(self.model_cfg, "vision", self.model_cfg).image_size,
                 mean=tuple(cfg.model.mean),
                 std=tuple(cfg.model.std),
                 crop_scale=tuple(cfg.data.crop_scale),

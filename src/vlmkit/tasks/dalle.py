@@ -1,0 +1,182 @@
+"""DALL-E style text-to-image (vlmkit.models.dalle): two phases on image-caption manifests, one per stage.
+
+- `task.phase = "vqvae"`: the image tokenizer alone (reconstruction + commitment; the codebook moves by its
+  EMA); the language model is frozen (nothing reads it);
+- `task.phase = "transformer"`: the language model over [caption][codes] with the VQ-VAE frozen and in eval
+  mode (its codebook no longer moves); `cond_drop` of the captions are dropped for classifier-free guidance.
+
+Validation (`data.val`, the first `task.eval_limit` rows): the reconstruction error, or the codes' loss.
+The final evaluation writes `eval/samples.png`: reconstructions of validation images beside the originals
+(vqvae), or images sampled for validation captions (transformer).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmkit.data.conversations import split_files
+from vlmkit.data.manifest import ImageTextDataset, read_manifest
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.transforms import ImageTransform
+from vlmkit.errors import ConfigError
+from vlmkit.tasks.base import Task, log, reject
+
+PHASES = ("vqvae", "transformer")
+
+
+def collate_images_captions(items: list) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([it[0] for it in items]), [it[1] for it in items]
+
+
+class DalleTask(Task):
+    name = "dalle"
+
+    def configure(self) -> None:
+        cfg = self.cfg
+        reject("lock_image", cfg.transfer.lock_image, self.name, "phases choose what trains (task.phase)")
+        if cfg.task.phase not in PHASES:
+            raise ConfigError(
+                f"the dalle task needs --set task.phase=vqvae or transformer, not {cfg.task.phase!r}"
+            )
+        if not cfg.data.train:
+            raise ConfigError("no training data: pass --train-data MANIFEST (images with captions)")
+
+    @property
+    def phase(self) -> str:
+        return self.cfg.task.phase
+
+    def context_length(self, model_cfg: Any) -> int:
+        return model_cfg.max_text_len
+
+    def training_texts(self) -> list[str]:
+        files = dict.fromkeys(split_files(self.cfg.data.tokenizer_data or self.cfg.data.train))
+        return [s.caption for f in files for s in read_manifest(f)[0]]
+
+    def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
+        return {
+            "text_vocab_size": tokenizer.vocab_size,
+            "decoder.bos_token_id": tokenizer.sot_token_id,
+            "decoder.eos_token_id": tokenizer.eot_token_id,
+            "decoder.pad_token_id": tokenizer.pad_token_id,
+        }
+
+    def prepare_model(self, model: nn.Module) -> None:
+        frozen = model.language_model if self.phase == "vqvae" else model.vqvae
+        frozen.requires_grad_(False)
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if self.phase == "transformer":
+            model.vqvae.eval()  # a frozen tokenizer: its codebook must not move
+
+    # ---------------------------------------------------------------- data and step
+    def train_set(self) -> ImageTextDataset:
+        cfg, t = self.cfg, self.trainer
+        return ImageTextDataset(cfg.data.train, t.train_transform, max_bad_fraction=cfg.data.max_bad_fraction,
+                                seed=cfg.seed, log=log)  # fmt: skip
+
+    def collate(self):
+        return collate_images_captions
+
+    def text_ids(self, captions: list[str], drop: float = 0.0) -> list[list[int]]:
+        """[bos] + the caption's ids, cut to max_text_len; with `drop`, that share of them is [bos] alone."""
+        tok, c = self.trainer.tokenizer, self.trainer.model_cfg
+        bos = [tok.sot_token_id] if tok.sot_token_id is not None else []
+        rows = [bos + tok.encode(text)[: c.max_text_len] for text in captions]
+        if drop:
+            keep = torch.rand(len(rows)) >= drop
+            rows = [r if k else bos for r, k in zip(rows, keep.tolist(), strict=True)]
+        return rows
+
+    def losses(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        images, captions = batch
+        pixels = self.trainer.train_transform.normalize(images)
+        if self.phase == "vqvae":
+            out = model.vqvae(pixels)
+            return {"loss": out.loss, "reconstruction": out.reconstruction_loss.detach(),
+                    "commitment": out.commitment_loss.detach()}  # fmt: skip
+        codes = model.vqvae.encode(pixels)
+        return {"loss": model.loss(self.text_ids(captions, model.cfg.cond_drop), codes)}
+
+    # ---------------------------------------------------------------- evaluation
+    def build_val(self) -> dict | None:
+        cfg, t = self.cfg, self.trainer
+        if not cfg.data.val:
+            return None
+        ds = ImageTextDataset(cfg.data.val, ImageTransform(t.preprocess, train=False, uint8=True), log=log)
+        n = min(len(ds), cfg.task.eval_limit)
+        items = [ds[i] for i in range(n)]
+        return {"images": torch.stack([it[0] for it in items]), "captions": [it[1] for it in items]}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        v, t = self.trainer.val, self.trainer
+        if not v:
+            return {}
+        was = model.training
+        model.eval()
+        pixels = t.train_transform.normalize(v["images"].to(t.device))
+        if self.phase == "vqvae":
+            out = model.vqvae(pixels)
+            codes = out.indices.unique().numel()
+            result = {
+                "val/reconstruction_mse": out.reconstruction_loss.item(),
+                "val/codes_used": float(codes),
+            }
+        else:
+            codes = model.vqvae.encode(pixels)
+            result = {"val/code_loss": model.loss(self.text_ids(v["captions"]), codes).item()}
+        model.train(was)
+        return result
+
+    @torch.no_grad()
+    def final_evals(self, model: nn.Module) -> None:
+        """eval/samples.png (see the module docstring), 8 validation rows."""
+        v, t = self.trainer.val, self.trainer
+        if not v:
+            return
+        model.eval()
+        images, captions = v["images"][:8], v["captions"][:8]
+        if self.phase == "vqvae":
+            shown = model.vqvae(t.train_transform.normalize(images.to(t.device))).reconstruction
+        else:
+            codes = model.sample(self.text_ids(captions), temperature=1.0, top_k=64, guidance=3.0,
+                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+            shown = model.decode(codes)
+        out = Path(t.out) / "eval"
+        out.mkdir(exist_ok=True)
+        save_grid([images, unnormalize(shown.cpu(), t.preprocess)], captions, out / "samples.png")
+
+
+def unnormalize(x: torch.Tensor, preprocess) -> torch.Tensor:
+    """Normalised (B, 3, S, S) -> uint8 images, inverting the preprocessing's mean and std."""
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    return ((x.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(rows: list[torch.Tensor], captions: list[str], path: Path) -> None:
+    """One column per caption, one row per tensor of uint8 images (B, 3, S, S), captions as titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
+    for r, images in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(images[c].permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(textwrap.fill(captions[c], 18), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
