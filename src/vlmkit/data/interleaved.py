@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,23 +101,39 @@ def _segments(item) -> list | str:
     return "no 'segments' (or OBELICS' 'texts' and 'images' lists)"
 
 
-def parse_document(item, root: Path, line: int = 0) -> Document | str:
-    """A Document (image paths resolved and checked), or the reason the item is unusable."""
+def _image_file(root: Path):
+    """The image resolver of document files: a path under `root` that exists, or why not."""
+
+    def resolve(name: str) -> Path | str:
+        path = root / Path(name.strip()).expanduser()
+        try:
+            check_image_file(path)
+        except ImageDecodeError as e:
+            return f"image {path}: {e.reason}"
+        return path
+
+    return resolve
+
+
+def parse_document(
+    item, root: Path, line: int = 0, image: Callable[[str], Path | MemberImage | str] | None = None
+) -> Document | str:
+    """A Document, or the reason the item is unusable. `image` turns a segment's image name into the image
+    (or the reason it has none); by default a file path under `root`, checked."""
+    resolve = image or _image_file(root)
     raw = _segments(item)
     if isinstance(raw, str):
         return raw
-    segments: list[tuple[str, str | Path]] = []
+    segments: list[tuple[str, str | Path | MemberImage]] = []
     for i, seg in enumerate(raw):
         if isinstance(seg, dict) and isinstance(seg.get("text"), str) and "image" not in seg:
             if seg["text"].strip():
                 segments.append(("text", seg["text"].strip()))
         elif isinstance(seg, dict) and isinstance(seg.get("image"), str) and "text" not in seg:
-            path = root / Path(seg["image"].strip()).expanduser()
-            try:
-                check_image_file(path)
-            except ImageDecodeError as e:
-                return f"segment {i}: image {path}: {e.reason}"
-            segments.append(("image", path))
+            found = resolve(seg["image"])
+            if isinstance(found, str):
+                return f"segment {i}: {found}"
+            segments.append(("image", found))
         else:
             return f'segment {i} must be {{"text": "..."}} or {{"image": "path"}}, not {json.dumps(seg)[:60]}'
     if not any(kind == "image" for kind, _ in segments):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,8 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from vlmkit.data.synthetic import COLOURS, SHAPES, SIZES, render_scene
+from vlmkit.data.synthetic import COLOURS, SHAPES, SIZES, _position_name, render_scene
+from vlmkit.data.synthetic import _position as _thirds
 from vlmkit.data.transforms import load_image
 from vlmkit.errors import DataError
 
@@ -53,12 +54,7 @@ class SceneObject:
 
 
 def _position(box: tuple[int, int, int, int], image_size: int) -> str:
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    h = ("left", "centre", "right")[min(int(3 * cx / image_size), 2)]
-    v = ("top", "middle", "bottom")[min(int(3 * cy / image_size), 2)]
-    if v == "middle":
-        return h
-    return v if h == "centre" else f"{v} {h}"
+    return _position_name(*_thirds(list(box), image_size))  # the renderer's own naming
 
 
 def _features(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -191,7 +187,3 @@ def check_against_metadata(scenes: str | Path, limit: int | None = None) -> dict
         "all_correct": float(np.mean(whole)),
         "errors": errors,
     }
-
-
-def describe(objects: list[SceneObject]) -> list[dict]:
-    return [asdict(o) for o in objects]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from vlmkit.data.synthetic import COLOURS, SHAPES, SIZES
+from vlmkit.data.synthetic import COLOURS, SHAPES, SIZES, _position_phrase
 
 POSITIONS = (
     "top left",
@@ -38,18 +38,12 @@ POSITIONS = (
 )
 
 
-def _phrase(position: str) -> str:
-    if position == "centre":
-        return "in the centre"
-    return f"on the {position}" if position in ("left", "right") else f"at the {position}"
-
-
 def caption(attrs: dict) -> str:
     """{"size", "colour", "shape", "position"} -> "a large red circle at the top left" (keys may be missing)."""
     words = [attrs[k] for k in ("size", "colour", "shape") if attrs.get(k)]
     article = "an" if words[0][0] in "aeiou" else "a"
     text = " ".join([article, *words])
-    return f"{text} {_phrase(attrs['position'])}" if attrs.get("position") else text
+    return f"{text} {_position_phrase(attrs['position'])}" if attrs.get("position") else text
 
 
 def single_object_prompts(

@@ -169,6 +169,16 @@ class Task:
         """Full evaluations of the final model (rank 0, unsharded), written to <run>/eval/."""
 
 
+def decoder_token_overrides(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The model-config keys a decoder LM takes from its tokenizer: vocabulary size and special ids."""
+    return {
+        "decoder.vocab_size": tokenizer.vocab_size,
+        "decoder.bos_token_id": tokenizer.sot_token_id,
+        "decoder.eos_token_id": tokenizer.eot_token_id,
+        "decoder.pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def reject(option: str, value: Any, task: str, why: str) -> None:
     """A ConfigError for an option a task does not support, when it is set."""
     if value:

@@ -20,7 +20,7 @@ from vlmkit.data.conversations import ConversationDataset, collate_conversations
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import ConfigError
-from vlmkit.tasks.base import Task, reject
+from vlmkit.tasks.base import Task, decoder_token_overrides, reject
 
 
 class ConversationTask(Task):
@@ -60,12 +60,7 @@ class ConversationTask(Task):
         )
 
     def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
-        return {
-            "decoder.vocab_size": tokenizer.vocab_size,
-            "decoder.bos_token_id": tokenizer.sot_token_id,
-            "decoder.eos_token_id": tokenizer.eot_token_id,
-            "decoder.pad_token_id": tokenizer.pad_token_id,
-        }
+        return decoder_token_overrides(tokenizer)
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from vlmkit.data.manifest import ImageTextDataset, read_manifest
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import ConfigError
-from vlmkit.tasks.base import Task, log, reject
+from vlmkit.tasks.base import Task, decoder_token_overrides, log, reject
 
 PHASES = ("vqvae", "transformer")
 
@@ -58,12 +58,9 @@ class DalleTask(Task):
         return [s.caption for f in files for s in read_manifest(f)[0]]
 
     def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
-        return {
-            "text_vocab_size": tokenizer.vocab_size,
-            "decoder.bos_token_id": tokenizer.sot_token_id,
-            "decoder.eos_token_id": tokenizer.eot_token_id,
-            "decoder.pad_token_id": tokenizer.pad_token_id,
-        }
+        # the decoder's vocabulary is the text's plus the codes and <boi>: DalleConfig sets it from text_vocab_size
+        ids = decoder_token_overrides(tokenizer)
+        return {"text_vocab_size": ids.pop("decoder.vocab_size"), **ids}
 
     def prepare_model(self, model: nn.Module) -> None:
         frozen = model.language_model if self.phase == "vqvae" else model.vqvae
@@ -118,8 +115,6 @@ class DalleTask(Task):
         v, t = self.trainer.val, self.trainer
         if not v:
             return {}
-        was = model.training
-        model.eval()
         pixels = t.train_transform.normalize(v["images"].to(t.device))
         if self.phase == "vqvae":
             out = model.vqvae(pixels)
@@ -131,7 +126,6 @@ class DalleTask(Task):
         else:
             codes = model.vqvae.encode(pixels)
             result = {"val/code_loss": model.loss(self.text_ids(v["captions"]), codes).item()}
-        model.train(was)
         return result
 
     @torch.no_grad()
@@ -140,7 +134,6 @@ class DalleTask(Task):
         v, t = self.trainer.val, self.trainer
         if not v:
             return
-        model.eval()
         images, captions = v["images"][:8], v["captions"][:8]
         if self.phase == "vqvae":
             shown = model.vqvae(t.train_transform.normalize(images.to(t.device))).reconstruction

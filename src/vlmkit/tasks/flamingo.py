@@ -31,7 +31,7 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.losses.captioning import next_token_loss
-from vlmkit.tasks.base import Task, log, reject
+from vlmkit.tasks.base import Task, decoder_token_overrides, log, reject
 
 
 class FlamingoTask(Task):
@@ -73,10 +73,7 @@ class FlamingoTask(Task):
                 f"the tokenizer has no {missing[0]} token; train it with vlmkit (Flamingo's tokens)"
             )
         return {
-            "decoder.vocab_size": tokenizer.vocab_size,
-            "decoder.bos_token_id": tokenizer.sot_token_id,
-            "decoder.eos_token_id": tokenizer.eot_token_id,
-            "decoder.pad_token_id": tokenizer.pad_token_id,
+            **decoder_token_overrides(tokenizer),
             "image_token_id": ids[IMAGE_TOKEN],
             "chunk_token_id": ids[CHUNK_TOKEN],
         }

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vlmkit.data.interleaved import Document, Documents, MemberImage, read_documents
+from vlmkit.data.interleaved import Document, Documents, MemberImage, parse_document, read_documents
 from vlmkit.data.manifest import BadRow
 from vlmkit.data.shards.read import IMAGE_EXTS, SkipStats, _read_shard, expand_shards
 from vlmkit.data.shards.write import ShardWriter, _prepare_out_dir
@@ -92,28 +92,19 @@ def read_document_shards(spec: str | os.PathLike, stats: SkipStats | None = None
 
 
 def _document(members: dict[str, bytes], where: str) -> Document | str:
-    """The Document of one sample's members, or why there is none."""
+    """The Document of one sample's members (images named by member), or why there is none."""
     if DOCUMENT_EXT not in members:
         return f"no {DOCUMENT_EXT} member"
     try:
         item = json.loads(members[DOCUMENT_EXT].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"malformed {DOCUMENT_EXT} member ({e})"
-    raw = item.get("segments") if isinstance(item, dict) else None
-    if not isinstance(raw, list):
-        return "the json member has no 'segments' list"
-    segments: list = []
-    for i, seg in enumerate(raw):
-        if isinstance(seg, dict) and isinstance(seg.get("text"), str):
-            if seg["text"].strip():
-                segments.append(("text", seg["text"].strip()))
-        elif isinstance(seg, dict) and isinstance(seg.get("image"), str):
-            name = seg["image"]
-            if name not in members:
-                return f"segment {i}: image member {name} missing"
-            segments.append(("image", MemberImage(f"{where}.{name}", members[name])))
-        else:
-            return f"segment {i} must be {{'text': ...}} or {{'image': member}}"
-    if not any(kind == "image" for kind, _ in segments):
-        return "the document has no image"
-    return Document(segments)
+
+    def member(name: str) -> MemberImage | str:
+        return (
+            MemberImage(f"{where}.{name}", members[name])
+            if name in members
+            else f"image member {name} missing"
+        )
+
+    return parse_document(item, Path(), image=member)
