@@ -1,5 +1,6 @@
 """Flow matching: the loss is zero for the exact velocity of a point mass, Euler sampling carries a Gaussian to
-the Gaussian the analytic velocity says, guidance is its formula, and the UNet reads its condition."""
+the Gaussian the analytic velocity says, guidance is its formula, the UNet reads its condition, and the moving
+average of the weights is its formula."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.models.flow import FlowConfig, build_flow_model, euler_sample, flow_loss, guided
+from vlmkit.models.text import TextConfig
 
 
 def test_the_exact_velocity_of_a_point_mass_has_zero_loss_and_lands_on_it():
@@ -75,3 +77,30 @@ def test_bad_settings_are_one_line():
         FlowConfig(image_size=30, arch="dit", patch=4)
     with pytest.raises(ConfigError, match="at least 1"):
         euler_sample(lambda x, t: x, torch.zeros(1), steps=0)
+
+
+def test_the_moving_average_is_its_formula_and_sampling_uses_it():
+    from vlmkit.models.flow import FlowModel, FlowModelConfig
+
+    torch.manual_seed(0)
+    cfg = FlowModelConfig(net=FlowConfig(image_size=8, channels=(8, 16), embed_dim=16),
+                          text=TextConfig(vocab_size=20, context_length=6, width=16, layers=1, heads=2),
+                          embed_dim=8, ema_decay=0.9)  # fmt: skip
+    model = FlowModel(cfg)
+    assert model.sampling_net() is model.net  # never averaged yet: the trained weights
+    assert not any(p.requires_grad for p in model.ema.parameters())
+    model.update_ema()  # the first update copies
+    w0 = {k: v.double().clone() for k, v in model.net.state_dict().items()}
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(torch.randn_like(p))
+    model.update_ema()
+    w1 = model.net.state_dict()
+    for k, v in model.ema.module.state_dict().items():
+        assert torch.allclose(v.double(), 0.9 * w0[k] + 0.1 * w1[k].double(), atol=1e-6), k
+    assert model.sampling_net() is model.ema.module
+    ids = torch.randint(3, 20, (2, 6))
+    g = torch.Generator().manual_seed(0)
+    averaged = model.sample(ids, steps=2, generator=g)
+    trained = model.sample(ids, steps=2, generator=torch.Generator().manual_seed(0), use_ema=False)
+    assert averaged.shape == (2, 3, 8, 8) and not torch.allclose(averaged, trained)

@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit.cli.generate import register as register_generative
 
     register_generative(sub, ev, data)
+    from vlmkit.cli.images import register as register_images
+
+    register_images(sub, ev)
     from vlmkit.cli.audit import register_audit_cli, register_card_cli
 
     register_audit_cli(sub)

@@ -402,3 +402,10 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.cfg}, train={self.train})"
+
+
+def unnormalize(x: torch.Tensor, preprocess) -> torch.Tensor:
+    """Normalised (B, 3, S, S) -> uint8 images, inverting the preprocessing's mean and std."""
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    return ((x.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)

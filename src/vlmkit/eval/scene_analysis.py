@@ -154,20 +154,37 @@ def _match(found: list[SceneObject], truth: list[dict]) -> list[SceneObject | No
     return out
 
 
-def check_against_metadata(scenes: str | Path, limit: int | None = None) -> dict:
+def resized(image: Image.Image, image_size: int) -> np.ndarray:
+    """The image as a model of `image_size` pixels sees it (the evaluation transform's antialiased resize)."""
+    from vlmkit.data.transforms import ImageTransform, PreprocessConfig
+
+    x = ImageTransform(PreprocessConfig(image_size=image_size), train=False, uint8=True)(image)
+    return x.permute(1, 2, 0).numpy()
+
+
+def check_against_metadata(
+    scenes: str | Path, limit: int | None = None, image_size: int | None = None, objects: int | None = None
+) -> dict:
     """The reader's accuracy on real scenes (a `vlmkit data synth` JSONL: image + objects): per attribute over
-    objects (a missed object counts wrong for all), the object count per image, and all-correct per image."""
+    objects (a missed object counts wrong for all), the object count per image, and all-correct per image.
+    `image_size`: read the scenes resized to it (a model's resolution); `objects`: only scenes of that many."""
     scenes = Path(scenes)
     if not scenes.is_file():
         raise DataError(f"scene file not found: {scenes}")
-    rows = [json.loads(line) for line in scenes.read_text(encoding="utf-8").splitlines() if line.strip()][
-        :limit
-    ]
+    rows = [json.loads(line) for line in scenes.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if objects is not None:
+        rows = [r for r in rows if len(r["objects"]) == objects]
+    rows = rows[:limit]
     hits = {k: [] for k in ("colour", "shape", "size", "position")}
     count, whole, errors = [], [], []
     for row in rows:
-        found = analyse(scenes.parent / row["image"])
+        image = load_image(scenes.parent / row["image"])
         truth = row["objects"]
+        if image_size is not None and image_size != image.size[0]:
+            scale = image_size / image.size[0]
+            image = resized(image, image_size)
+            truth = [{**t, "box": [round(v * scale) for v in t["box"]]} for t in truth]
+        found = analyse(image)
         matched = _match(found, truth)
         right = True
         for t, o in zip(truth, matched, strict=True):

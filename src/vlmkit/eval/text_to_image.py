@@ -17,6 +17,9 @@
 from __future__ import annotations
 
 import itertools
+import json
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -125,3 +128,74 @@ def nearest_distance(generated: torch.Tensor, training: torch.Tensor) -> torch.T
     """Each generated feature's cosine distance to its nearest training feature: (N, D), (M, D) -> (N,)."""
     sims = F.normalize(generated.float(), dim=-1) @ F.normalize(training.float(), dim=-1).T
     return 1 - sims.max(dim=1).values
+
+
+def save_grid(rows: list[torch.Tensor], captions: list[str], path: Path) -> None:
+    """One column per caption, one row per tensor of uint8 images (B, 3, S, S), captions as titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
+    for r, images in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(images[c].permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(textwrap.fill(captions[c], 18), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_image_grid(rows: list[torch.Tensor], path: Path, tile: int = 96, pad: int = 4) -> Path:
+    """One row per tensor of uint8 images (N, 3, S, S), each tile scaled to `tile` pixels (nearest, so a
+    32-pixel sample stays sharp), on white."""
+    from PIL import Image
+
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * (tile + pad) + pad, len(rows) * (tile + pad) + pad), "white")
+    for i, images in enumerate(rows):
+        for j, im in enumerate(images):
+            pil = Image.fromarray(np.ascontiguousarray(im.permute(1, 2, 0).numpy()))
+            grid.paste(
+                pil.resize((tile, tile), Image.NEAREST), (pad + j * (tile + pad), pad + i * (tile + pad))
+            )
+    grid.save(path)
+    return Path(path)
+
+
+def write_text_to_image_report(results: dict, prompts: list[str], out: Path) -> Path:
+    """report.html beside text_to_image.json and samples.png: the measures as tables, then the samples (one
+    row per prompt, best-ranked first when reranked)."""
+    import html
+
+    from vlmkit.eval.report import _figure, _table, write_page
+
+    sections = [f"<p>model <code>{html.escape(str(results.get('model')))}</code>, {results.get('prompts')} prompts "
+                f"x {results.get('images_per_prompt')} samples, sampling {html.escape(json.dumps(results.get('sampling')))}</p>"]  # fmt: skip
+    acc = {k: v for k, v in results.get("accuracy", {}).items() if isinstance(v, dict)}
+    if "reader_ceiling" in results:
+        acc["scene reader on real scenes (ceiling)"] = results["reader_ceiling"]
+    if acc:
+        keys = ["count", "colour", "shape", "size", "position", "all_correct"]
+        rows = [[name, *[row.get(k) for k in keys]] for name, row in acc.items()]
+        sections.append("<h2>Attributes read from the images</h2>" + _table(["samples", *keys], rows))
+    pairs = [
+        (k, v)
+        for k, v in results.items()
+        if isinstance(v, dict) and k not in ("accuracy", "sampling", "reader_ceiling")
+    ]
+    measures = [[f"{k} / {kk}", vv] for k, v in pairs for kk, vv in v.items()]
+    measures += [[k, v] for k, v in results.items() if k in ("diversity", "real_diversity")]
+    if measures:
+        sections.append("<h2>Measures</h2>" + _table(["measure", "value"], measures))
+    samples = out / "samples.png"
+    if samples.is_file():
+        names = "".join(f"<li>{html.escape(p)}</li>" for p in prompts)
+        sections.append("<h2>Samples</h2>" + _figure(samples, out) + f"<ol>{names}</ol>")
+    return write_page(out / "report.html", "Text-to-image evaluation", sections)

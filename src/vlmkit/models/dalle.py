@@ -112,11 +112,12 @@ class Dalle(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         guidance: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         use_cache: bool = True,
     ) -> Tensor:
         """Codes (B, h, w) for each caption's ids, sampled one by one; `guidance` > 1 mixes in the captionless
-        prediction (classifier-free guidance); temperature 0 is greedy."""
+        prediction (classifier-free guidance); temperature 0 is greedy. `generator`: one for the batch, or one
+        per row (each image then depends on its own seed alone)."""
         cfg, d = self.cfg, self.cfg.decoder
         bos = [d.bos_token_id] if d.bos_token_id is not None else []
         rows = list(text_ids) + ([bos] * len(text_ids) if guidance != 1.0 else [])
@@ -158,7 +159,9 @@ class Dalle(nn.Module):
         return self.vqvae.decode(codes)
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+def _pick(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | list | None
+) -> Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -166,4 +169,7 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torc
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):  # a generator per row: sampled on the CPU, where each one lives
+        rows = [torch.multinomial(p.cpu(), 1, generator=g) for p, g in zip(probs, generator, strict=True)]
+        return torch.cat(rows).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -16,19 +16,25 @@ steps (classifier-free guidance, scale s). Two networks compute v (`FlowConfig.a
   gates starting at zero (adaLN-Zero).
 
 `build_flow_model(cfg)` builds the one `arch` names; both take (x_t, t, c) and return the velocity.
+
+`FlowModel` (the registry's `flow` family) is the whole text-to-image model: a CLIP text tower (frozen; its
+weights come from a trained CLIP folder), the velocity network, and an exponential moving average of the
+network's weights (torch.optim.swa_utils.AveragedModel, updated after every optimizer step), which sampling
+uses by default.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkit.errors import ConfigError
+from vlmkit.models.text import TextConfig, TextTransformer
 from vlmkit.nn.attention import Attention
 from vlmkit.nn.mlp import MLP
 
@@ -228,3 +234,92 @@ def guided(model: FlowUNet | FlowDiT, cond: Tensor, scale: float) -> Callable[[T
         return vu + scale * (vc - vu)
 
     return velocity
+
+
+@dataclass
+class FlowModelConfig:
+    net: FlowConfig = field(default_factory=FlowConfig)
+    text: TextConfig = field(
+        default_factory=lambda: TextConfig(width=128, layers=2, heads=2, context_length=32)
+    )
+    embed_dim: int = 128  # the text tower's output (a CLIP's embed_dim); the network's cond_dim
+    ema_decay: float = 0.999
+    sample_steps: int = 32  # Euler steps
+    guidance: float = 3.0  # classifier-free guidance scale sampling uses unless told otherwise
+
+    def __post_init__(self):
+        if isinstance(self.net, dict):
+            self.net = FlowConfig(**self.net)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        self.net.cond_dim = self.embed_dim
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+
+    @property
+    def image_size(self) -> int:
+        return self.net.image_size
+
+
+class FlowModel(nn.Module):
+    """Captions' token ids -> images: a frozen text tower's embedding conditions a rectified flow in pixels."""
+
+    def __init__(self, cfg: FlowModelConfig):
+        super().__init__()
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.cfg = cfg
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.net = build_flow_model(cfg.net)
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        self.ema.requires_grad_(False)  # moved by update_ema, never by the optimizer
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size
+
+    def encode_text(self, text_ids: Tensor) -> Tensor:
+        """(B, T) ids -> the condition (B, embed_dim): the tower's unit-norm embedding scaled to unit variance
+        per dimension (sqrt(embed_dim) long), as the network's input layers expect."""
+        with torch.no_grad():
+            x = self.text(text_ids)
+        return F.normalize(x.float(), dim=-1) * math.sqrt(self.cfg.embed_dim)
+
+    def loss(self, pixels: Tensor, text_ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Rectified-flow loss of normalised images (B, 3, S, S) given their captions, the condition dropped
+        for `net.cond_drop` of them."""
+        cond = self.net.drop_condition(self.encode_text(text_ids), generator)
+        return flow_loss(lambda x, t: self.net(x, t, cond), pixels, generator)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        self.ema.update_parameters(self.net)
+
+    def sampling_net(self, use_ema: bool = True) -> nn.Module:
+        """The averaged weights once they have been updated at least once, else the trained ones."""
+        return self.ema.module if use_ema and int(self.ema.n_averaged) > 0 else self.net
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        text_ids: Tensor,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """Images (B, 3, S, S), normalised, for each row of caption ids (B, T): Euler steps from Gaussian
+        noise drawn on the CPU with `generator` (one for the batch, or one per row), so that a seed gives the
+        same images on every device."""
+        cfg = self.cfg
+        device = self.text.token_embedding.weight.device
+        cond = self.encode_text(text_ids.to(device))
+        S = cfg.image_size
+        if isinstance(generator, list):
+            x0 = torch.stack([torch.randn((3, S, S), generator=g) for g in generator])
+        else:
+            x0 = torch.randn((len(text_ids), 3, S, S), generator=generator)
+        x0 = x0.to(device)
+        velocity = guided(self.sampling_net(use_ema), cond, cfg.guidance if guidance is None else guidance)
+        return euler_sample(velocity, x0, steps or cfg.sample_steps)

@@ -13,7 +13,8 @@ a function from a size row to the config (as a nested dict), and the name of the
 - interleaved image-text models: `flamingo` (frozen vision tower -> Perceiver resampler -> an LM with gated
   cross-attention); `tiny` for CPU, `B` for GPUs;
 - text-to-image: `dalle` (a VQ-VAE image tokenizer and a decoder LM over [caption][codes]); `tiny` (64 px,
-  8x8 codes) for CPU, `B` (256 px, 16x16 codes) for GPUs.
+  8x8 codes) for CPU, `B` (256 px, 16x16 codes) for GPUs; `flow` (a FiLM UNet in pixel space conditioned on a
+  frozen CLIP text tower, trained by flow matching); `tiny` (32 px) for CPU, `B` (128 px) for GPUs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vlmkit.models.clip import CLIP, CLIPConfig
 from vlmkit.models.coca import CoCa, CoCaConfig
 from vlmkit.models.dalle import Dalle, DalleConfig
 from vlmkit.models.flamingo import Flamingo, FlamingoConfig
+from vlmkit.models.flow import FlowModel, FlowModelConfig
 from vlmkit.models.fusion import Fusion, FusionConfig
 from vlmkit.models.llava import Llava, LlavaConfig
 
@@ -81,6 +83,22 @@ DALLE_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(image=64, vq=(32, 64, 128), codes=(512, 64), d=(256, 4, 4), text=32),
     "B": dict(image=256, vq=(64, 128, 256, 256), codes=(8192, 256), d=(768, 12, 12), text=64),
 }
+
+
+# size -> (image_size, UNet channels per resolution, the text tower's width/layers/heads/context, embed_dim).
+# The text tower's config is replaced by the CLIP's a run takes it from (text_init_from); tiny matches
+# clip-tiny's. tiny: the UNet that reached the lowest flow loss in a fixed CPU time (benchmarks/RESULTS.md).
+FLOW_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(image=32, unet=(32, 64, 128), t=(128, 2, 2, 32), embed=128),
+    "B": dict(image=128, unet=(128, 256, 256, 512), t=(512, 12, 8, 77), embed=512),
+}
+
+
+def _flow(s: dict) -> dict[str, Any]:
+    (tw, tl, th, ctx) = s["t"]
+    net = dict(image_size=s["image"], channels=s["unet"], embed_dim=max(128, s["unet"][0] * 2))
+    text = dict(width=tw, layers=tl, heads=th, context_length=ctx)
+    return dict(net=net, text=text, embed_dim=s["embed"])
 
 
 def _dalle(s: dict) -> dict[str, Any]:
@@ -209,6 +227,7 @@ FAMILIES: dict[str, Family] = {
     "fusion": Family(FusionConfig, Fusion, FUSION_SIZES, _fusion, "fusion"),
     "flamingo": Family(FlamingoConfig, Flamingo, FLAMINGO_SIZES, _flamingo, "flamingo"),
     "dalle": Family(DalleConfig, Dalle, DALLE_SIZES, _dalle, "dalle"),
+    "flow": Family(FlowModelConfig, FlowModel, FLOW_SIZES, _flow, "flow"),
 }
 
 

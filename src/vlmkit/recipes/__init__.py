@@ -274,6 +274,30 @@ RECIPES |= {
         eval_limit=64,
         precision="fp32",
     ),  # fmt: skip
+    # Flow matching (issue 18, being built): the caption condition is a CLIP's text tower, so stage 1 trains
+    # clip-tiny as the quickstart does; stage 2 trains the 32 px UNet on the same scenes with that tower frozen.
+    # EMA decay 0.995: a run of about 1,500 steps would still average its early weights at 0.999.
+    "flow-tiny-shapes": dict(
+        model="flow-tiny",
+        model_overrides={"ema_decay": 0.995},
+        out="runs/flow-tiny-shapes",
+        synthetic_data="data/shapes",
+        synthetic_args=SHAPES_ARGS,
+        train_data="{data}/train.jsonl",
+        val_data="{data}/val.jsonl",
+        stages=[
+            {k: v for k, v in CLIP_STAGE.items() if k != "model_overrides"},
+            dict(name="flow", time_budget=10.0, epochs=100),
+        ],
+        batch_size=64,
+        lr=1e-3,
+        weight_decay=0.0,
+        warmup_steps=100,
+        eval_every=200,
+        save_every=200,
+        eval_limit=64,
+        precision="fp32",
+    ),  # fmt: skip
     # One stage on your own interleaved documents (--train-data DOCS.jsonl); the image tower from a
     # CLIP/SigLIP folder with --set vision_init_from=DIR, frozen.
     "flamingo-tiny": dict(
@@ -434,6 +458,7 @@ _SMOKE_MODELS: dict[str, dict[str, Any]] = {
         "decoder.max_seq_len": 64,
         "max_text_len": 32,
     },
+    "flow": {"net.image_size": 32, "net.channels": (8, 16), "net.embed_dim": 32},
 }
 
 

@@ -8,15 +8,20 @@ from vlmkit.tasks.base import Task
 
 
 def task_class(name: str) -> type[Task]:
-    """The task class registered under `name` ("contrastive", "coca", "llava", "fusion", "flamingo", "dalle")."""
+    """The task class registered under `name` ("contrastive", "coca", "llava", "fusion", "flamingo", "dalle",
+    "flow")."""
     from vlmkit.tasks.coca import CocaTask
     from vlmkit.tasks.contrastive import ContrastiveTask
     from vlmkit.tasks.dalle import DalleTask
     from vlmkit.tasks.flamingo import FlamingoTask
+    from vlmkit.tasks.flow import FlowTask
     from vlmkit.tasks.fusion import FusionTask
     from vlmkit.tasks.llava import LlavaTask
 
-    tasks = {t.name: t for t in (ContrastiveTask, CocaTask, LlavaTask, FusionTask, FlamingoTask, DalleTask)}
+    tasks = {
+        t.name: t
+        for t in (ContrastiveTask, CocaTask, LlavaTask, FusionTask, FlamingoTask, DalleTask, FlowTask)
+    }
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; vlmkit has {', '.join(tasks)}")
     return tasks[name]

@@ -11,6 +11,7 @@ and exact resume, signals, logging, stages, parallelism). It calls a task's meth
     train_set(), collate()               manifest data: a map-style dataset and its collate function
     build_val()                          validation data, once
     losses(model, batch)                 per micro-batch, inside the wrapped (DDP/FSDP) module's forward
+    after_step(model)                    after each optimizer step (a moving average of the weights)
     evaluate(model), final_evals(model)  periodic / final evaluation
 
 A task reads the run's state from its trainer: `cfg`, `device`, `model_cfg`, `tokenizer`, `preprocess`,
@@ -38,6 +39,10 @@ log = logging.getLogger("vlmkit.train")
 class Task:
     name = "task"
     shards = False  # whether train_data may be WebDataset shards of (image, caption) pairs
+    # random resized crops in training; text-to-image tasks turn them off, as a caption says where an object
+    # is and how large, which a crop changes
+    augment = True
+    reads_text_init_from = False  # whether transfer.text_init_from means anything to the task (flow)
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -135,6 +140,9 @@ class Task:
 
     def train_mode(self, model: nn.Module) -> None:
         model.train()
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step with the (unwrapped) model."""
 
     # ---------------------------------------------------------------- data and step
     def train_set(self) -> torch.utils.data.Dataset:

@@ -12,7 +12,6 @@ The final evaluation writes `eval/samples.png`: reconstructions of validation im
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ from torch import nn
 from vlmkit.data.conversations import split_files
 from vlmkit.data.manifest import ImageTextDataset, read_manifest
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.transforms import ImageTransform
+from vlmkit.data.transforms import ImageTransform, unnormalize
 from vlmkit.errors import ConfigError
+from vlmkit.eval.text_to_image import save_grid
 from vlmkit.tasks.base import Task, decoder_token_overrides, log, reject
 
 PHASES = ("vqvae", "transformer")
@@ -35,6 +35,7 @@ def collate_images_captions(items: list) -> tuple[torch.Tensor, list[str]]:
 
 class DalleTask(Task):
     name = "dalle"
+    augment = False  # see Task.augment
 
     def configure(self) -> None:
         cfg = self.cfg
@@ -144,32 +145,3 @@ class DalleTask(Task):
         out = Path(t.out) / "eval"
         out.mkdir(exist_ok=True)
         save_grid([images, unnormalize(shown.cpu(), t.preprocess)], captions, out / "samples.png")
-
-
-def unnormalize(x: torch.Tensor, preprocess) -> torch.Tensor:
-    """Normalised (B, 3, S, S) -> uint8 images, inverting the preprocessing's mean and std."""
-    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
-    return ((x.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def save_grid(rows: list[torch.Tensor], captions: list[str], path: Path) -> None:
-    """One column per caption, one row per tensor of uint8 images (B, 3, S, S), captions as titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
-    for r, images in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(textwrap.fill(captions[c], 18), fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -142,6 +142,9 @@ class TransferConfig:
     # A CLIP/SigLIP model folder whose image tower (config and weights) becomes this model's vision tower
     # (LLaVA's pretrained vision encoder); its mean/std too.
     vision_init_from: str | None = None
+    # A CLIP/SigLIP model folder whose text tower (config, weights and tokenizer) conditions a flow model,
+    # frozen
+    text_init_from: str | None = None
     lock_image: bool = False  # LiT: freeze the image tower and keep it in eval mode (dual encoders)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the weights; merged when saved
     lora_alpha: float | None = None  # LoRA scaling is lora_alpha / lora_rank; None = lora_rank

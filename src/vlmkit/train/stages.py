@@ -44,7 +44,7 @@ def _fill(spec, data: str | None):
 
 def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """(name, config) per stage. A stage with a "recipe" trains that recipe; a generative stage after it
-    starts its image tower from it (vision_init_from); every other stage starts from the previous stage's
+    starts its image tower from it (vision_init_from; a flow model its text tower, text_init_from); every other stage starts from the previous stage's
     model (init_from). The last stage writes to cfg.out, the others to cfg.out/stage<i>-<name>."""
     from vlmkit.recipes import get_recipe, smoke
 
@@ -59,6 +59,7 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     if not cfg.stages:
         return [("train", base)]
     generative = cfg.task_name() != "contrastive"  # a later stage's image tower can come from a recipe's
+    tower = "text_init_from" if cfg.task_name() == "flow" else "vision_init_from"
     own = [s for s in cfg.stages if "recipe" not in s]
     tokenizer_data = "::".join(_fill(s.get("train_data", cfg.data.train), data) for s in own)
     out, prev, vision, runs = Path(cfg.out), cfg.transfer.init_from, cfg.transfer.vision_init_from, []
@@ -95,7 +96,7 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
             transfer=replace(
                 stage_cfg.transfer,
                 init_from=prev,
-                vision_init_from=vision if first and generative else None,
+                **{tower: vision if first and generative else None},
                 init_overrides=init_overrides if not first else {},
             ),
         )

@@ -129,6 +129,10 @@ class Trainer:
         )
         self.task = task_class(name)(self)
         self.task.configure()  # may replace self.cfg
+        if self.cfg.transfer.text_init_from and not self.task.reads_text_init_from:
+            raise ConfigError(
+                f"text_init_from is for flow models; the {self.task.name} task does not read it"
+            )
         cfg = self.cfg
         if not cfg.data.train:
             raise ConfigError(
@@ -154,7 +158,7 @@ class Trainer:
                 crop_scale=tuple(cfg.data.crop_scale),
             )
         # Training images travel as uint8 and are normalised on the device (see the tasks' losses).
-        self.train_transform = ImageTransform(self.preprocess, train=True, uint8=True)
+        self.train_transform = ImageTransform(self.preprocess, train=self.task.augment, uint8=True)
         if pretrained is not None:
             self.tokenizer = pretrained.tokenizer  # a pretrained text tower needs its own tokenizer
         else:
@@ -508,6 +512,7 @@ class Trainer:
         self._in_update = True
         self.optimizer.step()
         self.scheduler.step()
+        self.task.after_step(self.model)
         self._in_update = False
         self.optimizer.zero_grad(set_to_none=True)
         names = list(totals)

@@ -1,0 +1,153 @@
+"""Text-to-image by flow matching (vlmkit.models.flow.FlowModel) on image-caption manifests.
+
+The caption condition is a trained CLIP's text tower, frozen: `transfer.text_init_from` names the CLIP/SigLIP
+folder (in the `flow-tiny-shapes` recipe, the contrastive stage before this one); its text config, weights and
+tokenizer become the model's. The velocity network trains on the rectified-flow loss with the condition
+dropped for `net.cond_drop` of the batch; after every optimizer step the moving average of its weights moves
+(`model.ema`, saved with the model; sampling uses it).
+
+Validation (`data.val`, the first `task.eval_limit` rows): the flow loss of the trained and of the averaged
+weights on fixed noise and times. The final evaluation writes `eval/samples.png`: validation images above
+images sampled for their captions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmkit.data.conversations import split_files
+from vlmkit.data.manifest import ImageTextDataset, read_manifest
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.transforms import ImageTransform, unnormalize
+from vlmkit.errors import ConfigError
+from vlmkit.eval.text_to_image import save_grid
+from vlmkit.models.flow import flow_loss
+from vlmkit.tasks.base import Task, log, reject
+from vlmkit.tasks.dalle import collate_images_captions
+
+
+class FlowTask(Task):
+    name = "flow"
+    augment = False  # see Task.augment
+    reads_text_init_from = True
+    _text_source: nn.Module | None = None
+
+    def configure(self) -> None:
+        from vlmkit.config import override, to_dict
+        from vlmkit.convert import load_pretrained
+        from vlmkit.models.pretrained import TOKENIZER
+        from vlmkit.models.registry import task_name
+
+        cfg = self.cfg
+        reject("lock_image", cfg.transfer.lock_image, self.name, "the text tower is always frozen")
+        reject(
+            "vision_init_from", cfg.transfer.vision_init_from, self.name, "a flow model has no image tower"
+        )
+        if not cfg.data.train:
+            raise ConfigError("no training data: pass --train-data MANIFEST (images with captions)")
+        if cfg.transfer.init_from:  # a flow model folder: its own text tower and tokenizer
+            return
+        source = cfg.transfer.text_init_from
+        if not source:
+            raise ConfigError(
+                "a flow model is conditioned on a trained CLIP's text tower: pass --set text_init_from=DIR "
+                "(a CLIP/SigLIP model folder, e.g. the quickstart's runs/quickstart)"
+            )
+        clip = load_pretrained(source)
+        if task_name(clip.model.cfg) != "contrastive":
+            raise ConfigError(f"text_init_from {source} is not a CLIP/SigLIP model folder")
+        tokenizer = Path(source) / TOKENIZER
+        if not tokenizer.is_file():
+            raise ConfigError(
+                f"text_init_from {source} has no {TOKENIZER}; the text tower needs its tokenizer"
+            )
+        self._text_source = clip.model.text
+        text = {"text": to_dict(clip.model.cfg.text), "embed_dim": clip.model.cfg.embed_dim}
+        self.trainer.cfg = override(cfg, {"model.overrides": text, "model.tokenizer": str(tokenizer)})
+
+    def context_length(self, model_cfg: Any) -> int:
+        return model_cfg.text.context_length
+
+    def training_texts(self) -> list[str]:
+        files = dict.fromkeys(split_files(self.cfg.data.tokenizer_data or self.cfg.data.train))
+        return [s.caption for f in files for s in read_manifest(f)[0]]
+
+    def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
+        if self._text_source is None:  # no CLIP: a new text tower (tests) on the new tokenizer
+            return {"text.vocab_size": tokenizer.vocab_size, "text.eot_token_id": tokenizer.eot_token_id,
+                    "text.pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+        return {}
+
+    def prepare_model(self, model: nn.Module) -> None:
+        if self._text_source is not None:
+            model.text.load_state_dict(self._text_source.state_dict())
+            log.info(
+                "text tower: %d tensors from %s",
+                len(model.text.state_dict()),
+                self.cfg.transfer.text_init_from,
+            )
+            self._text_source = None
+        model.text.requires_grad_(False)
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        model.text.eval()
+
+    def after_step(self, model: nn.Module) -> None:
+        model.update_ema()
+
+    # ---------------------------------------------------------------- data and step
+    def train_set(self) -> ImageTextDataset:
+        cfg, t = self.cfg, self.trainer
+        return ImageTextDataset(cfg.data.train, t.train_transform, max_bad_fraction=cfg.data.max_bad_fraction,
+                                seed=cfg.seed, log=log)  # fmt: skip
+
+    def collate(self):
+        return collate_images_captions
+
+    def text_ids(self, captions: list[str]) -> torch.Tensor:
+        return self.trainer.tokenizer(captions).to(self.trainer.device)
+
+    def losses(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        images, captions = batch
+        pixels = self.trainer.train_transform.normalize(images)
+        return {"loss": model.loss(pixels, self.text_ids(captions))}
+
+    # ---------------------------------------------------------------- evaluation
+    def build_val(self) -> dict | None:
+        cfg, t = self.cfg, self.trainer
+        if not cfg.data.val:
+            return None
+        ds = ImageTextDataset(cfg.data.val, ImageTransform(t.preprocess, train=False, uint8=True), log=log)
+        n = min(len(ds), cfg.task.eval_limit)
+        items = [ds[i] for i in range(n)]
+        return {"images": torch.stack([it[0] for it in items]), "captions": [it[1] for it in items]}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        v, t = self.trainer.val, self.trainer
+        if not v:
+            return {}
+        pixels = t.train_transform.normalize(v["images"].to(t.device))
+        cond = model.encode_text(self.text_ids(v["captions"]))
+        result = {}
+        for key, net in (("flow_loss", model.net), ("flow_loss_ema", model.sampling_net())):
+            generator = torch.Generator(t.device).manual_seed(0)  # the same noise and times every time
+            result[f"val/{key}"] = flow_loss(lambda x, s, net=net: net(x, s, cond), pixels, generator).item()
+        return result
+
+    @torch.no_grad()
+    def final_evals(self, model: nn.Module) -> None:
+        """eval/samples.png (see the module docstring), 8 validation rows."""
+        v, t = self.trainer.val, self.trainer
+        if not v:
+            return
+        images, captions = v["images"][:8], v["captions"][:8]
+        shown = model.sample(self.text_ids(captions), generator=torch.Generator().manual_seed(0))
+        out = Path(t.out) / "eval"
+        out.mkdir(exist_ok=True)
+        save_grid([images, unnormalize(shown.cpu(), t.preprocess)], captions, out / "samples.png")
