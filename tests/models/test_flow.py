@@ -104,3 +104,26 @@ def test_the_moving_average_is_its_formula_and_sampling_uses_it():
     averaged = model.sample(ids, steps=2, generator=g)
     trained = model.sample(ids, steps=2, generator=torch.Generator().manual_seed(0), use_ema=False)
     assert averaged.shape == (2, 3, 8, 8) and not torch.allclose(averaged, trained)
+
+
+def test_cross_attention_reads_the_unmasked_caption_tokens_only():
+    torch.manual_seed(0)
+    net = build_flow_model(FlowConfig(image_size=8, channels=(8, 16), embed_dim=16, cond_dim=4, context_dim=6, heads=2))
+    for m in net.cross:  # out-projections start at zero: give them weights so the context shows
+        torch.nn.init.normal_(m.out.weight, std=0.5)
+    x, t, c = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 4)
+    ctx, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    base = net(x, t, c, ctx, mask)
+    changed = ctx.clone()
+    changed[0, 4] += 5.0  # a masked token of row 0
+    assert torch.allclose(net(x, t, c, changed, mask), base, atol=1e-6)
+    changed[0, 1] += 5.0  # a read one
+    assert not torch.allclose(net(x, t, c, changed, mask)[0], base[0], atol=1e-4)
+    assert torch.allclose(net(x, t, c, changed, mask)[1], base[1], atol=1e-6)  # rows stay apart
+    # no token readable is the null caption, which is what no context at all means
+    none = torch.zeros_like(mask)
+    assert torch.allclose(net(x, t, c, ctx, none), net(x, t, c), atol=1e-6)
+    # guidance with tokens: the unconditional half reads none of them
+    v = guided(net, c, 2.0, ctx, mask)(x, t)
+    vc, vu = net(x, t, c, ctx, mask), net(x, t, net.null_cond.expand_as(c))
+    assert torch.allclose(v, vu + 2.0 * (vc - vu), atol=1e-5)

@@ -22,11 +22,11 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("flow")
     data = tmp_path_factory.mktemp("shapes") / "shapes"
     cfg = configure(smoke(get_recipe("flow-tiny-shapes")), {"synthetic_data": str(data), "out": str(out)})
-    return out, train(cfg)
+    return out, train(cfg), data
 
 
 def test_the_flow_stage_trains_on_the_clip_stages_frozen_text_tower(run):
-    out, summary = run
+    out, summary, _ = run
     assert set(summary["stages"]) == {"clip", "flow"} and summary["step"] == 3
     clip = load_file(str(out / "stage1-clip" / "model.safetensors"))
     flow = load_file(str(out / "model.safetensors"))
@@ -40,7 +40,7 @@ def test_the_flow_stage_trains_on_the_clip_stages_frozen_text_tower(run):
 
 
 def test_the_moving_average_follows_the_weights(run):
-    out, _ = run
+    out, _, data = run
     w = load_file(str(out / "model.safetensors"))
     assert int(w["ema.n_averaged"]) == 3  # one update per optimizer step
     decay = load_pretrained(out).model.cfg.ema_decay
@@ -51,7 +51,7 @@ def test_the_moving_average_follows_the_weights(run):
 
 
 def test_the_folder_loads_and_samples_the_same_images_from_a_seed(run):
-    out, _ = run
+    out, _, data = run
     pt = load_pretrained(out)
     assert isinstance(pt.model, FlowModel)
     ids = pt.tokenizer(["a red circle", "a blue square"])
@@ -62,7 +62,7 @@ def test_the_folder_loads_and_samples_the_same_images_from_a_seed(run):
 
 
 def test_the_flow_task_needs_a_clip_folder(tmp_path, run):
-    out, _ = run
+    out, _, data = run
     cfg = configure(
         smoke(get_recipe("flow-tiny-shapes")),
         {"stages": [], "out": str(tmp_path / "x"), "train_data": str(out / "none.jsonl")},
@@ -71,3 +71,23 @@ def test_the_flow_task_needs_a_clip_folder(tmp_path, run):
         Trainer(cfg).setup()
     with pytest.raises(ConfigError, match="not a CLIP"):
         Trainer(configure(cfg, {"text_init_from": str(out)})).setup()
+
+
+def test_the_one_stage_recipe_trains_on_a_given_clip(run, tmp_path):
+    out, _, data = run
+    cfg = configure(
+        smoke(get_recipe("flow-tiny")),
+        {"train_data": str(data / "train.jsonl"), "text_init_from": str(out / "stage1-clip"), "out": str(tmp_path / "f")},
+    )
+    summary = train(cfg)
+    assert summary["step"] == 3 and (tmp_path / "f" / "model.safetensors").is_file()
+
+
+def test_text_init_from_is_for_flow_models_only(run, tmp_path):
+    out, _, data = run
+    cfg = configure(
+        smoke(get_recipe("clip-tiny")),
+        {"train_data": str(data / "train.jsonl"), "text_init_from": str(out / "stage1-clip"), "out": str(tmp_path / "c")},
+    )
+    with pytest.raises(ConfigError, match="text_init_from is for flow models"):
+        Trainer(cfg).setup()

@@ -298,6 +298,22 @@ RECIPES |= {
         eval_limit=64,
         precision="fp32",
     ),  # fmt: skip
+    # One stage on your own captions (--train-data, --val-data), conditioned on a CLIP trained on them:
+    # --set text_init_from=DIR.
+    "flow-tiny": dict(
+        model="flow-tiny",
+        model_overrides={"ema_decay": 0.995},
+        out="runs/flow-tiny",
+        epochs=20,
+        batch_size=64,
+        lr=1e-3,
+        weight_decay=0.0,
+        warmup_steps=100,
+        eval_every=200,
+        save_every=200,
+        eval_limit=64,
+        precision="fp32",
+    ),  # fmt: skip
     # One stage on your own interleaved documents (--train-data DOCS.jsonl); the image tower from a
     # CLIP/SigLIP folder with --set vision_init_from=DIR, frozen.
     "flamingo-tiny": dict(

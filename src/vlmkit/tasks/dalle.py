@@ -121,7 +121,7 @@ class DalleTask(Task):
             out = model.vqvae(pixels)
             codes = out.indices.unique().numel()
             result = {
-                "val/reconstruction_mse": out.reconstruction_loss.item(),
+                "val/reconstruction_mse": torch.nn.functional.mse_loss(out.reconstruction, pixels).item(),
                 "val/codes_used": float(codes),
             }
         else:

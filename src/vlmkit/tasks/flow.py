@@ -133,11 +133,12 @@ class FlowTask(Task):
         if not v:
             return {}
         pixels = t.train_transform.normalize(v["images"].to(t.device))
-        cond = model.encode_text(self.text_ids(v["captions"]))
+        cond, tokens, mask = model.encode_text(self.text_ids(v["captions"]))
         result = {}
         for key, net in (("flow_loss", model.net), ("flow_loss_ema", model.sampling_net())):
             generator = torch.Generator(t.device).manual_seed(0)  # the same noise and times every time
-            result[f"val/{key}"] = flow_loss(lambda x, s, net=net: net(x, s, cond), pixels, generator).item()
+            velocity = lambda x, s, net=net: net(x, s, cond, tokens, mask)  # noqa: E731
+            result[f"val/{key}"] = flow_loss(velocity, pixels, generator).item()
         return result
 
     @torch.no_grad()
