@@ -108,7 +108,9 @@ def test_the_moving_average_is_its_formula_and_sampling_uses_it():
 
 def test_cross_attention_reads_the_unmasked_caption_tokens_only():
     torch.manual_seed(0)
-    net = build_flow_model(FlowConfig(image_size=8, channels=(8, 16), embed_dim=16, cond_dim=4, context_dim=6, heads=2))
+    net = build_flow_model(
+        FlowConfig(image_size=8, channels=(8, 16), embed_dim=16, cond_dim=4, context_dim=6, heads=2)
+    )
     for m in net.cross:  # out-projections start at zero: give them weights so the context shows
         torch.nn.init.normal_(m.out.weight, std=0.5)
     x, t, c = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 4)
@@ -127,3 +129,18 @@ def test_cross_attention_reads_the_unmasked_caption_tokens_only():
     v = guided(net, c, 2.0, ctx, mask)(x, t)
     vc, vu = net(x, t, c, ctx, mask), net(x, t, net.null_cond.expand_as(c))
     assert torch.allclose(v, vu + 2.0 * (vc - vu), atol=1e-5)
+
+
+def test_the_registry_sizes_build():
+    from vlmkit.models.registry import create_model
+
+    with torch.device("meta"):  # shapes only
+        big = create_model("flow-B")
+    assert big.cfg.image_size == 128 and big.cfg.net.context_dim == 512 and big.cfg.embed_dim == 512
+    assert not create_model("flow-tiny").cfg.net.context_dim  # off at the CPU size (see the registry)
+    tiny = create_model("flow-tiny", cross_attention=True)
+    trained = sum(p.numel() for p in tiny.net.parameters())
+    assert sum(p.numel() for p in tiny.ema.parameters()) == trained  # the average is one copy of the network
+    v = tiny.net(torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, 128), torch.randn(2, 5, 128),
+                 torch.ones(2, 5, dtype=torch.bool))  # fmt: skip
+    assert v.shape == (2, 3, 32, 32)

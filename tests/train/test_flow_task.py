@@ -77,7 +77,11 @@ def test_the_one_stage_recipe_trains_on_a_given_clip(run, tmp_path):
     out, _, data = run
     cfg = configure(
         smoke(get_recipe("flow-tiny")),
-        {"train_data": str(data / "train.jsonl"), "text_init_from": str(out / "stage1-clip"), "out": str(tmp_path / "f")},
+        {
+            "train_data": str(data / "train.jsonl"),
+            "text_init_from": str(out / "stage1-clip"),
+            "out": str(tmp_path / "f"),
+        },
     )
     summary = train(cfg)
     assert summary["step"] == 3 and (tmp_path / "f" / "model.safetensors").is_file()
@@ -87,7 +91,11 @@ def test_text_init_from_is_for_flow_models_only(run, tmp_path):
     out, _, data = run
     cfg = configure(
         smoke(get_recipe("clip-tiny")),
-        {"train_data": str(data / "train.jsonl"), "text_init_from": str(out / "stage1-clip"), "out": str(tmp_path / "c")},
+        {
+            "train_data": str(data / "train.jsonl"),
+            "text_init_from": str(out / "stage1-clip"),
+            "out": str(tmp_path / "c"),
+        },
     )
     with pytest.raises(ConfigError, match="text_init_from is for flow models"):
         Trainer(cfg).setup()

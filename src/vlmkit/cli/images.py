@@ -41,6 +41,11 @@ def register(sub, ev) -> None:
         help="a .jsonl of {text, colour, shape, size, position} or a .txt of prompts (default: every size x "
         "colour x shape of the shapes data, one object each)",
     )
+    p.add_argument(
+        "--attributes",
+        default="size,colour,shape,position",
+        help="what the default prompts name, comma-separated (default size,colour,shape,position)",
+    )
     p.add_argument("--num-images", type=int, default=8, help="samples per prompt (default 8)")
     p.add_argument(
         "--rerank", metavar="CLIP_MODEL", help="a CLIP folder that keeps each prompt's best sample"
@@ -126,7 +131,8 @@ def cmd_eval_text_to_image(args) -> None:
     if args.train_data and not (args.data and args.judge):
         raise ConfigError("--train-data (memorisation) needs --data and --judge too")
     device = device_of(args.device)
-    prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
+    attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
+    prompts = read_prompts(args.prompts) if args.prompts else default_prompts(attributes)
     prompts = prompts[: args.limit] if args.limit else prompts
     pipe = TextToImagePipeline.from_pretrained(args.model, device)
     reranker = ClipScorer(args.rerank, device) if args.rerank else None

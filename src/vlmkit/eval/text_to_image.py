@@ -42,8 +42,11 @@ POSITIONS = (
 
 
 def caption(attrs: dict) -> str:
-    """{"size", "colour", "shape", "position"} -> "a large red circle at the top left" (keys may be missing)."""
+    """{"size", "colour", "shape", "position"} -> "a large red circle at the top left" (keys may be missing;
+    without a shape, "a large red shape")."""
     words = [attrs[k] for k in ("size", "colour", "shape") if attrs.get(k)]
+    if not attrs.get("shape"):
+        words.append("shape")  # "a red shape"
     article = "an" if words[0][0] in "aeiou" else "a"
     text = " ".join([article, *words])
     return f"{text} {_position_phrase(attrs['position'])}" if attrs.get("position") else text

@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from vlmkit.errors import ConfigError, DataError
 
+ATTRIBUTES = ("colour", "shape", "size", "position")
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """uint8 images (N, 3, S, S) -> PIL RGB images."""
@@ -185,18 +187,26 @@ def rerank_by_clip(
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-ATTRIBUTES = ("colour", "shape", "size", "position")
 
 
-def default_prompts() -> list[dict]:
-    """Every size x colour x shape of the shapes vocabulary, one object each, the nine positions dealt out in
-    turn (so each appears about equally often): the prompts `vlmkit eval text-to-image` uses by default."""
+def default_prompts(attributes: Sequence[str] = ATTRIBUTES) -> list[dict]:
+    """Every size x colour x shape of the shapes vocabulary (those of them in `attributes`), one object each,
+    and with "position" in `attributes` the nine positions dealt out in turn (each appears about equally
+    often): the prompts `vlmkit eval text-to-image` uses by default."""
     from vlmkit.eval.text_to_image import POSITIONS, caption, single_object_prompts
 
-    rows = single_object_prompts(("size", "colour", "shape"))
+    unknown = set(attributes) - set(ATTRIBUTES)
+    if unknown or not attributes:
+        raise ConfigError(
+            f"attributes are some of {', '.join(ATTRIBUTES)}, not {', '.join(sorted(unknown)) or 'none'}"
+        )
+    fixed = tuple(a for a in ("size", "colour", "shape") if a in attributes)
+    rows = single_object_prompts(fixed) if fixed else [{}]
     out = []
     for i, row in enumerate(rows):
-        attrs = {k: row[k] for k in ("size", "colour", "shape")} | {"position": POSITIONS[i % len(POSITIONS)]}
+        attrs = {k: row[k] for k in fixed}
+        if "position" in attributes:
+            attrs["position"] = POSITIONS[i % len(POSITIONS)]
         out.append({**attrs, "text": caption(attrs)})
     return out
 

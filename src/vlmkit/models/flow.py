@@ -162,7 +162,9 @@ class FlowUNet(_Conditioned):
         self.out = nn.Sequential(nn.GroupNorm(8, ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3, 3, padding=1))
         if ctx:  # after the lowest resolution's down block, the middle block and its up block
             self.cross = nn.ModuleList(CrossAttention(c, ctx, cfg.heads) for c in (ch[-1], ch[-1], ch[-2]))
-            self.null_context = nn.Parameter(torch.zeros(1, ctx))  # always readable: the empty caption's token
+            self.null_context = nn.Parameter(
+                torch.zeros(1, ctx)
+            )  # always readable: the empty caption's token
 
     def forward(
         self,
@@ -322,8 +324,9 @@ class FlowModelConfig:
     sample_steps: int = 32  # Euler steps
     guidance: float = 3.0  # classifier-free guidance scale sampling uses unless told otherwise
     # the network also reads the caption's token states (cross-attention): a CLIP's pooled embedding hardly
-    # tells "at the top left" from "at the bottom right" (cosine 0.99 in clip-tiny)
-    cross_attention: bool = True
+    # tells "at the top left" from "at the bottom right" (cosine 0.99 in clip-tiny). Off in flow-tiny, where
+    # it cost a fifth of the steps and did not bring position within a 10-minute run (benchmarks/RESULTS.md)
+    cross_attention: bool = False
 
     def __post_init__(self):
         if isinstance(self.net, dict):

@@ -85,12 +85,13 @@ DALLE_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-# size -> (image_size, UNet channels per resolution, the text tower's width/layers/heads/context, embed_dim).
+# size -> (image_size, UNet channels per resolution, the text tower's width/layers/heads/context, embed_dim,
+# cross-attention to the caption's tokens).
 # The text tower's config is replaced by the CLIP's a run takes it from (text_init_from); tiny matches
 # clip-tiny's. tiny: the UNet that reached the lowest flow loss in a fixed CPU time (benchmarks/RESULTS.md).
 FLOW_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(image=32, unet=(32, 64, 128), t=(128, 2, 2, 32), embed=128),
-    "B": dict(image=128, unet=(128, 256, 256, 512), t=(512, 12, 8, 77), embed=512),
+    "tiny": dict(image=32, unet=(32, 64, 128), t=(128, 2, 2, 32), embed=128, cross=False),
+    "B": dict(image=128, unet=(128, 256, 256, 512), t=(512, 12, 8, 77), embed=512, cross=True),
 }
 
 
@@ -98,7 +99,7 @@ def _flow(s: dict) -> dict[str, Any]:
     (tw, tl, th, ctx) = s["t"]
     net = dict(image_size=s["image"], channels=s["unet"], embed_dim=max(128, s["unet"][0] * 2))
     text = dict(width=tw, layers=tl, heads=th, context_length=ctx)
-    return dict(net=net, text=text, embed_dim=s["embed"])
+    return dict(net=net, text=text, embed_dim=s["embed"], cross_attention=s["cross"])
 
 
 def _dalle(s: dict) -> dict[str, Any]:

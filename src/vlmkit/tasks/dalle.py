@@ -33,9 +33,37 @@ def collate_images_captions(items: list) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([it[0] for it in items]), [it[1] for it in items]
 
 
-class DalleTask(Task):
+class TextToImageTask(Task):
+    """What the text-to-image tasks share: image-caption manifests, no random crops (Task.augment), the
+    validation images (uint8) and captions."""
+
+    augment = False
+
+    def training_texts(self) -> list[str]:
+        files = dict.fromkeys(split_files(self.cfg.data.tokenizer_data or self.cfg.data.train))
+        return [s.caption for f in files for s in read_manifest(f)[0]]
+
+    # ---------------------------------------------------------------- data and step
+    def train_set(self) -> ImageTextDataset:
+        cfg, t = self.cfg, self.trainer
+        return ImageTextDataset(cfg.data.train, t.train_transform, max_bad_fraction=cfg.data.max_bad_fraction,
+                                seed=cfg.seed, log=log)  # fmt: skip
+
+    def collate(self):
+        return collate_images_captions
+
+    def build_val(self) -> dict | None:
+        cfg, t = self.cfg, self.trainer
+        if not cfg.data.val:
+            return None
+        ds = ImageTextDataset(cfg.data.val, ImageTransform(t.preprocess, train=False, uint8=True), log=log)
+        n = min(len(ds), cfg.task.eval_limit)
+        items = [ds[i] for i in range(n)]
+        return {"images": torch.stack([it[0] for it in items]), "captions": [it[1] for it in items]}
+
+
+class DalleTask(TextToImageTask):
     name = "dalle"
-    augment = False  # see Task.augment
 
     def configure(self) -> None:
         cfg = self.cfg
@@ -54,10 +82,6 @@ class DalleTask(Task):
     def context_length(self, model_cfg: Any) -> int:
         return model_cfg.max_text_len
 
-    def training_texts(self) -> list[str]:
-        files = dict.fromkeys(split_files(self.cfg.data.tokenizer_data or self.cfg.data.train))
-        return [s.caption for f in files for s in read_manifest(f)[0]]
-
     def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
         # the decoder's vocabulary is the text's plus the codes and <boi>: DalleConfig sets it from text_vocab_size
         ids = decoder_token_overrides(tokenizer)
@@ -71,15 +95,6 @@ class DalleTask(Task):
         model.train()
         if self.phase == "transformer":
             model.vqvae.eval()  # a frozen tokenizer: its codebook must not move
-
-    # ---------------------------------------------------------------- data and step
-    def train_set(self) -> ImageTextDataset:
-        cfg, t = self.cfg, self.trainer
-        return ImageTextDataset(cfg.data.train, t.train_transform, max_bad_fraction=cfg.data.max_bad_fraction,
-                                seed=cfg.seed, log=log)  # fmt: skip
-
-    def collate(self):
-        return collate_images_captions
 
     def text_ids(self, captions: list[str], drop: float = 0.0) -> list[list[int]]:
         """[bos] + the caption's ids, cut to max_text_len; with `drop`, that share of them is [bos] alone."""
@@ -102,15 +117,6 @@ class DalleTask(Task):
         return {"loss": model.loss(self.text_ids(captions, model.cfg.cond_drop), codes)}
 
     # ---------------------------------------------------------------- evaluation
-    def build_val(self) -> dict | None:
-        cfg, t = self.cfg, self.trainer
-        if not cfg.data.val:
-            return None
-        ds = ImageTextDataset(cfg.data.val, ImageTransform(t.preprocess, train=False, uint8=True), log=log)
-        n = min(len(ds), cfg.task.eval_limit)
-        items = [ds[i] for i in range(n)]
-        return {"images": torch.stack([it[0] for it in items]), "captions": [it[1] for it in items]}
-
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         v, t = self.trainer.val, self.trainer

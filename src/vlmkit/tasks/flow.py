@@ -19,20 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.data.conversations import split_files
-from vlmkit.data.manifest import ImageTextDataset, read_manifest
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.transforms import ImageTransform, unnormalize
+from vlmkit.data.transforms import unnormalize
 from vlmkit.errors import ConfigError
 from vlmkit.eval.text_to_image import save_grid
 from vlmkit.models.flow import flow_loss
-from vlmkit.tasks.base import Task, log, reject
-from vlmkit.tasks.dalle import collate_images_captions
+from vlmkit.tasks.base import log, reject
+from vlmkit.tasks.dalle import TextToImageTask
 
 
-class FlowTask(Task):
+class FlowTask(TextToImageTask):
     name = "flow"
-    augment = False  # see Task.augment
     reads_text_init_from = True
     _text_source: nn.Module | None = None
 
@@ -72,10 +69,6 @@ class FlowTask(Task):
     def context_length(self, model_cfg: Any) -> int:
         return model_cfg.text.context_length
 
-    def training_texts(self) -> list[str]:
-        files = dict.fromkeys(split_files(self.cfg.data.tokenizer_data or self.cfg.data.train))
-        return [s.caption for f in files for s in read_manifest(f)[0]]
-
     def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
         if self._text_source is None:  # no CLIP: a new text tower (tests) on the new tokenizer
             return {"text.vocab_size": tokenizer.vocab_size, "text.eot_token_id": tokenizer.eot_token_id,
@@ -101,14 +94,6 @@ class FlowTask(Task):
         model.update_ema()
 
     # ---------------------------------------------------------------- data and step
-    def train_set(self) -> ImageTextDataset:
-        cfg, t = self.cfg, self.trainer
-        return ImageTextDataset(cfg.data.train, t.train_transform, max_bad_fraction=cfg.data.max_bad_fraction,
-                                seed=cfg.seed, log=log)  # fmt: skip
-
-    def collate(self):
-        return collate_images_captions
-
     def text_ids(self, captions: list[str]) -> torch.Tensor:
         return self.trainer.tokenizer(captions).to(self.trainer.device)
 
@@ -118,15 +103,6 @@ class FlowTask(Task):
         return {"loss": model.loss(pixels, self.text_ids(captions))}
 
     # ---------------------------------------------------------------- evaluation
-    def build_val(self) -> dict | None:
-        cfg, t = self.cfg, self.trainer
-        if not cfg.data.val:
-            return None
-        ds = ImageTextDataset(cfg.data.val, ImageTransform(t.preprocess, train=False, uint8=True), log=log)
-        n = min(len(ds), cfg.task.eval_limit)
-        items = [ds[i] for i in range(n)]
-        return {"images": torch.stack([it[0] for it in items]), "captions": [it[1] for it in items]}
-
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         v, t = self.trainer.val, self.trainer

@@ -46,7 +46,13 @@ def folders(tmp_path_factory):
         clip = create_model("clip-tiny", **text, **{"vision.image_size": 32, "vision.width": 32, "vision.heads": 2,
                                                     "vision.layers": 1, "embed_dim": 16})  # fmt: skip
         out[name] = save_pretrained(clip, root / name, tok, pre, name="clip-tiny")
-    flow = create_model("flow-tiny", **text, embed_dim=16, **{"net.channels": (8, 16), "net.embed_dim": 32})
+    flow = create_model(
+        "flow-tiny",
+        **text,
+        embed_dim=16,
+        cross_attention=True,
+        **{"net.channels": (8, 16), "net.embed_dim": 32},
+    )
     flow.update_ema()
     out["flow"] = save_pretrained(flow, root / "flow", tok, pre, name="flow-tiny")
     dalle = create_model("dalle-tiny", **{"vqvae.image_size": 32, "vqvae.channels": (8, 16, 32), "vqvae.codebook_size": 32,
@@ -124,6 +130,11 @@ def test_default_prompts_cover_the_vocabulary_and_prompt_files_are_checked(tmp_p
     for key in ("colour", "shape", "size", "position"):
         assert len({p[key] for p in prompts}) > 1
     assert all(p["text"].startswith(("a ", "an ")) for p in prompts)
+    plain = default_prompts(("colour", "shape"))
+    assert len(plain) == len(prompts) // 2 and all(set(p) == {"colour", "shape", "text"} for p in plain)
+    assert plain[0]["text"] == f"a {plain[0]['colour']} {plain[0]['shape']}"
+    with pytest.raises(ConfigError, match="attributes are some of"):
+        default_prompts(("colour", "hue"))
     good = tmp_path / "p.jsonl"
     good.write_text('{"text": "a red circle", "colour": "red", "shape": "circle"}\n\n')
     assert read_prompts(good) == [{"text": "a red circle", "colour": "red", "shape": "circle"}]
