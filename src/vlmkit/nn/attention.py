@@ -4,9 +4,20 @@ separate q/k/v projections (Llama's layout, and CoCa's cross-attention to image 
 
 `attention` is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CPU and GPU), except bf16
 training on CPU on short sequences, where two batched matmuls and a float32 softmax are much faster.
+
+The attention weights of every call, in call order, are there for the asking (saliency, rollout):
+
+    with record_attention() as maps:          # retain_grad=True keeps their gradients too (Chefer et al.)
+        model.encode_image(pixels)
+    maps[0]                                   # (B, nh, T, S) float32, rows summing to 1
+
+Recording computes attention explicitly (the output equals SDPA's to rounding); it costs nothing when off.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +30,39 @@ from vlmkit.nn.rope import apply_rotary
 # Longest key sequence for which `attention` trains in bf16 on CPU with explicit matmuls rather than the
 # flash kernel: measured faster up to 257 tokens (ViT-L/14 at 224), slower at 577 (ViT-L/14 at 336).
 EXPLICIT_ATTENTION_MAX_LEN = 320
+
+
+class AttentionMaps(list):
+    """The attention weights recorded by `record_attention`, one (B, nh, T, S) tensor per call."""
+
+    def __init__(self, retain_grad: bool):
+        super().__init__()
+        self.retain_grad = retain_grad
+
+
+_RECORDERS: list[AttentionMaps] = []
+
+
+@contextlib.contextmanager
+def record_attention(retain_grad: bool = False) -> Iterator[AttentionMaps]:
+    """Record the softmax weights of every `attention` call inside the block (see the module docstring); with
+    `retain_grad`, weights that are part of an autograd graph keep their `.grad` after a backward pass."""
+    maps = AttentionMaps(retain_grad)
+    _RECORDERS.append(maps)
+    try:
+        yield maps
+    finally:
+        _RECORDERS.remove(maps)
+
+
+def _explicit_weights(q, k, attn_mask, is_causal) -> torch.Tensor:
+    T, S = q.shape[-2], k.shape[-2]
+    att = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, nh, T, S), scaled in float32
+    if is_causal:  # adding a -inf triangle is cheaper than a masked fill
+        att = att + torch.full((T, S), float("-inf"), device=q.device).triu(1)
+    elif attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
+    return att.softmax(dim=-1)
 
 
 def attention(
@@ -36,20 +80,20 @@ def attention(
     `enable_gqa`: k and v have fewer heads (B, nkv, S, hs), each shared by nh // nkv query heads.
     """
     explicit = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
-    if not explicit or k.shape[-2] > EXPLICIT_ATTENTION_MAX_LEN:
+    recording = bool(_RECORDERS)
+    if not recording and (not explicit or k.shape[-2] > EXPLICIT_ATTENTION_MAX_LEN):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa
         )
     if enable_gqa and k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, S, hs)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    T, S = q.shape[-2], k.shape[-2]
-    att = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, nh, T, S), scaled in float32
-    if is_causal:  # adding a -inf triangle is cheaper than a masked fill
-        att = att + torch.full((T, S), float("-inf"), device=q.device).triu(1)
-    elif attn_mask is not None:
-        att = att.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else att + attn_mask
-    return att.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
+    weights = _explicit_weights(q, k, attn_mask, is_causal)
+    for maps in _RECORDERS:
+        if maps.retain_grad and weights.requires_grad:
+            weights.retain_grad()
+        maps.append(weights)
+    return weights.to(v.dtype) @ v  # (B, nh, T, hs)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,78 @@
+"""Attention maps from the nn blocks, rollout and relevance against hand-computed two-layer cases."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmkit.eval.saliency import attention_rollout, relevance
+from vlmkit.models.registry import create_model
+from vlmkit.nn.attention import attention, record_attention
+
+
+def test_recording_returns_the_same_output_and_row_stochastic_maps():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    plain = attention(q, k, v, is_causal=True)
+    with record_attention() as maps:
+        recorded = attention(q, k, v, is_causal=True)
+    assert torch.allclose(plain, recorded, atol=1e-5)
+    (w,) = maps
+    assert w.shape == (2, 3, 5, 5) and torch.allclose(w.sum(-1), torch.ones(2, 3, 5))
+    assert (w.triu(1) == 0).all()  # causal
+    assert attention(q, k, v) is not None and len(maps) == 1  # nothing recorded after the block
+
+
+def test_a_vit_records_every_block_including_the_pooled_last_one():
+    torch.manual_seed(0)
+    clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 3}).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), record_attention() as maps:
+        clip.encode_image(pixels)
+    T = (32 // 8) ** 2 + 1
+    assert len(maps) == 3 and maps[0].shape == (2, 2, T, T)
+    assert maps[-1].shape[-1] == T  # the last block: the class token's row (or the full map)
+    r = attention_rollout(list(maps))
+    assert r.shape == (2, T) and torch.allclose(r.sum(-1), torch.ones(2), atol=1e-5)
+
+
+def test_rollout_by_hand_on_two_layers():
+    a1 = torch.tensor([[[0.5, 0.5, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]]])[:, None]  # (1, 1, 3, 3)
+    a2 = torch.tensor([[[0.0, 1.0, 0.0], [0.3, 0.3, 0.4], [0.5, 0.0, 0.5]]])[:, None]
+    # by hand: A' = (A + I) / 2 (rows already sum to 1), rollout = A2' @ A1', the class token's row
+    b1 = torch.tensor([[0.75, 0.25, 0.0], [0.1, 0.9, 0.0], [0.0, 0.0, 1.0]])
+    b2 = torch.tensor([[0.5, 0.5, 0.0], [0.15, 0.65, 0.2], [0.25, 0.0, 0.75]])
+    expected = (b2 @ b1)[0]
+    assert torch.allclose(attention_rollout([a1, a2])[0], expected)
+    # normalising columns instead (the known bug) gives another answer
+    wrong = [(0.5 * a[0, 0] + 0.5 * torch.eye(3)) for a in (a1, a2)]
+    wrong = [w / w.sum(0, keepdim=True) for w in wrong]
+    assert not torch.allclose((wrong[1] @ wrong[0])[0], expected)
+
+
+def test_relevance_by_hand_on_two_layers():
+    torch.manual_seed(0)
+    a1 = torch.rand(1, 2, 3, 3).softmax(-1).requires_grad_()
+    a2 = torch.rand(1, 2, 3, 3).softmax(-1).requires_grad_()
+    w = torch.randn(3)
+    score = ((a2[0].mean(0) @ a1[0].mean(0))[0] * w).sum()  # any differentiable score of both maps
+    for a in (a1, a2):
+        a.retain_grad()
+    score.backward()
+    cams = [(a.grad * a).clamp(min=0).mean(1)[0] for a in (a1, a2)]
+    R = torch.eye(3)
+    R = R + cams[0] @ R
+    R = R + cams[1] @ R
+    assert torch.allclose(relevance([a1, a2])[0], R[0].detach())
+
+
+def test_relevance_of_a_clip_similarity_through_the_recorded_maps():
+    torch.manual_seed(0)
+    clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 2}).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    text = clip.encode_text(torch.randint(3, 100, (1, 8)), normalize=True).detach()
+    with record_attention(retain_grad=True) as maps:
+        score = (clip.encode_image(pixels, normalize=True) * text).sum()
+    score.backward()
+    assert all(m.grad is not None for m in maps)
+    r = relevance(list(maps))
+    assert r.shape == (1, 17) and r[0, 0] >= 1.0  # the identity's share of the class token itself
