@@ -1,10 +1,15 @@
-"""Attention maps from the nn blocks, rollout and relevance against hand-computed two-layer cases."""
+"""Attention maps from the nn blocks, rollout and relevance against hand-computed two-layer cases, the dual-encoder
+saliency methods and `vlmkit explain`."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
-from vlmkit.eval.saliency import attention_rollout, relevance
+from vlmkit.cli.main import main
+from vlmkit.eval.saliency import METHODS, attention_rollout, explain_dual_encoder, relevance, similarity_map
 from vlmkit.models.registry import create_model
 from vlmkit.nn.attention import attention, record_attention
 
@@ -76,3 +81,54 @@ def test_relevance_of_a_clip_similarity_through_the_recorded_maps():
     assert all(m.grad is not None for m in maps)
     r = relevance(list(maps))
     assert r.shape == (1, 17) and r[0, 0] >= 1.0  # the identity's share of the class token itself
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.data.transforms import PreprocessConfig
+    from vlmkit.models.pretrained import save_pretrained
+
+    tok = Tokenizer.train(["a red circle", "a blue square"] * 10, vocab_size=300, context_length=16)
+    torch.manual_seed(0)
+    clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 2, "text.layers": 1,
+                                        "text.vocab_size": tok.vocab_size, "text.context_length": 16,
+                                        "text.eot_token_id": tok.eot_token_id})  # fmt: skip
+    return save_pretrained(clip, tmp_path_factory.mktemp("clip") / "m", tok, PreprocessConfig(image_size=32))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vlmkit_explain_writes_a_map_of_the_images_size(clip_folder, tmp_path, method):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
+    main(["explain", "--model", str(clip_folder), "--image", str(img), "--text", "a red circle",
+          "--method", method, "--out", str(tmp_path / "o")])  # fmt: skip
+    sal = np.load(tmp_path / "o" / "saliency.npy")
+    assert sal.shape == (40, 50) and np.isfinite(sal).all() and sal.min() == 0 and sal.max() == 1
+    assert (tmp_path / "o" / "overlay.png").is_file()
+
+
+def test_methods_through_the_class_token_refuse_other_pooling_in_one_line(clip_folder):
+    from vlmkit.errors import ConfigError
+
+    torch.manual_seed(0)
+    siglip = create_model("siglip-tiny", **{"vision.image_size": 32, "vision.layers": 1})
+    with pytest.raises(ConfigError, match="pools by 'attn'"):
+        explain_dual_encoder(
+            siglip, torch.randn(1, 3, 32, 32), torch.randn(1, siglip.cfg.embed_dim), "rollout"
+        )
+    m = explain_dual_encoder(
+        siglip, torch.randn(1, 3, 32, 32), torch.randn(1, siglip.cfg.embed_dim), "gradcam"
+    )
+    assert m.shape == (1, 4, 4)
+
+
+def test_the_similarity_map_is_each_patch_tokens_cosine_with_the_text():
+    torch.manual_seed(0)
+    clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 1}).eval()
+    pixels, text = torch.randn(1, 3, 32, 32), torch.randn(1, clip.cfg.embed_dim)
+    with torch.no_grad():
+        tokens = clip.visual.forward_tokens(pixels)[0, 1:].double()
+        emb = tokens @ clip.visual.proj.weight.double().T
+    expected = (torch.nn.functional.cosine_similarity(emb, text.double(), dim=-1)).view(4, 4)
+    assert torch.allclose(similarity_map(clip, pixels, text)[0].double(), expected, atol=1e-5)

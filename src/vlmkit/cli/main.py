@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit.cli.images import register as register_images
 
     register_images(sub, ev)
+    from vlmkit.cli.explain import register as register_explain
+
+    register_explain(sub)
     from vlmkit.cli.audit import register_audit_cli, register_card_cli
 
     register_audit_cli(sub)

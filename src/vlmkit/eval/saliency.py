@@ -61,3 +61,108 @@ def relevance(maps: list[Tensor], index: int = 0) -> Tensor:
             R = torch.eye(cam.shape[-1], device=cam.device).expand_as(cam).clone()
         R = R + cam @ R
     return R[:, index]
+
+
+# ------------------------------------------------------------------------------------------- dual encoders
+METHODS = ("similarity", "rollout", "relevance", "gradcam")
+
+
+def _grid(clip) -> int:
+    v = clip.cfg.vision
+    return v.image_size // v.patch_size
+
+
+def _patches(values: Tensor, clip) -> Tensor:
+    """Per-token values (B, T) -> the patch grid (B, g, g), prefix tokens dropped."""
+    g = _grid(clip)
+    return values[:, clip.visual.num_prefix_tokens :].reshape(-1, g, g)
+
+
+def _needs_class_token(clip, method: str) -> None:
+    from vlmkit.errors import ConfigError
+
+    if clip.cfg.vision.pool != "cls":
+        raise ConfigError(
+            f"{method} follows attention into the class token; this model pools by {clip.cfg.vision.pool!r}: "
+            "use --method similarity or gradcam"
+        )
+
+
+def similarity_map(clip, pixels: Tensor, text: Tensor) -> Tensor:
+    """Each patch token through the final norm and projection, cosine with the text embedding (B, D): (B, g, g)."""
+    with torch.no_grad():
+        tokens = clip.visual.forward_tokens(pixels)  # (B, T, C), after the final norm
+        proj = clip.visual.proj
+        emb = proj(tokens) if proj is not None else tokens
+        sims = (
+            torch.nn.functional.normalize(emb.float(), dim=-1)
+            @ torch.nn.functional.normalize(text.float(), dim=-1)[..., None]
+        )
+    return _patches(sims[..., 0], clip)
+
+
+def rollout_map(clip, pixels: Tensor) -> Tensor:
+    """Attention rollout into the class token over the image tower's blocks: (B, g, g)."""
+    from vlmkit.nn.attention import record_attention
+
+    _needs_class_token(clip, "rollout")
+    with torch.no_grad(), record_attention() as maps:
+        clip.visual(pixels)
+    return _patches(attention_rollout(list(maps)), clip)
+
+
+def _score(clip, image_emb: Tensor, text: Tensor) -> Tensor:
+    return (
+        torch.nn.functional.normalize(image_emb.float(), dim=-1)
+        * torch.nn.functional.normalize(text.float(), dim=-1)
+    ).sum()
+
+
+def relevance_map(clip, pixels: Tensor, text: Tensor) -> Tensor:
+    """Chefer et al.'s relevance of each patch to the image-text similarity: (B, g, g)."""
+    from vlmkit.nn.attention import record_attention
+
+    _needs_class_token(clip, "relevance")
+    with torch.enable_grad(), record_attention(retain_grad=True) as maps:
+        pixels = pixels.detach().requires_grad_()
+        score = _score(clip, clip.visual(pixels), text)
+        score.backward()
+    return _patches(relevance(list(maps)), clip).detach()
+
+
+def gradcam_map(clip, pixels: Tensor, text: Tensor) -> Tensor:
+    """Grad-CAM on the image-text similarity at the input of the last block: ReLU(sum_c w_c A_c) with w_c the
+    token-averaged gradient of channel c: (B, g, g)."""
+    visual = clip.visual
+    with torch.enable_grad():
+        x = visual.forward_hidden(pixels, len(visual.transformer.blocks) - 1).detach().requires_grad_()
+        out = visual.pool(visual.ln_post(visual.transformer.blocks[-1](x)))
+        _score(clip, out, text).backward()
+    patches = slice(visual.num_prefix_tokens, None)
+    weights = x.grad[:, patches].mean(dim=1, keepdim=True)  # (B, 1, C)
+    cam = (weights * x[:, patches]).sum(-1).clamp(min=0).detach()  # (B, N)
+    g = _grid(clip)
+    return cam.reshape(-1, g, g)
+
+
+def explain_dual_encoder(clip, pixels: Tensor, text: Tensor, method: str) -> Tensor:
+    """The `method` map (one of METHODS) for images (B, 3, S, S) and text embeddings (B, D): (B, g, g)."""
+    from vlmkit.errors import ConfigError
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown saliency method {method!r}; dual encoders have {', '.join(METHODS)}")
+    if method == "rollout":
+        return rollout_map(clip, pixels)
+    return {"similarity": similarity_map, "relevance": relevance_map, "gradcam": gradcam_map}[method](
+        clip, pixels, text
+    )
+
+
+def to_image_size(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Patch maps (B, g, g) -> (B, H, W) for an image of `size` (width, height), bilinear, scaled to [0, 1]."""
+    up = torch.nn.functional.interpolate(
+        maps[:, None].float(), size=(size[1], size[0]), mode="bilinear", align_corners=False
+    )[:, 0]
+    lo = up.flatten(1).min(1).values[:, None, None]
+    hi = up.flatten(1).max(1).values[:, None, None]
+    return (up - lo) / (hi - lo).clamp(min=1e-12)

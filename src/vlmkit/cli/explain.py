@@ -1,0 +1,83 @@
+"""`vlmkit explain`: where in the image a model's answer comes from (saliency maps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmkit.cli.common import device_of
+
+
+def register(sub) -> None:
+    from vlmkit.eval.saliency import METHODS
+
+    p = sub.add_parser("explain", help="a saliency map of an image for a text (dual encoders)")
+    p.add_argument("--model", required=True, help="a CLIP/SigLIP model folder")
+    p.add_argument("--image", required=True, help="the image file")
+    p.add_argument("--text", required=True, help="the text whose similarity to the image is explained")
+    p.add_argument("--method", default="relevance", choices=METHODS, help="default relevance (Chefer et al.)")
+    p.add_argument(
+        "--out", required=True, help="folder for saliency.npy (the image's size), overlay.png, explain.json"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args) -> None:
+    import numpy as np
+    import torch
+
+    from vlmkit.convert import load_pretrained
+    from vlmkit.data.transforms import load_image
+    from vlmkit.errors import ConfigError, DataError
+    from vlmkit.eval.saliency import explain_dual_encoder, to_image_size
+    from vlmkit.inference.embed import load_images
+    from vlmkit.models.registry import task_name
+
+    device = device_of(args.device)
+    pt = load_pretrained(args.model, device)
+    if task_name(pt.model.cfg) != "contrastive":
+        raise ConfigError(
+            f"{args.model} is not a dual encoder; vlmkit explain takes CLIP/SigLIP folders so far"
+        )
+    if pt.tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer.json")
+    if not args.text.strip():
+        raise ConfigError("--text is empty")
+    if not Path(args.image).is_file():
+        raise DataError(f"image not found: {args.image}")
+    image = load_image(args.image)
+    model = pt.model.eval()
+    pixels = load_images([image], pt.preprocess).to(device)
+    with torch.no_grad():
+        text = model.encode_text(pt.tokenizer([args.text]).to(device))
+    patch_map = explain_dual_encoder(model, pixels, text, args.method)
+    full = to_image_size(patch_map.cpu(), image.size)[0].numpy().astype(np.float32)  # (H, W)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "saliency.npy", full)
+    _overlay(image, full, out / "overlay.png", f"{args.method}: {args.text}")
+    y, x = np.unravel_index(int(full.argmax()), full.shape)
+    meta = {"model": args.model, "image": args.image, "text": args.text, "method": args.method,
+            "size": list(image.size), "max_at": [int(x), int(y)]}  # fmt: skip
+    (out / "explain.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print(f"{args.method} map -> {out / 'saliency.npy'} and {out / 'overlay.png'} (maximum at x={x}, y={y})")
+
+
+def _overlay(image, saliency, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+    axes[0].imshow(image)
+    axes[1].imshow(image)
+    axes[1].imshow(saliency, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
