@@ -132,3 +132,22 @@ def test_the_similarity_map_is_each_patch_tokens_cosine_with_the_text():
         emb = tokens @ clip.visual.proj.weight.double().T
     expected = (torch.nn.functional.cosine_similarity(emb, text.double(), dim=-1)).view(4, 4)
     assert torch.allclose(similarity_map(clip, pixels, text)[0].double(), expected, atol=1e-5)
+
+
+def test_the_pointing_game_and_box_iou_on_hand_made_maps():
+    from vlmkit.eval.saliency import baseline_hits, box_iou, pointing_hit, tolerance_for
+
+    s = np.zeros((64, 64))
+    s[10, 50] = 1.0  # the maximum at x=50, y=10
+    assert pointing_hit(s, (45, 5, 55, 15), tolerance=0)
+    assert not pointing_hit(s, (0, 40, 20, 60), tolerance=0)
+    assert pointing_hit(s, (45, 14, 55, 20), tolerance=4) and not pointing_hit(
+        s, (45, 14, 55, 20), tolerance=3
+    )
+    assert tolerance_for(224) == 15 and tolerance_for(64) == pytest.approx(15 * 64 / 224)
+    block = np.zeros((10, 10))
+    block[2:6, 2:6] = 1.0  # 16 pixels; the box covers them and 16 more
+    assert box_iou(block, (2, 2, 6, 10)) == pytest.approx(16 / 32)
+    base = baseline_hits((0, 0, 5, 10), (10, 10), tolerance=0)
+    assert base == {"centre": 0.0, "random": 0.5}
+    assert baseline_hits((3, 3, 7, 7), (10, 10), tolerance=0)["centre"] == 1.0

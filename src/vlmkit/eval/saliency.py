@@ -166,3 +166,57 @@ def to_image_size(maps: Tensor, size: tuple[int, int]) -> Tensor:
     lo = up.flatten(1).min(1).values[:, None, None]
     hi = up.flatten(1).max(1).values[:, None, None]
     return (up - lo) / (hi - lo).clamp(min=1e-12)
+
+
+# ------------------------------------------------------------------------------------- scoring against boxes
+def tolerance_for(size: int) -> float:
+    """The pointing game's tolerance in pixels: 15 px at 224 px, scaled to the image's side."""
+    return 15.0 * size / 224.0
+
+
+def _distance_to_box(x: float, y: float, box) -> float:
+    x0, y0, x1, y1 = box  # pixels, exclusive right/bottom
+    dx = max(x0 - x, 0.0, x - (x1 - 1))
+    dy = max(y0 - y, 0.0, y - (y1 - 1))
+    return float((dx * dx + dy * dy) ** 0.5)
+
+
+def pointing_hit(saliency, box, tolerance: float | None = None) -> bool:
+    """Whether the map's (H, W) maximum lies in `box` (x0, y0, x1, y1) or within `tolerance` pixels of it
+    (default: `tolerance_for` the larger side). Ties: the first maximum in row-major order."""
+    import numpy as np
+
+    s = np.asarray(saliency)
+    y, x = np.unravel_index(int(s.argmax()), s.shape)
+    tol = tolerance_for(max(s.shape)) if tolerance is None else tolerance
+    return _distance_to_box(x, y, box) <= tol
+
+
+def box_iou(saliency, box, threshold: float = 0.5) -> float:
+    """IoU of the map thresholded at `threshold` x its maximum with the box's pixels."""
+    import numpy as np
+
+    s = np.asarray(saliency, dtype=np.float64)
+    mask = s >= threshold * s.max() if s.max() > 0 else np.ones_like(s, dtype=bool)
+    inside = np.zeros_like(mask)
+    x0, y0, x1, y1 = box
+    inside[y0:y1, x0:x1] = True
+    union = (mask | inside).sum()
+    return float((mask & inside).sum() / union) if union else 0.0
+
+
+def baseline_hits(box, size: tuple[int, int], tolerance: float | None = None) -> dict[str, float]:
+    """The controls' pointing scores for one box in an image of `size` (width, height): the centre point (a hit
+    or not), and a uniformly random point or a uniform map (whose maximum is anywhere): the share of pixels
+    that would count as a hit."""
+    import numpy as np
+
+    w, h = size
+    tol = tolerance_for(max(w, h)) if tolerance is None else tolerance
+    ys, xs = np.mgrid[0:h, 0:w]
+    x0, y0, x1, y1 = box
+    dx = np.maximum.reduce([x0 - xs, np.zeros_like(xs), xs - (x1 - 1)])
+    dy = np.maximum.reduce([y0 - ys, np.zeros_like(ys), ys - (y1 - 1)])
+    random = float((np.sqrt(dx**2 + dy**2) <= tol).mean())
+    centre = float(_distance_to_box((w - 1) / 2, (h - 1) / 2, box) <= tol)
+    return {"centre": centre, "random": random}
