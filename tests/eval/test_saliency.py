@@ -151,3 +151,27 @@ def test_the_pointing_game_and_box_iou_on_hand_made_maps():
     base = baseline_hits((0, 0, 5, 10), (10, 10), tolerance=0)
     assert base == {"centre": 0.0, "random": 0.5}
     assert baseline_hits((3, 3, 7, 7), (10, 10), tolerance=0)["centre"] == 1.0
+
+
+def test_deletion_and_insertion_reward_the_map_that_finds_what_the_score_reads():
+    from vlmkit.eval.saliency import deletion_insertion
+
+    pixels = torch.ones(3, 8, 8)
+    baseline = torch.zeros(3, 8, 8)
+
+    def score(x):  # the score reads the top-left 2x2 block only
+        return x[:, :, :2, :2].mean(dim=(1, 2, 3))
+
+    right = torch.zeros(8, 8)
+    right[:2, :2] = 1.0
+    wrong = torch.zeros(8, 8)
+    wrong[6:, 6:] = 1.0
+    good, bad = (
+        deletion_insertion(score, pixels, right, baseline, 16),
+        deletion_insertion(score, pixels, wrong, baseline, 16),
+    )
+    # by hand for the right map: the block is gone after the first of 16 steps (4 of 64 pixels)
+    assert good["deletion_auc"] == pytest.approx(0.5 / 16) and good["insertion_auc"] == pytest.approx(
+        1 - 0.5 / 16
+    )
+    assert bad["deletion_auc"] > good["deletion_auc"] and bad["insertion_auc"] < good["insertion_auc"]

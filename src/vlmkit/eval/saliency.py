@@ -220,3 +220,30 @@ def baseline_hits(box, size: tuple[int, int], tolerance: float | None = None) ->
     random = float((np.sqrt(dx**2 + dy**2) <= tol).mean())
     centre = float(_distance_to_box((w - 1) / 2, (h - 1) / 2, box) <= tol)
     return {"centre": centre, "random": random}
+
+
+def deletion_insertion(
+    score, pixels: Tensor, saliency: Tensor, baseline: Tensor, steps: int = 16
+) -> dict[str, float]:
+    """Deletion and insertion AUC (Petsiuk et al. 2018) of a map (H, W) for one image (3, H, W): pixels are
+    replaced by `baseline` (3, H, W), most salient first, in `steps` equal chunks (deletion), or put back into the
+    baseline in the same order (insertion); `score` maps a batch (N, 3, H, W) to (N,). The AUC is the trapezoid
+    mean of the scores over the fractions 0..1: low deletion and high insertion mean the map found what matters."""
+    H, W = saliency.shape
+    order = torch.argsort(saliency.flatten(), descending=True, stable=True)
+    counts = [round(i * H * W / steps) for i in range(steps + 1)]
+    deleted, inserted = [], []
+    for n in counts:
+        keep = torch.zeros(H * W, dtype=torch.bool)
+        keep[order[:n]] = True
+        keep = keep.view(1, H, W)
+        deleted.append(torch.where(keep, baseline, pixels))
+        inserted.append(torch.where(keep, pixels, baseline))
+    with torch.no_grad():
+        d = score(torch.stack(deleted)).float()
+        i = score(torch.stack(inserted)).float()
+
+    def auc(y: Tensor) -> float:
+        return float(((y[1:] + y[:-1]) / 2).mean())
+
+    return {"deletion_auc": auc(d), "insertion_auc": auc(i)}
