@@ -109,7 +109,7 @@ def cmd_generate_image(args) -> None:
                 row |= {"rank": rank, "clip_similarity": round(float(scores[rank]), 4)}
             rows.append(row)
     save_image_grid(kept, out / "grid.png")
-    meta = {"model": args.model, "family": pipe.family, "sampling": {**pipe.defaults(), **_sampling(args)},
+    meta = {"model": args.model, "family": pipe.family, "sampling": pipe.settings(**_sampling(args)),
             "reranker": args.rerank, "images": rows}  # fmt: skip
     (out / "images.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"{len(rows)} images -> {out} (grid.png, images.json)")

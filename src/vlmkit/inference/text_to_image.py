@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.models.dalle import caption_ids
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 
@@ -81,8 +82,7 @@ class TextToImagePipeline:
     def _ids(self, prompts: list[str]):
         tok = self.tokenizer
         if self.family == "dalle":
-            bos = [tok.sot_token_id] if tok.sot_token_id is not None else []
-            return [bos + tok.encode(text) for text in prompts]
+            return caption_ids(tok, prompts, self.model.cfg.max_text_len)
         return tok(prompts)
 
     def defaults(self) -> dict:
@@ -90,6 +90,17 @@ class TextToImagePipeline:
         if self.family == "dalle":
             return dict(guidance=3.0, temperature=1.0, top_k=min(64, self.model.cfg.vqvae.codebook_size))
         return dict(guidance=self.model.cfg.guidance, steps=self.model.cfg.sample_steps)
+
+    def settings(self, **sampling) -> dict:
+        """The defaults with the given settings (None: the default) in place; a ConfigError for a setting this
+        family does not have."""
+        allowed = self.defaults()
+        unknown = set(sampling) - set(allowed)
+        if unknown:
+            raise ConfigError(
+                f"{self.family} models sample with {', '.join(sorted(allowed))}, not {', '.join(sorted(unknown))}"
+            )
+        return {**allowed, **{k: v for k, v in sampling.items() if v is not None}}
 
     @torch.inference_mode()
     def generate(
@@ -110,13 +121,7 @@ class TextToImagePipeline:
         self.check_prompts(prompts)
         if num_images < 1:
             raise ConfigError(f"num_images must be at least 1, got {num_images}")
-        allowed = set(self.defaults())
-        unknown = set(sampling) - allowed
-        if unknown:
-            raise ConfigError(
-                f"{self.family} models sample with {', '.join(sorted(allowed))}, not {', '.join(sorted(unknown))}"
-            )
-        settings = {**self.defaults(), **{k: v for k, v in sampling.items() if v is not None}}
+        settings = self.settings(**sampling)
         jobs = [(p, k) for p in range(len(prompts)) for k in range(num_images)]
         out = torch.empty(len(prompts), num_images, 3, self.image_size, self.image_size, dtype=torch.uint8)
         bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not progress, dynamic_ncols=True)
@@ -325,7 +330,7 @@ def evaluate_text_to_image(
     images = pipe.generate(texts, num_images, seed=seed, progress=progress, **sampling)
     P, N = images.shape[:2]
     results: dict = {"model": pipe.name, "family": pipe.family, "prompts": P, "images_per_prompt": N,
-                     "seed": seed, "sampling": {**pipe.defaults(), **{k: v for k, v in sampling.items() if v is not None}}}  # fmt: skip
+                     "seed": seed, "sampling": pipe.settings(**sampling)}  # fmt: skip
     rerank_scores = None
     if reranker is not None:
         order_rows, score_rows = [], []
@@ -361,19 +366,20 @@ def evaluate_text_to_image(
             "any_sample": float(m.clip_score(feats.flatten(0, 1), text_feats.repeat_interleave(N, 0)).mean()),
             "first": float(m.clip_score(picked, text_feats).mean()),
         }
-        foil_sets = [m.foils(p) for p in prompts]
-        if checked and all(foil_sets[i] for i in checked):
-            foil_feats = torch.stack([judge_clip.text_features(foil_sets[i]) for i in checked])
+        foil_sets = [m.foils(prompts[i]) for i in checked]
+        if checked and all(foil_sets):
+            # every prompt's foils in one pass; prompts may name different attributes, so different counts
+            foil_feats = judge_clip.text_features([f for fs in foil_sets for f in fs]).split(
+                [len(fs) for fs in foil_sets]
+            )
+            any_sample, first = [], []
+            for i, foil in zip(checked, foil_feats, strict=True):
+                text, foil = text_feats[i].expand(N, -1), foil.expand(N, -1, -1)
+                any_sample.append(m.r_precision(feats[i], text, foil))
+                first.append(m.r_precision(feats[i, :1], text[:1], foil[:1]))
             results["r_precision"] = {
-                "any_sample": float(
-                    np.mean(
-                        [
-                            m.r_precision(feats[checked][:, k], text_feats[checked], foil_feats)
-                            for k in range(N)
-                        ]
-                    )
-                ),  # fmt: skip
-                "first": m.r_precision(picked[checked], text_feats[checked], foil_feats),
+                "any_sample": float(np.mean(any_sample)),
+                "first": float(np.mean(first)),
             }
         if N >= 2:
             results["diversity"] = float(np.mean([m.diversity(feats[p]) for p in range(P)]))

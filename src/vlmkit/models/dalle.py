@@ -159,6 +159,13 @@ class Dalle(nn.Module):
         return self.vqvae.decode(codes)
 
 
+def caption_ids(tokenizer, captions: list[str], max_text_len: int) -> list[list[int]]:
+    """The text rows a Dalle reads: [bos] (when the tokenizer has one) + each caption's ids, cut to
+    `max_text_len`."""
+    bos = [tokenizer.sot_token_id] if tokenizer.sot_token_id is not None else []
+    return [bos + tokenizer.encode(text)[:max_text_len] for text in captions]
+
+
 def _pick(
     logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | list | None
 ) -> Tensor:

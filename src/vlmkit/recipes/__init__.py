@@ -1,6 +1,9 @@
 """Named training recipes: configs as code, one dict per recipe on top of `TrainConfig`'s defaults, in the
 config's flat names (`lr` for `optim.lr`, `train_data` for `data.train`: vlmkit.train.config.ALIASES).
 
+(Over 500 lines: it is one table of every recipe with the reasons for their settings, configs only; split by
+family, the stages and settings several families share would be scattered across files.)
+
 `get_recipe(name, **overrides)` returns a `TrainConfig`; `smoke(cfg)` shrinks any recipe to a
 seconds-long run (a tiny model, a handful of steps) for testing a setup end to end. Recipes are configs
 only: the model's family picks the task that trains it.

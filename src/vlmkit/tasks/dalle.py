@@ -24,6 +24,7 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform, unnormalize
 from vlmkit.errors import ConfigError
 from vlmkit.eval.text_to_image import save_grid
+from vlmkit.models.dalle import caption_ids
 from vlmkit.tasks.base import Task, decoder_token_overrides, log, reject
 
 PHASES = ("vqvae", "transformer")
@@ -60,6 +61,22 @@ class TextToImageTask(Task):
         n = min(len(ds), cfg.task.eval_limit)
         items = [ds[i] for i in range(n)]
         return {"images": torch.stack([it[0] for it in items]), "captions": [it[1] for it in items]}
+
+    def samples(self, model: nn.Module, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """What the model makes of validation images (uint8) and captions: normalised images."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def final_evals(self, model: nn.Module) -> None:
+        """eval/samples.png: 8 validation images above what `samples` makes of them."""
+        v, t = self.trainer.val, self.trainer
+        if not v:
+            return
+        images, captions = v["images"][:8], v["captions"][:8]
+        shown = self.samples(model, images, captions)
+        out = Path(t.out) / "eval"
+        out.mkdir(exist_ok=True)
+        save_grid([images, unnormalize(shown.cpu(), t.preprocess)], captions, out / "samples.png")
 
 
 class DalleTask(TextToImageTask):
@@ -98,10 +115,10 @@ class DalleTask(TextToImageTask):
 
     def text_ids(self, captions: list[str], drop: float = 0.0) -> list[list[int]]:
         """[bos] + the caption's ids, cut to max_text_len; with `drop`, that share of them is [bos] alone."""
-        tok, c = self.trainer.tokenizer, self.trainer.model_cfg
-        bos = [tok.sot_token_id] if tok.sot_token_id is not None else []
-        rows = [bos + tok.encode(text)[: c.max_text_len] for text in captions]
+        tok = self.trainer.tokenizer
+        rows = caption_ids(tok, captions, self.trainer.model_cfg.max_text_len)
         if drop:
+            bos = [tok.sot_token_id] if tok.sot_token_id is not None else []
             keep = torch.rand(len(rows)) >= drop
             rows = [r if k else bos for r, k in zip(rows, keep.tolist(), strict=True)]
         return rows
@@ -136,18 +153,12 @@ class DalleTask(TextToImageTask):
         return result
 
     @torch.no_grad()
-    def final_evals(self, model: nn.Module) -> None:
-        """eval/samples.png (see the module docstring), 8 validation rows."""
-        v, t = self.trainer.val, self.trainer
-        if not v:
-            return
-        images, captions = v["images"][:8], v["captions"][:8]
+    def samples(self, model: nn.Module, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Reconstructions of the validation images (vqvae), or images sampled for their captions."""
         if self.phase == "vqvae":
-            shown = model.vqvae(t.train_transform.normalize(images.to(t.device))).reconstruction
-        else:
-            codes = model.sample(self.text_ids(captions), temperature=1.0, top_k=64, guidance=3.0,
-                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
-            shown = model.decode(codes)
-        out = Path(t.out) / "eval"
-        out.mkdir(exist_ok=True)
-        save_grid([images, unnormalize(shown.cpu(), t.preprocess)], captions, out / "samples.png")
+            return model.vqvae(
+                self.trainer.train_transform.normalize(images.to(self.trainer.device))
+            ).reconstruction
+        codes = model.sample(self.text_ids(captions), temperature=1.0, top_k=64, guidance=3.0,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return model.decode(codes)

@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.transforms import unnormalize
 from vlmkit.errors import ConfigError
-from vlmkit.eval.text_to_image import save_grid
 from vlmkit.models.flow import flow_loss
 from vlmkit.tasks.base import log, reject
 from vlmkit.tasks.dalle import TextToImageTask
@@ -118,13 +116,5 @@ class FlowTask(TextToImageTask):
         return result
 
     @torch.no_grad()
-    def final_evals(self, model: nn.Module) -> None:
-        """eval/samples.png (see the module docstring), 8 validation rows."""
-        v, t = self.trainer.val, self.trainer
-        if not v:
-            return
-        images, captions = v["images"][:8], v["captions"][:8]
-        shown = model.sample(self.text_ids(captions), generator=torch.Generator().manual_seed(0))
-        out = Path(t.out) / "eval"
-        out.mkdir(exist_ok=True)
-        save_grid([images, unnormalize(shown.cpu(), t.preprocess)], captions, out / "samples.png")
+    def samples(self, model: nn.Module, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        return model.sample(self.text_ids(captions), generator=torch.Generator().manual_seed(0))
