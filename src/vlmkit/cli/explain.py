@@ -1,14 +1,15 @@
-"""`vlmkit explain`: where in the image a model's answer comes from (saliency maps)."""
+"""`vlmkit explain`: where in the image a model's answer comes from (saliency maps); `vlmkit eval saliency`:
+the methods scored on known object boxes."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from vlmkit.cli.common import device_of
+from vlmkit.cli.common import add_model_arg, device_of, require_tokenizer
 
 
-def register(sub) -> None:
+def register(sub, ev) -> None:
     from vlmkit.eval.saliency import METHODS
 
     p = sub.add_parser("explain", help="a saliency map of an image for a text (dual encoders)")
@@ -21,6 +22,32 @@ def register(sub) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_explain)
+
+    p = ev.add_parser(
+        "saliency",
+        help="saliency methods scored on known object boxes: (class-sensitive) pointing game, box IoU, "
+        "deletion/insertion, against centre/random/uniform controls and a randomly initialised model",
+    )
+    add_model_arg(p)
+    p.add_argument(
+        "--data", required=True, help="a scene manifest with object boxes (vlmkit data synth's val.jsonl)"
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        choices=METHODS,
+        help="repeatable (default: every method the model allows)",
+    )
+    p.add_argument("--limit", type=int, default=300, help="queries per group (2-object, 3+-object scenes)")
+    p.add_argument(
+        "--deletion-limit",
+        type=int,
+        default=60,
+        help="queries with deletion/insertion curves (34 passes each)",
+    )
+    p.add_argument("--no-random-init", action="store_true", help="skip the randomly initialised model's rows")
+    p.add_argument("--out", help="folder for saliency.json, examples.png and report.html (default: print)")
+    p.set_defaults(func=cmd_eval_saliency, batch_size=32)
 
 
 def cmd_explain(args) -> None:
@@ -62,6 +89,45 @@ def cmd_explain(args) -> None:
             "size": list(image.size), "max_at": [int(x), int(y)]}  # fmt: skip
     (out / "explain.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"{args.method} map -> {out / 'saliency.npy'} and {out / 'overlay.png'} (maximum at x={x}, y={y})")
+
+
+def cmd_eval_saliency(args) -> None:
+    from vlmkit.convert import load_pretrained
+    from vlmkit.errors import ConfigError
+    from vlmkit.eval.saliency_eval import evaluate_saliency
+    from vlmkit.models.registry import task_name
+
+    device = device_of(args.device)
+    pt = load_pretrained(args.model, device)
+    if task_name(pt.model.cfg) != "contrastive":
+        raise ConfigError(f"{args.model} is not a dual encoder; eval saliency scores CLIP/SigLIP folders")
+    results = evaluate_saliency(
+        pt.model,
+        require_tokenizer(pt, args.model),
+        pt.preprocess,
+        args.data,
+        args.method,
+        limit=args.limit,
+        deletion_limit=args.deletion_limit,
+        random_init=not args.no_random_init,
+        batch_size=args.batch_size,
+        device=device,
+        model_name=args.model,
+        out_dir=args.out,
+    )
+    if args.out:
+        m = results["metrics"]
+
+        def f(v):
+            return "  -  " if v is None else f"{v:.3f}"
+
+        print(f"{'method':>13} {'model':>11}  class-sensitive (2 objects, 3+)  pointing  box IoU")
+        for r in m["rows"]:
+            print(f"{r['method']:>13} {r['model']:>11}  {f(r['class_sensitive_2']):>19} {f(r['class_sensitive_3+'])}"
+                  f"     {f(r['pointing'])}    {f(r['iou'])}")  # fmt: skip
+        print(f"report: {Path(args.out) / 'report.html'}")
+    else:
+        print(json.dumps(results, indent=2))
 
 
 def _overlay(image, saliency, path: Path, title: str) -> None:

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_images(sub, ev)
     from vlmkit.cli.explain import register as register_explain
 
-    register_explain(sub)
+    register_explain(sub, ev)
     from vlmkit.cli.audit import register_audit_cli, register_card_cli
 
     register_audit_cli(sub)
