@@ -79,23 +79,23 @@ def _run(visual, images: Tensor, ablate: dict | None = None, collect=None) -> Te
     x = visual.embed(images)  # (B, T, C)
     if collect:
         collect("embed", -1, x)
-    for l, block in enumerate(visual.transformer.blocks):
+    for layer_i, block in enumerate(visual.transformer.blocks):
         heads, bias = _heads(block, x)  # (B, nh, T, C), (C,)
         for h in range(heads.shape[1]):
-            if ("head", l, h) in ablate:
-                heads[:, h] = ablate[("head", l, h)]
+            if ("head", layer_i, h) in ablate:
+                heads[:, h] = ablate[("head", layer_i, h)]
         attn_out = heads.sum(1) + bias
-        if ("attn", l, None) in ablate:
-            attn_out = ablate[("attn", l, None)].expand_as(attn_out)
+        if ("attn", layer_i, None) in ablate:
+            attn_out = ablate[("attn", layer_i, None)].expand_as(attn_out)
         elif collect:
-            collect("heads", l, heads)
-            collect("attn_bias", l, bias.expand_as(attn_out))
+            collect("heads", layer_i, heads)
+            collect("attn_bias", layer_i, bias.expand_as(attn_out))
         x = x + attn_out
         mlp = block.mlp(block.ln_2(x))  # (B, T, C)
-        if ("mlp", l, None) in ablate:
-            mlp = ablate[("mlp", l, None)].expand_as(mlp)
+        if ("mlp", layer_i, None) in ablate:
+            mlp = ablate[("mlp", layer_i, None)].expand_as(mlp)
         if collect:
-            collect("mlp", l, mlp)
+            collect("mlp", layer_i, mlp)
         x = x + mlp
     return x
 
@@ -308,8 +308,8 @@ def evaluate_decomposition(
     means = component_means(visual, _image_batches(paths, transform, batch_size, device))
     L, nh = d.heads.shape[1], d.heads.shape[2]
     ablation = []
-    keys = [(kind, l, None) for l in range(L) for kind in ("attn", "mlp")]
-    keys += [("head", l, h) for l in range(L) for h in range(nh)]
+    keys = [(kind, layer_i, None) for layer_i in range(L) for kind in ("attn", "mlp")]
+    keys += [("head", layer_i, h) for layer_i in range(L) for h in range(nh)]
     for key in tqdm(keys, desc="mean-ablation", leave=False):
         emb = torch.cat(
             [
@@ -317,22 +317,22 @@ def evaluate_decomposition(
                 for im in _image_batches(paths, transform, batch_size, device)
             ]
         )
-        kind, l, h = key
+        kind, layer_i, h = key
         ablation.append(
-            {"component": kind, "layer": l, "head": h, "accuracy": _accuracy(emb, classifier, labels)}
+            {"component": kind, "layer": layer_i, "head": h, "accuracy": _accuracy(emb, classifier, labels)}
         )
 
     text_emb = extract_text_features(clip, tokenizer, texts, device=device).to(device)  # (M, D)
     first = L - (span_layers or L)
     spans, replaced, mean_replaced = [], d.total().clone(), d.total().clone()
-    for l in range(first, L):
+    for layer_i in range(first, L):
         for h in range(nh):
-            c = d.heads[:, l, h]  # (N, D)
+            c = d.heads[:, layer_i, h]  # (N, D)
             span = text_span(c, text_emb, texts, texts_per_head)
             replaced += span.reconstruct(c) - c
             mean_replaced += span.mean - c
-            spans.append({"layer": l, "head": h, "texts": span.texts, "explained": span.explained,
-                          "variance_share": float(c.var(0).sum() / d.heads[:, first:].var(0).sum((-1)).sum())})  # fmt: skip
+            spans.append({"layer": layer_i, "head": h, "texts": span.texts, "explained": span.explained,
+                          "variance_share": float(c.var(0).sum() / d.heads[:, first:].var(0).sum(-1).sum())})  # fmt: skip
     metrics = {
         "num_images": len(paths),
         "sum_max_abs_error": sum_error,
