@@ -71,6 +71,27 @@ def register(sub, ev) -> None:
     p.add_argument("--out", required=True, help="folder for decomposition.json, ablation.png and report.html")
     p.set_defaults(func=cmd_decompose)
 
+    p = sub.add_parser(
+        "atlas",
+        help="a neuron atlas of an image tower's layer: top images, best-aligned words, selectivity for "
+        "colour/shape/size/position",
+    )
+    add_model_arg(p)
+    p.add_argument("--layer", type=int, required=True, help="the block, 0 = the first")
+    p.add_argument(
+        "--data", required=True, help="a JSONL manifest (vlmkit data synth's; objects give selectivity)"
+    )
+    p.add_argument(
+        "--units", choices=["mlp", "residual"], default="mlp", help="MLP neurons or residual directions"
+    )
+    p.add_argument(
+        "--reduce", choices=["mean", "cls", "max"], default="mean", help="over the tokens (default mean)"
+    )
+    p.add_argument("--limit", type=int, default=2000, help="images read from the manifest")
+    p.add_argument("--threshold", type=float, default=0.5, help="eta^2 a selective unit reaches")
+    p.add_argument("--out", required=True, help="folder for atlas.html, atlas.json and the thumbnails")
+    p.set_defaults(func=cmd_atlas)
+
 
 def cmd_explain(args) -> None:
     import numpy as np
@@ -196,6 +217,42 @@ def cmd_decompose(args) -> None:
     for h in ts["heads"]:
         print(f"  layer {h['layer']} head {h['head']}: {'; '.join(h['texts'])}")
     print(f"report: {Path(args.out) / 'report.html'}")
+
+
+def cmd_atlas(args) -> None:
+    from vlmkit.convert import load_pretrained
+    from vlmkit.errors import ConfigError
+    from vlmkit.eval.atlas import ATTRIBUTES, build_atlas
+    from vlmkit.models.registry import task_name
+
+    device = device_of(args.device)
+    pt = load_pretrained(args.model, device)
+    if task_name(pt.model.cfg) != "contrastive":
+        raise ConfigError(f"{args.model} is not a dual encoder; vlmkit atlas takes CLIP/SigLIP folders")
+    res = build_atlas(
+        pt.model,
+        require_tokenizer(pt, args.model),
+        pt.preprocess,
+        args.data,
+        args.layer,
+        units=args.units,
+        reduce=args.reduce,
+        limit=args.limit,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        device=device,
+        model_name=args.model,
+        out_dir=args.out,
+    )
+    m = res["metrics"]
+    print(f"layer {args.layer}: {m['num_units']} {args.units} units over {m['num_images']} images")
+    if m["selective"] is not None:
+        for a in ATTRIBUTES:
+            print(
+                f"  selective for {a:<8} {m['selective'][a]:>4}  (shuffled labels: {m['selective_shuffled_labels'][a]})"
+            )
+        print(f"  multimodal (best word names the preferred value): {m['multimodal']}")
+    print(f"atlas: {Path(args.out) / 'atlas.html'}")
 
 
 def _overlay(image, saliency, path: Path, title: str) -> None:
