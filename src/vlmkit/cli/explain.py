@@ -11,12 +11,32 @@ from vlmkit.cli.common import add_model_arg, device_of, require_tokenizer
 
 def register(sub, ev) -> None:
     from vlmkit.eval.saliency import METHODS
+    from vlmkit.inference.explain import GENERATIVE_METHODS
 
-    p = sub.add_parser("explain", help="a saliency map of an image for a text (dual encoders)")
-    p.add_argument("--model", required=True, help="a CLIP/SigLIP model folder")
+    p = sub.add_parser(
+        "explain",
+        help="a saliency map: where in the image a dual encoder's image-text similarity, or a generative "
+        "model's answer, comes from",
+    )
+    p.add_argument("--model", required=True, help="a CLIP/SigLIP, LLaVA or CoCa model folder")
     p.add_argument("--image", required=True, help="the image file")
-    p.add_argument("--text", required=True, help="the text whose similarity to the image is explained")
-    p.add_argument("--method", default="relevance", choices=METHODS, help="default relevance (Chefer et al.)")
+    p.add_argument("--text", help="dual encoders: the text whose similarity to the image is explained")
+    p.add_argument("--question", help="generative models: the question (default: 'Describe the image.')")
+    p.add_argument(
+        "--answer", help="generative models: the answer to explain (default: the model's own, greedy)"
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS + GENERATIVE_METHODS,
+        help="dual encoders: "
+        + ", ".join(METHODS)
+        + " (default relevance, Chefer et al.); generative models: "
+        + ", ".join(GENERATIVE_METHODS)
+        + " (default grad-attention)",
+    )
+    p.add_argument(
+        "--box", action="append", help="generative models, occlusion: also occlude this box x0,y0,x1,y1"
+    )
     p.add_argument(
         "--out", required=True, help="folder for saliency.npy (the image's size), overlay.png, explain.json"
     )
@@ -100,38 +120,84 @@ def cmd_explain(args) -> None:
     from vlmkit.convert import load_pretrained
     from vlmkit.data.transforms import load_image
     from vlmkit.errors import ConfigError, DataError
-    from vlmkit.eval.saliency import explain_dual_encoder, to_image_size
+    from vlmkit.eval.saliency import METHODS, explain_dual_encoder, to_image_size
     from vlmkit.inference.embed import load_images
     from vlmkit.models.registry import task_name
 
     device = device_of(args.device)
     pt = load_pretrained(args.model, device)
-    if task_name(pt.model.cfg) != "contrastive":
-        raise ConfigError(
-            f"{args.model} is not a dual encoder; vlmkit explain takes CLIP/SigLIP folders so far"
-        )
     if pt.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer.json")
-    if not args.text.strip():
-        raise ConfigError("--text is empty")
     if not Path(args.image).is_file():
         raise DataError(f"image not found: {args.image}")
     image = load_image(args.image)
-    model = pt.model.eval()
-    pixels = load_images([image], pt.preprocess).to(device)
-    with torch.no_grad():
-        text = model.encode_text(pt.tokenizer([args.text]).to(device))
-    patch_map = explain_dual_encoder(model, pixels, text, args.method)
-    full = to_image_size(patch_map.cpu(), image.size)[0].numpy().astype(np.float32)  # (H, W)
     out = Path(args.out)
+    meta = {"model": args.model, "image": args.image, "size": list(image.size)}
+    if task_name(pt.model.cfg) == "contrastive":
+        method = args.method or "relevance"
+        if method not in METHODS:
+            raise ConfigError(
+                f"--method {method} is for generative models; dual encoders have {', '.join(METHODS)}"
+            )
+        if not args.text or not args.text.strip():
+            raise ConfigError("--text is needed for a dual encoder (the text whose similarity is explained)")
+        model = pt.model.eval()
+        pixels = load_images([image], pt.preprocess).to(device)
+        with torch.no_grad():
+            text = model.encode_text(pt.tokenizer([args.text]).to(device))
+        patch_map = explain_dual_encoder(model, pixels, text, method)
+        title, per_layer = f"{method}: {args.text}", None
+        meta.update(text=args.text, method=method)
+    else:
+        patch_map, per_layer, title = _explain_generative(args, pt, image, device, meta)
+    full = to_image_size(patch_map.cpu()[None] if patch_map.dim() == 2 else patch_map.cpu(), image.size)[0]
+    full = full.numpy().astype(np.float32)  # (H, W)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "saliency.npy", full)
-    _overlay(image, full, out / "overlay.png", f"{args.method}: {args.text}")
+    _overlay(image, full, out / "overlay.png", title)
+    if per_layer is not None:
+        _layers(image, to_image_size(per_layer.cpu(), image.size).numpy(), out / "per_layer.png")
     y, x = np.unravel_index(int(full.argmax()), full.shape)
-    meta = {"model": args.model, "image": args.image, "text": args.text, "method": args.method,
-            "size": list(image.size), "max_at": [int(x), int(y)]}  # fmt: skip
+    meta["max_at"] = [int(x), int(y)]
     (out / "explain.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    print(f"{args.method} map -> {out / 'saliency.npy'} and {out / 'overlay.png'} (maximum at x={x}, y={y})")
+    print(
+        f"{meta['method']} map -> {out / 'saliency.npy'} and {out / 'overlay.png'} (maximum at x={x}, y={y})"
+    )
+
+
+def _explain_generative(args, pt, image, device, meta):
+    from vlmkit.errors import ConfigError
+    from vlmkit.inference import VLMPipeline
+    from vlmkit.inference.explain import GENERATIVE_METHODS, explain_answer
+    from vlmkit.inference.generate import CAPTION_PROMPT
+
+    method = args.method or "grad-attention"
+    if method not in GENERATIVE_METHODS:
+        raise ConfigError(
+            f"--method {method} is for dual encoders; generative models have {', '.join(GENERATIVE_METHODS)}"
+        )
+    if args.text:
+        raise ConfigError("--text is for dual encoders; a generative model takes --question and --answer")
+    pipe = VLMPipeline(pt.model, pt.tokenizer, pt.preprocess, device=device, precision="fp32")
+    question = args.question or CAPTION_PROMPT
+    answer = args.answer
+    if answer is None:
+        answer = (pipe.caption([image]) if pipe.family == "coca" else pipe.answer([image], [question]))[0]
+        print(f"the model answers: {answer!r}")
+    boxes = []
+    for b in args.box or []:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in b.split(","))
+        except ValueError:
+            raise ConfigError(f"--box {b!r}: give four integers x0,y0,x1,y1") from None
+        boxes.append([x0, y0, x1, y1])
+    res = explain_answer(pipe, image, question, answer, method, boxes=boxes)
+    meta.update(question=question, answer=answer, method=method, log_prob=res.log_prob)
+    if res.objects is not None and boxes:
+        meta["box_drops"] = [{"box": b, "log_prob_drop": d} for b, d in zip(boxes, res.objects)]
+        for b, d in zip(boxes, res.objects):
+            print(f"occluding box {b}: the answer's log-probability drops by {d:.3f}")
+    return res.grid, res.per_layer, f"{method}: {question} -> {answer}"
 
 
 def cmd_eval_saliency(args) -> None:
@@ -253,6 +319,26 @@ def cmd_atlas(args) -> None:
             )
         print(f"  multimodal (best word names the preferred value): {m['multimodal']}")
     print(f"atlas: {Path(args.out) / 'atlas.html'}")
+
+
+def _layers(image, maps, path: Path) -> None:
+    """One overlay per layer, in a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(maps)
+    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.0), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.imshow(image)
+        ax.imshow(maps[i], cmap="jet", alpha=0.5)
+        ax.set_title(f"layer {i}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _overlay(image, saliency, path: Path, title: str) -> None:

@@ -230,6 +230,15 @@ class VLMPipeline:
         of turn, as the model captions (CoCa: the caption alone; LLaVA: the answer to `prompt`). (B,) float32."""
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images for {len(captions)} captions")
+        input_ids, labels, attention_mask = self.scoring_batch(captions, prompt)
+        return self.answer_log_prob(self.pixel_values(images), input_ids, labels, attention_mask).cpu()
+
+    def scoring_batch(
+        self, captions: Sequence[str], prompt: str = CAPTION_PROMPT
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each caption as the answer to `prompt` about one image, rendered with the model's template and right
+        padded: input_ids, labels (IGNORE_INDEX outside the answer and its end of turn), attention_mask, (B, T)
+        each, on the model's device."""
         if self.family == "flamingo":
             raise ConfigError(
                 "caption likelihoods are for CoCa and LLaVA models; score Flamingo with vlmkit.eval.fewshot"
@@ -259,8 +268,17 @@ class VLMPipeline:
         for i, (ids, lab) in enumerate(rows):  # right padding
             input_ids[i, : len(ids)], labels[i, : len(lab)] = torch.tensor(ids), torch.tensor(lab)
             attention_mask[i, : len(ids)] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        pixels = self.pixel_values(images)
+        return input_ids.to(self.device), labels.to(self.device), attention_mask.to(self.device)
+
+    def answer_log_prob(
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B,) summed log-probability of the labelled tokens (from `scoring_batch`) given images (B, 3, S, S);
+        differentiable unless called under no_grad / inference_mode."""
         with self._autocast():
             if self.family == "coca":
                 hidden, head = (
@@ -270,9 +288,9 @@ class VLMPipeline:
             else:
                 hidden = self.model(input_ids, pixels, attention_mask, logits="none").hidden
                 head = self.model.language_model.lm_head
-        targets = labels[:, 1:].to(self.device)  # position t predicts token t + 1
+        targets = labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX
         logp = torch.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)  # (n, V)
         picked = logp.gather(1, targets[keep][:, None]).squeeze(1)  # (n,)
         rows_of = keep.nonzero()[:, 0]
-        return torch.zeros(len(rows), device=picked.device).index_add_(0, rows_of, picked).cpu()
+        return torch.zeros(len(input_ids), device=picked.device).index_add(0, rows_of, picked)
