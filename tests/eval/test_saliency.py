@@ -175,3 +175,49 @@ def test_deletion_and_insertion_reward_the_map_that_finds_what_the_score_reads()
         1 - 0.5 / 16
     )
     assert bad["deletion_auc"] > good["deletion_auc"] and bad["insertion_auc"] < good["insertion_auc"]
+
+
+def test_integrated_gradients_are_complete_and_occlusion_is_the_drop_by_hand():
+    from vlmkit.eval.saliency import integrated_gradients_pixels, occlusion_pixels
+
+    torch.manual_seed(0)
+    clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 1}).eval()
+    pixels, text = torch.randn(2, 3, 32, 32), torch.randn(2, clip.cfg.embed_dim)
+    t = torch.nn.functional.normalize(text, dim=-1)
+
+    def score(x):
+        with torch.no_grad():
+            return (torch.nn.functional.normalize(clip.encode_image(x), dim=-1) * t).sum(-1)
+
+    a, delta = integrated_gradients_pixels(clip, pixels, text, steps=64)
+    gap = score(pixels) - score(torch.zeros_like(pixels))
+    # completeness (the attributions sum to f(x) - f(baseline)), checked against our own forward passes
+    assert torch.allclose(a.flatten(1).sum(1), gap, atol=0.05 * gap.abs().max().item() + 1e-4)
+    occ = occlusion_pixels(clip, pixels, text)
+    x = pixels.clone()
+    x[:, :, 8:16, 16:24] = 0.0  # the patch at row 1, column 2
+    assert torch.allclose(occ[:, 0, 10, 20], score(pixels) - score(x), atol=1e-5)
+    m = explain_dual_encoder(clip, pixels, text, "occlusion")
+    assert m.shape == (2, 4, 4) and torch.allclose(
+        m[:, 1, 2], (score(pixels) - score(x)).clamp(min=0), atol=1e-5
+    )
+
+
+def test_captum_methods_without_captum_say_how_to_install_it(monkeypatch):
+    import sys
+
+    from vlmkit.data.transforms import PreprocessConfig
+    from vlmkit.errors import ConfigError
+    from vlmkit.eval import saliency_eval
+
+    monkeypatch.setitem(sys.modules, "captum", None)  # import captum now fails as if it were not installed
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 1}).eval()
+    with pytest.raises(ConfigError, match=r"captum, which is not installed: pip install 'vlmkit\[explain\]'"):
+        explain_dual_encoder(
+            clip, torch.randn(1, 3, 32, 32), torch.randn(1, clip.cfg.embed_dim), "integrated-gradients"
+        )
+    monkeypatch.setattr(saliency_eval, "captum_available", lambda: False)
+    chosen, skipped = saliency_eval.DualEncoderMaps(clip, None, PreprocessConfig(image_size=32)).methods(None)
+    assert chosen == ["similarity", "rollout", "relevance", "gradcam"]
+    assert set(skipped) == {"integrated-gradients", "occlusion"} and "pip install" in skipped["occlusion"]

@@ -15,6 +15,7 @@ from vlmkit.errors import DataError
 from vlmkit.eval import saliency_eval
 from vlmkit.eval.saliency import similarity_map, to_image_size
 from vlmkit.eval.saliency_eval import (
+    DualEncoderMaps,
     _hit_share,
     class_sensitive_hit,
     evaluate_saliency,
@@ -54,6 +55,14 @@ def test_queries_ask_about_objects_no_other_object_shares():
         (3, "a red square.", "2"),
     ]
     assert qs[0]["others"] == [[0, 0, 5, 5], [9, 9, 14, 14]]
+    # the question a generative model is asked: by the shape when it is the scene's alone, else by the colour
+    assert (qs[0]["question"], qs[0]["answer"]) == ("what colour is the star?", "blue")
+    assert (qs[1]["question"], qs[1]["answer"]) == ("what colour is the circle?", "red")
+    two_circles = [_obj("red", "circle", [0, 0, 5, 5]), _obj("blue", "circle", [9, 9, 14, 14])]
+    asked = queries([{"image": "d.png", "line": 4, "objects": two_circles}])
+    assert [(q["question"], q["answer"]) for q in asked] == [("what shape is the red object?", "circle"),
+                                                              ("what shape is the blue object?", "circle")]  # fmt: skip
+    assert queries(scenes, usable=lambda q: q["group"] == "2") == qs[1:]
     assert len(queries(scenes, limit=1)) == 2  # one per group
     assert query_text(_obj("orange", "diamond", [0, 0, 1, 1])) == "an orange diamond."
 
@@ -153,8 +162,8 @@ def test_the_scores_of_an_oracle_and_of_a_map_pointing_at_the_other_object(tmp_p
     torch.manual_seed(0)
     clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 1, "text.layers": 1})
     tokenizer = lambda texts: torch.randint(1, 100, (len(texts), 16))  # noqa: E731
-    res = evaluate_saliency(clip, tokenizer, PreprocessConfig(image_size=32), path, ["similarity"],
-                            deletion_limit=2, random_init=False, batch_size=4)  # fmt: skip
+    provider = DualEncoderMaps(clip, tokenizer, PreprocessConfig(image_size=32))
+    res = evaluate_saliency(provider, path, ["similarity"], deletion_limit=2, random_init=False, batch_size=4)
     rows = {r["method"]: r for r in res["metrics"]["rows"]}
     expected = 1.0 if aim == "asked" else 0.0
     assert rows["similarity"]["class_sensitive_2"] == expected
@@ -202,4 +211,4 @@ def test_scenes_without_a_second_object_are_refused_in_one_line(tmp_path):
     p.write_text(json.dumps({"image": "a.png", "objects": [_obj("red", "circle", [0, 0, 5, 5])]}) + "\n")
     clip = create_model("clip-tiny", **{"vision.image_size": 32, "vision.layers": 1, "text.layers": 1})
     with pytest.raises(DataError, match="no scene of two or more objects"):
-        evaluate_saliency(clip, None, PreprocessConfig(image_size=32), p)
+        evaluate_saliency(DualEncoderMaps(clip, None, PreprocessConfig(image_size=32)), p)

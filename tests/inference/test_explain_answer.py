@@ -168,3 +168,26 @@ def test_vlmkit_explain_on_a_llava_folder(tok, tmp_path, capsys):
         main(["explain", "--model", str(folder), "--image", str(image), "--method", "rollout",
               "--out", str(tmp_path)])  # fmt: skip
     assert "--method rollout is for dual encoders" in capsys.readouterr().err
+
+
+def test_vlmkit_eval_saliency_on_a_llava_folder(tok, tmp_path):
+    from vlmkit.data.synthetic import render_scene
+    from vlmkit.models.pretrained import save_pretrained
+
+    rng = np.random.default_rng(3)
+    lines = []
+    for i in range(6):
+        image, meta = render_scene(rng, image_size=32, num_objects=2 + i % 2)
+        image.save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": "x", "objects": meta["objects"]}))
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    folder = save_pretrained(_llava(tok).model, tmp_path / "m", tok, PreprocessConfig(image_size=32))
+    main(["eval", "saliency", "--model", str(folder), "--data", str(tmp_path / "s.jsonl"), "--limit", "3",
+          "--deletion-limit", "1", "--out", str(tmp_path / "o")])  # fmt: skip
+    m = json.loads((tmp_path / "o" / "saliency.json").read_text())["metrics"]
+    pairs = {(r["method"], r["model"]) for r in m["rows"]}
+    for method in ("attention", "grad-attention", "occlusion"):
+        assert (method, "trained") in pairs and (method, "random init") in pairs
+    assert 0 < m["num_queries"]["2"] <= 3
+    trained = [r for r in m["rows"] if r["model"] == "trained"]
+    assert all(r["deletion_auc"] is not None and 0 <= r["pointing"] <= 1 for r in trained)

@@ -27,7 +27,7 @@ def register(sub, ev) -> None:
     )
     p.add_argument(
         "--method",
-        choices=METHODS + GENERATIVE_METHODS,
+        choices=list(dict.fromkeys(METHODS + GENERATIVE_METHODS)),
         help="dual encoders: "
         + ", ".join(METHODS)
         + " (default relevance, Chefer et al.); generative models: "
@@ -55,7 +55,7 @@ def register(sub, ev) -> None:
     p.add_argument(
         "--method",
         action="append",
-        choices=METHODS,
+        choices=list(dict.fromkeys(METHODS + GENERATIVE_METHODS)),
         help="repeatable (default: every method the model allows)",
     )
     p.add_argument("--limit", type=int, default=300, help="queries per group (2-object, 3+-object scenes)")
@@ -202,25 +202,28 @@ def _explain_generative(args, pt, image, device, meta):
 
 def cmd_eval_saliency(args) -> None:
     from vlmkit.convert import load_pretrained
-    from vlmkit.errors import ConfigError
-    from vlmkit.eval.saliency_eval import evaluate_saliency
+    from vlmkit.eval.saliency_eval import DualEncoderMaps, evaluate_saliency
+    from vlmkit.inference import VLMPipeline
+    from vlmkit.inference.explain import GenerativeMaps
     from vlmkit.models.registry import task_name
 
     device = device_of(args.device)
     pt = load_pretrained(args.model, device)
-    if task_name(pt.model.cfg) != "contrastive":
-        raise ConfigError(f"{args.model} is not a dual encoder; eval saliency scores CLIP/SigLIP folders")
+    if task_name(pt.model.cfg) == "contrastive":
+        provider = DualEncoderMaps(pt.model, require_tokenizer(pt, args.model), pt.preprocess, device)
+    else:  # LLaVA / CoCa (VLMPipeline refuses the others in one line)
+        pipe = VLMPipeline(
+            pt.model, require_tokenizer(pt, args.model), pt.preprocess, device, precision="fp32"
+        )
+        provider = GenerativeMaps(pipe, pt.preprocess)
     results = evaluate_saliency(
-        pt.model,
-        require_tokenizer(pt, args.model),
-        pt.preprocess,
+        provider,
         args.data,
         args.method,
         limit=args.limit,
         deletion_limit=args.deletion_limit,
         random_init=not args.no_random_init,
         batch_size=args.batch_size,
-        device=device,
         model_name=args.model,
         out_dir=args.out,
     )
@@ -230,9 +233,9 @@ def cmd_eval_saliency(args) -> None:
         def f(v):
             return "  -  " if v is None else f"{v:.3f}"
 
-        print(f"{'method':>13} {'model':>11}  class-sensitive (2 objects, 3+)  pointing  box IoU")
+        print(f"{'method':>20} {'model':>11}  class-sensitive (2 objects, 3+)  pointing  box IoU")
         for r in m["rows"]:
-            print(f"{r['method']:>13} {r['model']:>11}  {f(r['class_sensitive_2']):>19} {f(r['class_sensitive_3+'])}"
+            print(f"{r['method']:>20} {r['model']:>11}  {f(r['class_sensitive_2']):>19} {f(r['class_sensitive_3+'])}"
                   f"     {f(r['pointing'])}    {f(r['iou'])}")  # fmt: skip
         print(f"report: {Path(args.out) / 'report.html'}")
     else:

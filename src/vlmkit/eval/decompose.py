@@ -224,19 +224,22 @@ def text_span(contributions: Tensor, text_embeddings: Tensor, texts: list[str], 
 
 
 def caption_phrases(manifest, max_words: int = 3, min_count: int = 2, limit: int = 400) -> list[str]:
-    """The candidate texts for TextSpan from a manifest's captions: word n-grams (1 to `max_words` words) seen at
-    least `min_count` times, the `limit` most frequent."""
+    """The candidate texts for TextSpan from a manifest's captions: word n-grams (1 to `max_words` words, not
+    starting or ending with a stop word) seen at least `min_count` times, the `limit` most frequent."""
     import re
     from collections import Counter
 
     from vlmkit.data.manifest import read_manifest
+    from vlmkit.eval.atlas import STOPWORDS
 
     samples, _ = read_manifest(manifest)
     counts: Counter = Counter()
     for s in samples:
         words = re.findall(r"[a-z0-9']+", s.caption.lower())
         for n in range(1, max_words + 1):
-            counts.update(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+            grams = (words[i : i + n] for i in range(len(words) - n + 1))
+            # a phrase neither starts nor ends with a stop word ("red circle", "circle on the left", not "on the")
+            counts.update(" ".join(g) for g in grams if g[0] not in STOPWORDS and g[-1] not in STOPWORDS)
     phrases = [p for p, c in counts.most_common() if c >= min_count][:limit]
     if not phrases:
         from vlmkit.errors import DataError

@@ -28,9 +28,11 @@ from tqdm import tqdm
 
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.saliency import (
+    CAPTUM_METHODS,
     METHODS,
     _distance_to_box,
     box_iou,
+    captum_available,
     deletion_insertion,
     explain_dual_encoder,
     to_image_size,
@@ -75,9 +77,20 @@ def read_scenes(path: str | Path) -> list[dict]:
     return rows
 
 
-def queries(scenes: list[dict], limit: int | None = None) -> list[dict]:
+def _question(obj: dict, objects: list[dict]) -> tuple[str, str] | tuple[None, None]:
+    """A question about `obj` a generative model answers, as the VQA tasks ask it: its colour when its shape is the
+    scene's alone, else its shape when its colour is; (None, None) when neither is."""
+    if sum(o["shape"] == obj["shape"] for o in objects) == 1:
+        return f"what colour is the {obj['shape']}?", obj["colour"]
+    if sum(o["colour"] == obj["colour"] for o in objects) == 1:
+        return f"what shape is the {obj['colour']} object?", obj["shape"]
+    return None, None
+
+
+def queries(scenes: list[dict], limit: int | None = None, usable=None) -> list[dict]:
     """One query per object of a scene of 2+ objects whose colour and shape are the scene's alone:
-    {"image", "text", "box", "others", "objects", "line"}; the first `limit` per group of 2 and 3+ objects."""
+    {"image", "text", "question", "answer", "box", "others", "objects", "group", "line"}; only those `usable`
+    accepts (default: all), the first `limit` per group of 2 and 3+ objects."""
     out, per_group = [], {}
     for scene in scenes:
         objects = scene["objects"]
@@ -90,10 +103,15 @@ def queries(scenes: list[dict], limit: int | None = None) -> list[dict]:
                 continue
             if limit is not None and per_group.get(group, 0) >= limit:
                 break
-            per_group[group] = per_group.get(group, 0) + 1
             others = [o["box"] for j, o in enumerate(objects) if j != i]
-            out.append({"image": scene["image"], "text": query_text(obj), "box": obj["box"], "others": others,
-                        "objects": len(objects), "group": group, "line": scene["line"]})  # fmt: skip
+            question, answer = _question(obj, objects)
+            q = {"image": scene["image"], "text": query_text(obj), "question": question, "answer": answer,
+                 "box": obj["box"], "others": others, "objects": len(objects), "group": group,
+                 "line": scene["line"]}  # fmt: skip
+            if usable is not None and not usable(q):
+                continue
+            per_group[group] = per_group.get(group, 0) + 1
+            out.append(q)
     return out
 
 
@@ -133,44 +151,84 @@ def centre_map(h: int, w: int) -> np.ndarray:
     return 1.0 - d / d.max()
 
 
-class _Scorer:
-    """The image-text cosine of a dual encoder for one text, over a batch of images: deletion/insertion's score."""
+class DualEncoderMaps:
+    """What `evaluate_saliency` asks of a model, for a dual encoder (CLIP, SigLIP): the maps of a batch of
+    queries, the model's input, the score deletion and insertion follow (the image-text cosine), a random copy."""
 
-    def __init__(self, clip, text_emb: torch.Tensor):
-        self.clip, self.text = clip, torch.nn.functional.normalize(text_emb.float(), dim=-1)
+    def __init__(self, clip, tokenizer, preprocess, device: str | torch.device = "cpu"):
+        from vlmkit.data.transforms import ImageTransform
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        emb = torch.nn.functional.normalize(self.clip.encode_image(pixels).float(), dim=-1)
-        return emb @ self.text
+        self.clip, self.tokenizer, self.preprocess, self.device = (
+            clip.eval().to(device),
+            tokenizer,
+            preprocess,
+            device,
+        )
+        self.transform = ImageTransform(preprocess, train=False)
+
+    def methods(self, requested: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+        """The methods to score, and those left out of the default list with the reason (printed and reported)."""
+        if not requested:
+            pooled_cls = self.clip.cfg.vision.pool == "cls"
+            chosen = [m for m in METHODS if pooled_cls or m not in ("rollout", "relevance")]
+            skipped = {}
+            if not pooled_cls:
+                skipped.update(
+                    {m: "needs a class-token-pooled image tower" for m in ("rollout", "relevance")}
+                )
+            if not captum_available():
+                chosen = [m for m in chosen if m not in CAPTUM_METHODS]
+                skipped.update(
+                    {m: "captum is not installed: pip install 'vlmkit[explain]'" for m in CAPTUM_METHODS}
+                )
+            return chosen, skipped
+        for m in requested:
+            if m not in METHODS:
+                raise ConfigError(f"unknown saliency method {m!r}; dual encoders have {', '.join(METHODS)}")
+        return list(requested), {}
+
+    def usable(self, query: dict) -> bool:
+        return True
+
+    def pixels(self, images: list) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, S, S)
+
+    def _text(self, texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.clip.encode_text(self.tokenizer(texts).to(self.device))  # (B, D)
+
+    def maps(self, chunk: list[dict], pixels: torch.Tensor, method: str) -> torch.Tensor:
+        return explain_dual_encoder(self.clip, pixels, self._text([q["text"] for q in chunk]), method).cpu()
+
+    def scorer(self, query: dict):
+        text = torch.nn.functional.normalize(self._text([query["text"]]).float(), dim=-1)[0]
+
+        def score(pixels: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize(self.clip.encode_image(pixels).float(), dim=-1) @ text
+
+        return score
+
+    def random_init(self, seed: int) -> DualEncoderMaps:
+        from vlmkit.models.registry import build_model
+
+        torch.manual_seed(seed)
+        return DualEncoderMaps(build_model(self.clip.cfg), self.tokenizer, self.preprocess, self.device)
 
 
-def _methods_for(clip, methods: Sequence[str] | None) -> list[str]:
-    if not methods:
-        pooled_cls = clip.cfg.vision.pool == "cls"
-        return [m for m in METHODS if pooled_cls or m not in ("rollout", "relevance")]
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"unknown saliency method {m!r}; dual encoders have {', '.join(METHODS)}")
-    return list(methods)
-
-
-def _score_model(clip, tokenizer, transform, qs, methods, deletion_limit, batch_size, device, desc) -> dict:
+def _score_model(provider, qs, methods, deletion_limit, batch_size, desc) -> dict:
     """Per method: per-query pointing / class-sensitive hits and IoU, deletion/insertion on the first queries."""
     from vlmkit.data.transforms import load_image
 
-    clip = clip.eval().to(device)
     out = {m: {"pointing": [], "sensitive": [], "iou": [], "deletion": [], "insertion": []} for m in methods}
     examples = {m: [] for m in methods}
     bar = tqdm(total=len(methods) * len(qs), desc=desc, unit="query", leave=False)
     for start in range(0, len(qs), batch_size):
         chunk = qs[start : start + batch_size]
         images = [load_image(q["image"]) for q in chunk]
-        pixels = torch.stack([transform(im) for im in images]).to(device)  # (B, 3, S, S)
-        with torch.no_grad():
-            text = clip.encode_text(tokenizer([q["text"] for q in chunk]).to(device))  # (B, D)
+        pixels = provider.pixels(images)  # (B, 3, S, S)
         S = pixels.shape[-1]
         for m in methods:
-            maps = explain_dual_encoder(clip, pixels, text, m).cpu()  # (B, g, g)
+            maps = provider.maps(chunk, pixels, m)  # (B, g, g)
             for k, (q, im) in enumerate(zip(chunk, images)):
                 full = to_image_size(maps[k : k + 1], im.size)[0].numpy()  # (H, W) in the image's pixels
                 tol = tolerance_for(max(im.size))
@@ -182,7 +240,9 @@ def _score_model(clip, tokenizer, transform, qs, methods, deletion_limit, batch_
                     model_map = to_image_size(maps[k : k + 1], (S, S))[0]  # at the model's input
                     base = pixels[k].mean(dim=(1, 2), keepdim=True).expand_as(pixels[k])
                     with torch.no_grad():
-                        di = deletion_insertion(_Scorer(clip, text[k]), pixels[k], model_map.to(device), base)
+                        di = deletion_insertion(
+                            provider.scorer(q), pixels[k], model_map.to(pixels.device), base
+                        )
                     out[m]["deletion"].append(di["deletion_auc"])
                     out[m]["insertion"].append(di["insertion_auc"])
                 if q["group"] == "2" and len(examples[m]) < NUM_EXAMPLES:
@@ -192,14 +252,13 @@ def _score_model(clip, tokenizer, transform, qs, methods, deletion_limit, batch_
     return {"scores": out, "examples": examples}
 
 
-def _baselines(qs, transform, clip, tokenizer, deletion_limit, device, seed) -> dict:
+def _baselines(provider, qs, deletion_limit, seed) -> dict:
     """The controls' per-query scores: centre point/map, random point, uniform map."""
     from vlmkit.data.transforms import load_image
 
     gen = torch.Generator().manual_seed(seed)
     rows = {name: {"pointing": [], "sensitive": [], "iou": [], "deletion": [], "insertion": []}
             for name in ("centre point", "random point", "uniform map")}  # fmt: skip
-    clip = clip.eval().to(device)
     with torch.no_grad():
         for i, q in enumerate(qs):
             image = load_image(q["image"])
@@ -217,15 +276,15 @@ def _baselines(qs, transform, clip, tokenizer, deletion_limit, device, seed) -> 
                 rows[name]["sensitive"].append(sensitive)
             rows["uniform map"]["iou"].append(box_iou(np.ones((h, w)), q["box"]))
             if i < deletion_limit:
-                pixels = transform(image).to(device)
+                pixels = provider.pixels([image])[0]
                 S = pixels.shape[-1]
                 base = pixels.mean(dim=(1, 2), keepdim=True).expand_as(pixels)
-                text = clip.encode_text(tokenizer([q["text"]]).to(device))[0]
+                score = provider.scorer(q)
                 for name, m in (
                     ("centre point", torch.from_numpy(centre_map(S, S)).float()),
                     ("uniform map", torch.rand(S, S, generator=gen)),  # ties broken at random
                 ):
-                    di = deletion_insertion(_Scorer(clip, text), pixels, m.to(device), base)
+                    di = deletion_insertion(score, pixels, m.to(pixels.device), base)
                     rows[name]["deletion"].append(di["deletion_auc"])
                     rows[name]["insertion"].append(di["insertion_auc"])
     return rows
@@ -250,9 +309,7 @@ def _summary(scores: dict, groups: list[str]) -> dict:
 
 
 def evaluate_saliency(
-    clip,
-    tokenizer,
-    preprocess,
+    provider,
     scenes: str | Path,
     methods: Sequence[str] | None = None,
     *,
@@ -260,43 +317,39 @@ def evaluate_saliency(
     deletion_limit: int = 60,
     random_init: bool = True,
     batch_size: int = 32,
-    device: str | torch.device = "cpu",
     seed: int = 0,
     model_name: str | None = None,
     out_dir: str | Path | None = None,
 ) -> dict:
-    """Score each saliency method of a dual encoder on a scene manifest's boxes (see the module docstring).
+    """Score each saliency method of a model on a scene manifest's boxes (see the module docstring).
 
-    `limit`: queries per group (scenes of 2 and of 3+ objects); `deletion_limit`: queries whose deletion and
-    insertion curves are computed (each costs 2 x 17 forward passes). `random_init`: also score a randomly
-    initialised model of the same config (seeded by `seed`). Returns {"metrics": {"rows": [...]}, ...}; with
-    `out_dir`, writes saliency.json, examples.png and report.html there.
+    `provider`: the model behind the methods' interface, `DualEncoderMaps(clip, tokenizer, preprocess)` or, for
+    LLaVA / CoCa, `vlmkit.inference.explain.GenerativeMaps(pipeline)`. `limit`: queries per group (scenes of 2 and
+    of 3+ objects); `deletion_limit`: queries whose deletion and insertion curves are computed (each costs 2 x 17
+    forward passes). `random_init`: also score a randomly initialised model of the same config (seeded by
+    `seed`). Returns {"metrics": {"rows": [...]}, ...}; with `out_dir`, writes saliency.json, examples.png and
+    report.html there.
     """
-    from vlmkit.data.transforms import ImageTransform
-    from vlmkit.models.registry import build_model
-
-    methods = _methods_for(clip, methods)
-    qs = queries(read_scenes(scenes), limit)
+    methods, skipped = provider.methods(methods)
+    for m, why in skipped.items():
+        print(f"{m}: not scored ({why})")
+    qs = queries(read_scenes(scenes), limit, provider.usable)
     if not qs:
         raise DataError(
             f"{scenes}: no scene of two or more objects with an object of its own colour and shape"
         )
     groups = [q["group"] for q in qs]
-    transform = ImageTransform(preprocess, train=False)
-    models = [("trained", clip)]
+    models = [("trained", provider)]
     if random_init:
-        torch.manual_seed(seed)
-        models.append(("random init", build_model(clip.cfg)))
+        models.append(("random init", provider.random_init(seed)))
     rows, examples = [], {}
     for label, model in models:
-        scored = _score_model(
-            model, tokenizer, transform, qs, methods, deletion_limit, batch_size, device, label
-        )
+        scored = _score_model(model, qs, methods, deletion_limit, batch_size, label)
         for m in methods:
             rows.append({"method": m, "model": label, **_summary(scored["scores"][m], groups)})
         if label == "trained":
             examples = scored["examples"]
-    for name, scores in _baselines(qs, transform, clip, tokenizer, deletion_limit, device, seed).items():
+    for name, scores in _baselines(provider, qs, deletion_limit, seed).items():
         rows.append({"method": name, "model": "control", **_summary(scores, groups)})
     trained = [r for r in rows if r["model"] == "trained" and r["class_sensitive_2"] is not None]
     best = max(trained, key=lambda r: r["class_sensitive_2"]) if trained else None
@@ -304,6 +357,7 @@ def evaluate_saliency(
     metrics = {
         "rows": rows,
         "num_queries": {g: groups.count(g) for g in ("2", "3+")},
+        "skipped_methods": skipped,
         "best_method": best["method"] if best else None,
         "best_class_sensitive_2": best["class_sensitive_2"] if best else None,
         "best_above_centre": (
@@ -354,6 +408,12 @@ def write_saliency_report(out: Path, results: dict, shown: list[dict], examples:
         "it than any other object's.</p>",
         f"<table><tr>{head}</tr>{body}</table>",
     ]
+    if m.get("skipped_methods"):
+        sections.append(
+            "<p>Not scored: "
+            + "; ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in m["skipped_methods"].items())
+            + ".</p>"
+        )
     if shown and examples:
         methods = list(examples)
         fig = new_figure(1.6 * (len(methods) + 1), 1.7 * len(shown))
@@ -386,4 +446,11 @@ def _rect(x0, y0, x1, y1):
     return Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2)
 
 
-__all__ = ["class_sensitive_hit", "evaluate_saliency", "queries", "query_text", "read_scenes"]
+__all__ = [
+    "DualEncoderMaps",
+    "class_sensitive_hit",
+    "evaluate_saliency",
+    "queries",
+    "query_text",
+    "read_scenes",
+]

@@ -163,4 +163,68 @@ def explain_answer(
         pipe.model.train(was_training)
 
 
-__all__ = ["GENERATIVE_METHODS", "AnswerAttribution", "explain_answer"]
+class GenerativeMaps:
+    """What `vlmkit.eval.saliency_eval.evaluate_saliency` asks of a model, for LLaVA / CoCa: each query is the
+    question about one object ("what colour is the star?") with its true answer, teacher-forced; the score that
+    deletion and insertion follow is the answer's log-probability."""
+
+    def __init__(self, pipe, preprocess):
+        _attention_modules(pipe)  # LLaVA or CoCa, in one line otherwise
+        self.pipe, self.preprocess = pipe, preprocess
+        pipe.model.eval()
+
+    def methods(self, requested) -> tuple[list[str], dict[str, str]]:
+        for m in requested or ():
+            if m not in GENERATIVE_METHODS:
+                raise ConfigError(
+                    f"unknown method {m!r}; generative models have {', '.join(GENERATIVE_METHODS)}"
+                )
+        return list(requested or GENERATIVE_METHODS), {}
+
+    def usable(self, query: dict) -> bool:
+        return query.get("question") is not None
+
+    def pixels(self, images: list) -> Tensor:
+        return self.pipe.pixel_values(images)
+
+    def _batch(self, query: dict):
+        return self.pipe.scoring_batch([query["answer"]], prompt=query["question"])
+
+    def maps(self, chunk: list[dict], pixels: Tensor, method: str) -> Tensor:
+        out = []
+        for k, q in enumerate(chunk):
+            ids, labels, mask = self._batch(q)
+            px = pixels[k : k + 1]
+            if method == "occlusion":
+                grid = _occlusion(self.pipe, px, ids, labels, mask, None, (px.shape[-1], px.shape[-2]))[0]
+            else:
+                per_layer, _ = _attention_maps(self.pipe, px, ids, labels, mask, method == "grad-attention")
+                grid = per_layer.mean(0) if method == "attention" else per_layer.sum(0)
+                self.pipe.model.zero_grad(set_to_none=True)
+            out.append(grid.cpu())
+        return torch.stack(out)
+
+    def scorer(self, query: dict):
+        ids, labels, mask = self._batch(query)
+
+        def score(pixels: Tensor) -> Tensor:
+            n = pixels.shape[0]
+            return self.pipe.answer_log_prob(
+                pixels, ids.expand(n, -1), labels.expand(n, -1), mask.expand(n, -1)
+            )
+
+        return score
+
+    def random_init(self, seed: int) -> GenerativeMaps:
+        from vlmkit.inference.generate import VLMPipeline
+        from vlmkit.models.registry import build_model
+
+        torch.manual_seed(seed)
+        model = build_model(self.pipe.model.cfg).to(self.pipe.device)
+        pipe = VLMPipeline(
+            model, self.pipe.tokenizer, self.preprocess, self.pipe.device, precision=self.pipe.precision
+        )
+        return GenerativeMaps(pipe, self.preprocess)
+
+
+__all__ = ["GENERATIVE_METHODS", "AnswerAttribution", "GenerativeMaps", "explain_answer"]
