@@ -82,6 +82,10 @@ def test_text_span_by_hand():
     assert torch.allclose(span.reconstruct(contributions), contributions, atol=1e-5)
     assert torch.allclose(span.mean, 3 * e[3], atol=1e-5)
     # one text: the reconstruction keeps the e0 part and loses the e1 part
+    forced = text_span(
+        contributions, emb, texts, m=1, order=[0]
+    )  # the random-texts control takes what it is given
+    assert forced.texts == ["along e1"] and forced.explained == pytest.approx([0.2], abs=1e-6)
     one = text_span(contributions, emb, texts, m=1).reconstruct(contributions)
     assert torch.allclose(one, (2 * a[:, None] * e[0] + 3 * e[3]).float(), atol=1e-5)
 
@@ -119,4 +123,5 @@ def test_vlmkit_decompose_end_to_end(tmp_path):
     assert m["sum_max_abs_error"] < 1e-5 and m["num_images"] == 6
     assert len(m["ablation"]) == 2 * 2 + 2 * 2  # attn and MLP of 2 layers, 2 heads each
     assert all(len(h["texts"]) == 2 for h in m["text_span"]["heads"])
+    assert 0 <= m["text_span"]["accuracy_heads_random_texts"] <= 1
     assert (tmp_path / "o" / "report.html").is_file() and (tmp_path / "o" / "ablation.png").is_file()

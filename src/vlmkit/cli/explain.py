@@ -279,7 +279,7 @@ def cmd_decompose(args) -> None:
     ts = m["text_span"]
     print(f"sum of the contributions - embedding: max |error| {m['sum_max_abs_error']:.1e}")
     print(f"zero-shot accuracy {m['accuracy']:.3f}; heads as text reconstructions {ts['accuracy_heads_reconstructed']:.3f}"
-          f", as their means {ts['accuracy_heads_mean']:.3f}")  # fmt: skip
+          f", from random texts {ts['accuracy_heads_random_texts']:.3f}, as their means {ts['accuracy_heads_mean']:.3f}")  # fmt: skip
     worst = min(m["ablation"], key=lambda a: a["accuracy"])
     print(f"largest mean-ablation drop: layer {worst['layer']} {worst['component']}"
           f"{'' if worst['head'] is None else ' ' + str(worst['head'])} -> {worst['accuracy']:.3f}")  # fmt: skip

@@ -84,6 +84,25 @@ def _json_rows(text: str, file: Path) -> Iterator[_Row]:
         yield n, row, ""
 
 
+def read_jsonl(path: str | os.PathLike, hint: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file. A missing file, a line that is not JSON or
+    not an object is a DataError naming the file and line (`hint`, e.g. how to write the file, follows "not
+    found")."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found" + (f" ({hint})" if hint else ""))
+    for n, raw in enumerate(read_utf8(path).split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object")
+        yield n, row
+
+
 def _csv_rows(text: str, file: Path, delimiter: str, extra: Sequence[str] = ()) -> Iterator[_Row]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header, columns = None, {}

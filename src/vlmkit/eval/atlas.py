@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from vlmkit.data.manifest import read_jsonl
 from vlmkit.errors import ConfigError, DataError
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
@@ -39,19 +40,9 @@ def read_atlas_data(path: str | Path, limit: int | None = None) -> list[dict]:
     """Rows {"image", "caption", "attributes"} of a JSONL manifest; "attributes" maps ATTRIBUTES to the values of
     a one-object scene's metadata (None for other rows). A malformed row is an error naming its line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"{path}: file not found (a JSONL manifest of image, caption and, for selectivity, objects)"
-        )
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+    for line_no, row in read_jsonl(path, "a JSONL manifest of image, caption and, for selectivity, objects"):
+        if not isinstance(row.get("image"), str):
             raise DataError(f"{path}:{line_no}: a row needs an 'image' path")
         objects = row.get("objects")
         attributes = None

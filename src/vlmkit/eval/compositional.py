@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vlmkit.data.manifest import read_jsonl
 from vlmkit.data.transforms import ImageDecodeError, load_image
 from vlmkit.errors import DataError
 from vlmkit.eval.features import result_dict, save_results
@@ -36,18 +37,10 @@ NUM_EXAMPLES = 24
 def read_rows(path: str | Path) -> list[dict]:
     """The benchmark's rows, image paths resolved; a malformed row is an error naming its line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (write it with `vlmkit data tasks DATA_DIR`)")
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-        foils = row.get("foils") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or not row.get("image") or not row.get("caption") or not foils:
+    for line_no, row in read_jsonl(path, "write it with `vlmkit data tasks DATA_DIR`"):
+        foils = row.get("foils")
+        if not row.get("image") or not row.get("caption") or not foils:
             raise DataError(f"{path}:{line_no}: a row needs 'image', 'caption' and a non-empty 'foils' list")
         for foil in foils:
             if not isinstance(foil, dict) or not isinstance(foil.get("text"), str):

@@ -193,22 +193,29 @@ class TextSpan:
         return self.mean + (centred @ self.directions.T) @ self.directions
 
 
-def text_span(contributions: Tensor, text_embeddings: Tensor, texts: list[str], m: int = 5) -> TextSpan:
+def text_span(
+    contributions: Tensor,
+    text_embeddings: Tensor,
+    texts: list[str],
+    m: int = 5,
+    order: list[int] | None = None,
+) -> TextSpan:
     """Greedy TextSpan for one head: contributions (N, D) over images, candidate text embeddings (M, D).
 
     At each step the candidate whose (normalised, already-projected) direction carries the most of the remaining
     variance of the centred contributions is chosen; then that direction is projected out of the contributions
-    and of every candidate."""
+    and of every candidate. `order`: take these candidates in this order instead of choosing (the random-texts
+    control)."""
     C = contributions.double() - contributions.double().mean(0)
     total = float((C**2).sum()) or 1.0
     cand = text_embeddings.double().clone()
     chosen, explained, dirs = [], [], []
-    for _ in range(min(m, len(texts))):
+    for _ in range(min(m, len(texts) if order is None else len(order))):
         norms = cand.norm(dim=-1).clamp(min=1e-12)
         unit = cand / norms[:, None]  # (M, D)
         var = ((C @ unit.T) ** 2).sum(0)  # (M,) variance along each candidate
         var[chosen] = -1.0
-        j = int(var.argmax())
+        j = int(var.argmax()) if order is None else order[len(chosen)]
         u = unit[j]
         chosen.append(j)
         explained.append(float(var[j]) / total)
@@ -327,13 +334,21 @@ def evaluate_decomposition(
 
     text_emb = extract_text_features(clip, tokenizer, texts, device=device).to(device)  # (M, D)
     first = L - (span_layers or L)
-    spans, replaced, mean_replaced = [], d.total().clone(), d.total().clone()
+    spans, replaced, mean_replaced, random_replaced = (
+        [],
+        d.total().clone(),
+        d.total().clone(),
+        d.total().clone(),
+    )
+    gen = torch.Generator().manual_seed(0)
     for layer_i in range(first, L):
         for h in range(nh):
             c = d.heads[:, layer_i, h]  # (N, D)
             span = text_span(c, text_emb, texts, texts_per_head)
             replaced += span.reconstruct(c) - c
             mean_replaced += span.mean - c
+            pick = torch.randperm(len(texts), generator=gen)[:texts_per_head].tolist()
+            random_replaced += text_span(c, text_emb, texts, texts_per_head, order=pick).reconstruct(c) - c
             spans.append({"layer": layer_i, "head": h, "texts": span.texts, "explained": span.explained,
                           "variance_share": float(c.var(0).sum() / d.heads[:, first:].var(0).sum(-1).sum())})  # fmt: skip
     metrics = {
@@ -347,6 +362,7 @@ def evaluate_decomposition(
             "num_candidate_texts": len(texts),
             "accuracy_heads_reconstructed": _accuracy(replaced, classifier, labels),
             "accuracy_heads_mean": _accuracy(mean_replaced, classifier, labels),
+            "accuracy_heads_random_texts": _accuracy(random_replaced, classifier, labels),
             "heads": spans,
         },
         "direct_norm": {
@@ -396,7 +412,8 @@ def write_decomposition_report(out_dir, results: dict):
         f"<p>{m['num_images']} images. The contributions sum to the embedding within "
         f"{m['sum_max_abs_error']:.1e}. Zero-shot accuracy intact: <b>{m['accuracy']:.3f}</b>; heads of layers "
         f"{ts['layers'][0]}-{ts['layers'][-1]} replaced by their {ts['texts_per_head']}-text reconstructions: "
-        f"<b>{ts['accuracy_heads_reconstructed']:.3f}</b>; by their means: {ts['accuracy_heads_mean']:.3f}.</p>",
+        f"<b>{ts['accuracy_heads_reconstructed']:.3f}</b>; by reconstructions from as many random texts: "
+        f"{ts['accuracy_heads_random_texts']:.3f}; by their means: {ts['accuracy_heads_mean']:.3f}.</p>",
         f'<h2>Mean-ablation</h2><img src="{png.name}" alt="accuracy after mean-ablation">',
         "<h2>Heads described in words (TextSpan)</h2>" + heads,
     ]

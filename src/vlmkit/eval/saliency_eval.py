@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlmkit.data.manifest import read_jsonl
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.saliency import (
     CAPTUM_METHODS,
@@ -52,19 +53,11 @@ def read_scenes(path: str | Path) -> list[dict]:
     """Rows of a scene manifest (JSONL: "image" relative to the file, "objects" with "colour", "shape", "box"),
     image paths resolved; a row without them is an error naming its line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (a scene manifest such as data/shapes/val.jsonl)")
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"{path}: saliency is scored on a JSONL scene manifest with object boxes")
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-        objects = row.get("objects") if isinstance(row, dict) else None
+    for line_no, row in read_jsonl(path, "a scene manifest such as data/shapes/val.jsonl"):
+        objects = row.get("objects")
         ok = isinstance(objects, list) and objects and isinstance(row.get("image"), str)
         if ok:
             ok = all(isinstance(o, dict) and {"colour", "shape", "box"} <= o.keys() for o in objects)
