@@ -31,20 +31,25 @@ def _square(maps: list[Tensor], index: int) -> list[Tensor]:
     return out
 
 
-def attention_rollout(maps: list[Tensor], index: int = 0) -> Tensor:
-    """Rollout over one tower's self-attention maps in layer order -> (B, T): how much of each input token
-    reaches token `index` (the class token by default); rows of the product sum to 1."""
+def rollout_matrix(maps: list[Tensor], index: int = 0) -> Tensor:
+    """Rollout over one tower's self-attention maps in layer order -> (B, T, T): row i says how much of each
+    input token reaches output token i; rows sum to 1. (A pooled-only last map fills row `index` alone.)"""
     rollout = None
     for m in _square(maps, index):
         eye = torch.eye(m.shape[-1], device=m.device)
         a = 0.5 * m + 0.5 * eye
         a = a / a.sum(dim=-1, keepdim=True)  # rows
         rollout = a if rollout is None else a @ rollout
-    return rollout[:, index]
+    return rollout
 
 
-def relevance(maps: list[Tensor], index: int = 0) -> Tensor:
-    """Chefer et al.'s relevance of each input token to token `index` (B, T), from maps recorded with
+def attention_rollout(maps: list[Tensor], index: int = 0) -> Tensor:
+    """Rollout into token `index` (the class token by default): (B, T), summing to 1."""
+    return rollout_matrix(maps, index)[:, index]
+
+
+def relevance_matrix(maps: list[Tensor], index: int = 0) -> Tensor:
+    """Chefer et al.'s relevance of every input token to every output token (B, T, T), from maps recorded with
     `retain_grad=True` after the explained score's backward pass."""
     R = None
     for a in maps:
@@ -60,7 +65,12 @@ def relevance(maps: list[Tensor], index: int = 0) -> Tensor:
         if R is None:
             R = torch.eye(cam.shape[-1], device=cam.device).expand_as(cam).clone()
         R = R + cam @ R
-    return R[:, index]
+    return R
+
+
+def relevance(maps: list[Tensor], index: int = 0) -> Tensor:
+    """Chefer et al.'s relevance of each input token to token `index` (B, T)."""
+    return relevance_matrix(maps, index)[:, index]
 
 
 # ------------------------------------------------------------------------------------------- dual encoders

@@ -183,6 +183,10 @@ class DualEncoderMaps:
     def usable(self, query: dict) -> bool:
         return True
 
+    def label(self, query: dict) -> str:
+        """How the report names a query."""
+        return query["text"]
+
     def pixels(self, images: list) -> torch.Tensor:
         return torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, S, S)
 
@@ -364,7 +368,7 @@ def evaluate_saliency(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "saliency.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        shown = [q for q in qs if q["group"] == "2"][:NUM_EXAMPLES]
+        shown = [{**q, "label": provider.label(q)} for q in qs if q["group"] == "2"][:NUM_EXAMPLES]
         write_saliency_report(out, results, shown, examples)
     return results
 
@@ -424,7 +428,7 @@ def write_saliency_report(out: Path, results: dict, shown: list[dict], examples:
                 if i == 0:
                     ax.set_title(methods[j - 1] if j else "image", fontsize=8)
                 if j == 0:
-                    ax.set_ylabel(q["text"], fontsize=7)
+                    ax.set_ylabel(q["label"], fontsize=7)
         png = save_figure(fig, out / "examples.png")
         sections.append(
             "<h2>Examples</h2><p>Asked about the object in the white box.</p>"

@@ -8,7 +8,8 @@ question, as `VLMPipeline.log_likelihood` scores captions. Three methods map it 
   cross-attention into the image memory, through the attentional pooler's attention when the memory is pooled
   queries); `per_layer` keeps each layer's map, `grid` is their mean.
 - "grad-attention": the same maps weighted by the gradient of the answer's log-probability, positive part
-  (Chefer et al.'s gradient x attention), summed over layers.
+  (Chefer et al.'s gradient x attention), summed over layers (CoCa: back to the patches through the tower's
+  relevance matrix, Chefer et al.'s rule for encoder-decoder models).
 - "occlusion": each cell of the model's patch grid (and, given boxes, each object) replaced by the image's mean
   colour; the map is the drop in the answer's log-probability.
 """
@@ -44,13 +45,15 @@ def _square(n: int) -> int:
     return g
 
 
-def _attention_modules(pipe) -> tuple[list, object | None]:
-    """The modules whose attention reads the image: (per layer, the pooler or None)."""
+def _attention_modules(pipe) -> tuple[list, object | None, list]:
+    """The modules whose attention reads the image: (per layer, the pooler or None, the image tower's blocks'
+    self-attention that the image tokens come through: CoCa's, whose memory is the tower's last tokens)."""
     model = pipe.model
     if pipe.family == "llava":
-        return [b.self_attn for b in model.language_model.layers], None
+        return [b.self_attn for b in model.language_model.layers], None, []
     if pipe.family == "coca":
-        return [b.cross_attn for b in model.decoder.layers if b.cross_attn is not None], model.image_pool
+        layers = [b.cross_attn for b in model.decoder.layers if b.cross_attn is not None]
+        return layers, model.image_pool, [b.attn for b in model.visual.transformer.blocks]
     raise ConfigError(f"answer attribution is for LLaVA and CoCa models, not {pipe.family}")
 
 
@@ -69,20 +72,23 @@ def _image_columns(pipe, input_ids: Tensor) -> tuple[Tensor | None, int]:
 
 def _attention_maps(pipe, pixels, ids, labels, mask, with_grad: bool) -> tuple[Tensor, float]:
     """(L, g, g) per-layer maps (weighted by the gradient when `with_grad`) and the answer's log-probability."""
+    from vlmkit.eval.saliency import relevance_matrix, rollout_matrix
     from vlmkit.nn.attention import record_attention
 
-    layers, pool = _attention_modules(pipe)
-    starts, pool_start = [], []
+    layers, pool, tower = _attention_modules(pipe)
+    starts, pool_start, tower_starts = [], [], []
     queries = (labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # positions t predicting token t + 1
     columns, g = _image_columns(pipe, ids)
     with ExitStack() as stack:
         maps = stack.enter_context(record_attention(retain_grad=with_grad))
-        for m in layers:
-            stack.callback(m.register_forward_pre_hook(lambda mod, args: starts.append(len(maps))).remove)
-        if pool is not None:
-            stack.callback(
-                pool.register_forward_pre_hook(lambda mod, args: pool_start.append(len(maps))).remove
-            )
+        for found, modules in (
+            (starts, layers),
+            (pool_start, [pool] if pool is not None else []),
+            (tower_starts, tower),
+        ):
+            for m in modules:
+                hook = m.register_forward_pre_hook(lambda mod, args, found=found: found.append(len(maps)))
+                stack.callback(hook.remove)
         with torch.enable_grad() if with_grad else torch.no_grad():
             score = pipe.answer_log_prob(pixels, ids, labels, mask)[0]
             if with_grad:
@@ -97,6 +103,10 @@ def _attention_maps(pipe, pixels, ids, labels, mask, with_grad: bool) -> tuple[T
     if pool is not None:  # CoCa's pooled memory: through the pooler's attention to the ViT tokens
         through = maps[pool_start[0]][0].float().mean(0)  # (Q, prefix + P)
         per_layer = per_layer @ through.detach()
+    if tower_starts:  # CoCa's memory is the tower's last tokens: back to its input patches through its blocks
+        tower_maps = [maps[i] for i in tower_starts]
+        mix = relevance_matrix(tower_maps) if with_grad else rollout_matrix(tower_maps)  # (1, T, T)
+        per_layer = per_layer @ mix[0].detach()
     if per_layer.shape[1] != g * g:  # the ViT's tokens with their class token
         per_layer = per_layer[:, per_layer.shape[1] - g * g :]
     return per_layer.detach().view(-1, g, g), float(score.detach())
@@ -183,6 +193,10 @@ class GenerativeMaps:
 
     def usable(self, query: dict) -> bool:
         return query.get("question") is not None
+
+    def label(self, query: dict) -> str:
+        """How the report names a query: the question and its answer."""
+        return f"{query['question']}\n{query['answer']}"
 
     def pixels(self, images: list) -> Tensor:
         return self.pipe.pixel_values(images)
