@@ -1,4 +1,4 @@
-"""`vlmkit eval zeroshot|retrieval|compositional|linear-probe`: evaluations of a loaded model. (The generative
+"""`vlmkit eval zeroshot|retrieval|compositional|templates|linear-probe`: evaluations of a loaded model. (The generative
 ones, `eval vqa|captioning`, are in cli/generate.py.)"""
 
 from __future__ import annotations
@@ -58,6 +58,28 @@ def register_eval(ev) -> None:
         "--out", help="folder for compositional.json, the predictions and report.html (default: print)"
     )
     p.set_defaults(func=cmd_eval_compositional)
+    p = ev.add_parser(
+        "templates",
+        help="zero-shot prompts measured: each template alone, the ensemble, forward selection, class descriptions",
+    )
+    add_model_arg(p)
+    p.add_argument("--data", required=True, help="ImageFolder the accuracies are measured on")
+    p.add_argument(
+        "--select-data",
+        help="another ImageFolder of the same classes to select templates on (forward selection)",
+    )
+    add_classes_args(p)
+    p.add_argument(
+        "--templates",
+        action="append",
+        help="template with {}, a built-in set (default, imagenet80, clip7) or a file of them (repeatable; "
+        "default: imagenet80)",
+    )
+    p.add_argument(
+        "--descriptions", help="JSON {class name: [sentences]} (CuPL-style), averaged like templates"
+    )
+    p.add_argument("--out", required=True, help="folder for templates.json, templates.png and report.html")
+    p.set_defaults(func=cmd_eval_templates)
     p = ev.add_parser("linear-probe", help="logistic regression on frozen image features")
     add_model_arg(p)
     p.add_argument("--train", required=True, help="ImageFolder to fit the probe on")
@@ -89,6 +111,33 @@ def cmd_eval_zeroshot(args) -> None:
         out_dir=out_dir,
     )
     emit(results, args.output)
+
+
+def cmd_eval_templates(args) -> None:
+    from vlmkit.convert import load_pretrained
+    from vlmkit.eval.prompts import evaluate_templates
+    from vlmkit.eval.templates import load_templates
+
+    device = device_of(args.device)
+    pt = load_pretrained(args.model, device)
+    res = evaluate_templates(
+        pt.model,
+        require_tokenizer(pt, args.model),
+        pt.preprocess,
+        args.data,
+        load_templates(args.templates or ["imagenet80"]),
+        select_data=args.select_data,
+        descriptions=args.descriptions,
+        classes_file=args.classes,
+        batch_size=args.batch_size,
+        device=device,
+        bf16=precision_of(args, device).bf16,
+        model_name=args.model,
+        out_dir=args.out,
+    )
+    for r in res["metrics"]["rows"]:
+        print(f"{r['accuracy']:.3f}  {r['prompts']}")
+    print(f"report: {Path(args.out) / 'report.html'}")
 
 
 def cmd_eval_compositional(args) -> None:

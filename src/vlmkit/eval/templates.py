@@ -21,12 +21,51 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# CLIP's 80 hand-written ImageNet templates (Radford et al. 2021, its prompt-engineering notebook).
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)  # fmt: skip
+
+# The 7 of them CLIP's forward selection kept on ImageNet, slightly better than all 80 there.
+CLIP_SELECTED_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+)  # fmt: skip
+
+# Named sets: `--templates imagenet80` etc.
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_TEMPLATES,
+    "imagenet80": IMAGENET_TEMPLATES,
+    "clip7": CLIP_SELECTED_TEMPLATES,
+}
+
+
 def load_templates(values: list[str] | None) -> list[str]:
     """Resolve templates given on the command line or in a config.
 
-    Each value is either a template containing "{}" or a path to a text file with one template per
-    line (blank lines and lines starting with '#' are ignored). None or [] gives DEFAULT_TEMPLATES.
-    Raises ConfigError for a template without "{}" or a file that holds no templates.
+    Each value is a template containing "{}", the name of a built-in set (TEMPLATE_SETS: "default",
+    "imagenet80", "clip7"), or a path to a text file with one template per line (blank lines and lines
+    starting with '#' are ignored). None or [] gives DEFAULT_TEMPLATES. Raises ConfigError for a template
+    without "{}" or a file that holds no templates.
     """
     if not values:
         return list(DEFAULT_TEMPLATES)
@@ -35,12 +74,14 @@ def load_templates(values: list[str] | None) -> list[str]:
         # "{}" is tested first: a long sentence is not a path, and is_file() can raise on it
         if "{}" in value:
             templates.append(value)
+        elif value in TEMPLATE_SETS:
+            templates.extend(TEMPLATE_SETS[value])
         elif Path(value).is_file():
             templates.extend(_read_template_file(Path(value)))
         else:
             raise ConfigError(
-                f"template {value!r} has no '{{}}' placeholder for the class name and is not a file; "
-                "write it like 'a photo of a {}.'"
+                f"template {value!r} has no '{{}}' placeholder for the class name and is neither a file nor a "
+                f"built-in set ({', '.join(TEMPLATE_SETS)}); write it like 'a photo of a {{}}.'"
             )
     return templates
 
