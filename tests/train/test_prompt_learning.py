@@ -134,3 +134,56 @@ def test_base_to_new_end_to_end(clip_and_tok, tmp_path):
     with pytest.raises(ConfigError, match="are not classes"):
         base_to_new(clip, tok, PreprocessConfig(image_size=32), tmp_path / "train", tmp_path / "test",
                     PromptConfig(n_ctx=2), base_classes=["orange star"], shots=2, epochs=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("meta_net", [False, True])
+def test_vlmkit_train_task_prompt_learning_saves_prompts_that_load_the_same(clip_and_tok, tmp_path, meta_net):
+    from vlmkit.cli.main import main
+    from vlmkit.data.transforms import PreprocessConfig
+    from vlmkit.models.pretrained import save_pretrained
+    from vlmkit.train.prompts import load_prompts
+
+    clip, tok = clip_and_tok
+    folder = save_pretrained(clip, tmp_path / "clip", tok, PreprocessConfig(image_size=32))
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name, colour in (
+            ("red_circle", (220, 30, 30)),
+            ("blue_square", (30, 30, 220)),
+            ("green_star", (30, 200, 30)),
+        ):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                arr = np.clip(np.full((32, 32, 3), colour) + rng.integers(-30, 30, (32, 32, 3)), 0, 255)
+                Image.fromarray(arr.astype(np.uint8)).save(tmp_path / split / name / f"{i}.png")
+    main(["train", "--task", "prompt-learning", "--init-from", str(folder), "--train-data", str(tmp_path / "train"),
+          "--zeroshot-data", str(tmp_path / "test"), "--epochs", "3", "--templates", "a {}.", "--set", "shots=2",
+          "--set", "n_ctx=3", "--set", f"meta_net={str(meta_net).lower()}", "--set", "base_classes=red circle,green star",
+          "--out", str(tmp_path / "p")])  # fmt: skip
+    learner, _ = load_prompts(tmp_path / "p")
+    assert learner.classnames == ["red circle", "green star"] and learner.n_ctx == 3
+    assert (learner.meta_net is not None) == meta_net
+    feats = F.normalize(torch.randn(4, clip.cfg.embed_dim), dim=-1)
+    # the loaded context differs from a fresh one (it was trained) and gives the saved run's logits
+    import json
+
+    m = json.loads((tmp_path / "p" / "base_to_new.json").read_text())
+    assert m["new_classes"] == ["blue square"] and len(m["loss"]) == 3
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "p" / "prompts.safetensors")["ctx"]
+    torch.testing.assert_close(learner.ctx.detach(), saved)
+    # the API round trip: a trained learner, saved and loaded, gives the same logits
+    from vlmkit.train.prompts import base_to_new, save_prompts
+
+    res = base_to_new(clip, tok, PreprocessConfig(image_size=32), tmp_path / "train", tmp_path / "test",
+                      PromptConfig(n_ctx=3, meta_net=meta_net), shots=2, epochs=3, templates=["a {}."])  # fmt: skip
+    save_prompts(res["learner"], tmp_path / "q", folder, res["metrics"])
+    loaded, _ = load_prompts(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(feats), res["learner"](feats))
+        assert not torch.allclose(
+            loaded(feats), PromptLearner(clip, tok, loaded.classnames, loaded.cfg)(feats)
+        )
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "prompt-learning", "--init-from", str(folder), "--set", "nctx=3"])

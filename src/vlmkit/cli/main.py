@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recipe", default="clip-tiny", help="a named recipe (see --list-recipes)")
     p.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
+    p.add_argument(
+        "--task",
+        choices=["prompt-learning"],
+        help="prompt-learning: CoOp/CoCoOp prompts on the frozen dual encoder of --init-from, K shots per base "
+        "class of the ImageFolder --train-data, measured base-to-new on --zeroshot-data (--set shots=16 "
+        "n_ctx=4 init='a photo of a' position=end|middle|front per_class=true meta_net=true base_classes=a,b)",
+    )
     p.add_argument("--train-data", help="JSONL/CSV manifest of image (relative to the manifest) and caption")
     p.add_argument("--val-data", help="manifest for periodic validation (retrieval recall)")
     p.add_argument("--zeroshot-data", help="ImageFolder for periodic and final zero-shot accuracy")
@@ -302,6 +309,10 @@ def cmd_train(args) -> None:
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return
+    if args.task == "prompt-learning":
+        from vlmkit.cli.transfer import cmd_train_prompts
+
+        return cmd_train_prompts(args)
     overrides = {
         "train_data": args.train_data,
         "val_data": args.val_data,

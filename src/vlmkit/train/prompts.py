@@ -178,4 +178,65 @@ def base_to_new(
     return {"metrics": metrics, "learner": learner}
 
 
-__all__ = ["base_to_new", "few_shot_indices", "fit_prompts", "prompt_accuracy"]
+def save_prompts(
+    learner: PromptLearner, out: str | Path, clip_dir: str | Path, metrics: dict | None = None
+) -> Path:
+    """`out`/prompts.safetensors (the context, the meta-network) and prompts.json (the config, the classes, the
+    dual encoder's folder, the metrics). Returns the folder."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"ctx": learner.ctx.detach().cpu().contiguous()}
+    if learner.meta_net is not None:
+        tensors |= {
+            f"meta_net.{k}": v.detach().cpu().contiguous() for k, v in learner.meta_net.state_dict().items()
+        }
+    save_file(tensors, out / "prompts.safetensors")
+    meta = {"clip": str(Path(clip_dir).resolve()), "config": dataclasses.asdict(learner.cfg),
+            "classnames": learner.classnames, "metrics": metrics or {}}  # fmt: skip
+    (out / "prompts.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def load_prompts(path: str | Path, device: str | torch.device = "cpu", classnames: list[str] | None = None):
+    """A saved prompt learner on its dual encoder (loaded from the folder prompts.json names), for its own classes
+    or `classnames` (a shared context only). Returns (learner, Pretrained)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlmkit.convert import load_pretrained
+
+    path = Path(path)
+    if not (path / "prompts.json").is_file() or not (path / "prompts.safetensors").is_file():
+        raise DataError(
+            f"{path}: not a prompts folder (prompts.json and prompts.safetensors; vlmkit train --task prompt-learning writes them)"
+        )
+    meta = json.loads((path / "prompts.json").read_text(encoding="utf-8"))
+    pt = load_pretrained(meta["clip"], device)
+    tensors = load_file(path / "prompts.safetensors")  # safetensors: no pickle
+    learner = PromptLearner(pt.model, pt.tokenizer, meta["classnames"], PromptConfig(**meta["config"]))
+    with torch.no_grad():
+        learner.ctx.copy_(tensors["ctx"])
+        if learner.meta_net is not None:
+            learner.meta_net.load_state_dict(
+                {k[len("meta_net.") :]: v for k, v in tensors.items() if k.startswith("meta_net.")}
+            )
+    learner = learner.to(device).eval()
+    if classnames is not None:
+        learner = learner.with_classes(classnames)
+    return learner, pt
+
+
+__all__ = [
+    "base_to_new",
+    "few_shot_indices",
+    "fit_prompts",
+    "load_prompts",
+    "prompt_accuracy",
+    "save_prompts",
+]
