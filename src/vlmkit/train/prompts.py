@@ -5,6 +5,10 @@ over 16 shots of 15 classes is a few text-tower passes. Base-to-new (CoCoOp's pr
 in two (by default the first half of the sorted class names are base), the prompts learn from K shots per base
 class, and accuracy is measured on held-out images of the base classes and of the new ones, against the best
 hand-made templates (forward-selected on the same K shots) and the harmonic mean of the two.
+
+This is not a task of the one Trainer: with both towers frozen and the images embedded once, the prompts train in
+seconds on cached embeddings, and the Trainer's manifest data, stages, checkpoints and parallelism would add
+nothing but the cost of re-encoding every image at every step.
 """
 
 from __future__ import annotations
