@@ -1,4 +1,4 @@
-"""`vlmkit eval zeroshot|retrieval|compositional|templates|linear-probe`: evaluations of a loaded model. (The generative
+"""`vlmkit eval zeroshot|retrieval|compositional|templates|visual-prompts|linear-probe`: evaluations of a loaded model. (The generative
 ones, `eval vqa|captioning`, are in cli/generate.py.)"""
 
 from __future__ import annotations
@@ -80,6 +80,20 @@ def register_eval(ev) -> None:
     )
     p.add_argument("--out", required=True, help="folder for templates.json, templates.png and report.html")
     p.set_defaults(func=cmd_eval_templates)
+    p = ev.add_parser(
+        "visual-prompts",
+        help="referring to one object of a scene by a circle, a box, a crop or blurring the rest, on known boxes",
+    )
+    add_model_arg(p)
+    p.add_argument(
+        "--data", required=True, help="a scene manifest with object boxes (vlmkit data synth's val.jsonl)"
+    )
+    p.add_argument("--templates", action="append", help="zero-shot templates (default: 'a {}.')")
+    p.add_argument("--limit", type=int, default=300, help="referred objects per group of 2 and 3+ objects")
+    p.add_argument(
+        "--out", required=True, help="folder for visual_prompts.json, examples.png and report.html"
+    )
+    p.set_defaults(func=cmd_eval_visual_prompts)
     p = ev.add_parser("linear-probe", help="logistic regression on frozen image features")
     add_model_arg(p)
     p.add_argument("--train", required=True, help="ImageFolder to fit the probe on")
@@ -137,6 +151,36 @@ def cmd_eval_templates(args) -> None:
     )
     for r in res["metrics"]["rows"]:
         print(f"{r['accuracy']:.3f}  {r['prompts']}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
+def cmd_eval_visual_prompts(args) -> None:
+    from vlmkit.convert import load_pretrained
+    from vlmkit.eval.templates import load_templates
+    from vlmkit.eval.visual_prompts import evaluate_visual_prompts
+
+    device = device_of(args.device)
+    pt = load_pretrained(args.model, device)
+    res = evaluate_visual_prompts(
+        pt.model,
+        require_tokenizer(pt, args.model),
+        pt.preprocess,
+        args.data,
+        templates=load_templates(args.templates or ["a {}."]),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=device,
+        model_name=args.model,
+        out_dir=args.out,
+    )
+    m = res["metrics"]
+    print(
+        f"{m['num_queries']} referred objects; chance among the scene's objects {m['chance_among_scene_objects']:.3f}"
+    )
+    for kind, r in m["prompts"].items():
+        print(
+            f"{kind:>8}: names the referred object {r['right']:.3f}, another object of the scene {r['other_object']:.3f}"
+        )
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
