@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--duplicate-fraction", type=float, default=0.0, help="copies of a few popular images")
     noise.add_argument("--tiny-fraction", type=float, default=0.0, help="images shrunk to 8x8 px")
     noise.add_argument("--blank-fraction", type=float, default=0.0, help="flat grey images")
+    p.add_argument(
+        "--marked-fraction",
+        type=float,
+        default=0.0,
+        help="train scenes with a circle or box around one object and a caption naming it alone (visual prompts)",
+    )
     bias = p.add_argument_group(
         "a known bias (vlmkit.data.bias): one shape per image, an attribute correlated with it in train, "
         "balanced in val and test"
@@ -286,6 +292,7 @@ def cmd_data_synth(args) -> None:
         duplicate_fraction=args.duplicate_fraction,
         tiny_fraction=args.tiny_fraction,
         blank_fraction=args.blank_fraction,
+        marked_fraction=args.marked_fraction,
     )
     for k, v in paths.items():
         print(f"{k}: {v}")

@@ -572,6 +572,7 @@ def generate(
     blank_fraction: float = 0.0,
     exclude_colours: tuple[str, ...] | list[str] = (),
     exclude_shapes: tuple[str, ...] | list[str] = (),
+    marked_fraction: float = 0.0,
 ) -> dict[str, Path]:
     """Write the shapes dataset (scenes with captions, plus a one-object classification split) to `out`.
 
@@ -588,6 +589,8 @@ def generate(
             with few objects make colour alone ambiguous within a batch, so a model must learn shape.
         mismatch_fraction, duplicate_fraction, tiny_fraction, blank_fraction: the web-scrape noise
             `corrupt_pool` injects into the train split (disjoint fractions of its rows; see there).
+        marked_fraction: train scenes of 2+ objects with a circle or box drawn around one object and a caption
+            naming it alone (`vlmkit.data.visual_prompts.mark_rows`): what a model needs to learn to read marks.
         exclude_colours, exclude_shapes: colours and shapes that never occur in the train and val scenes
             (so their captions never name them), while the classification splits keep every class: held-out
             classes for transfer experiments.
@@ -621,6 +624,8 @@ def generate(
         "blank": blank_fraction,
     }
     _check_noise(noise)
+    if not 0.0 <= marked_fraction < 1.0:
+        raise ConfigError(f"marked_fraction must be in [0, 1) (got {marked_fraction!r})")
     colours = _allowed("exclude_colours", exclude_colours, tuple(COLOURS))
     shapes = _allowed("exclude_shapes", exclude_shapes, SHAPES)
 
@@ -686,6 +691,10 @@ def generate(
     }
     if any(noise.values()):
         corrupt_pool(out, rows["train"], noise, seed)
+    if marked_fraction:
+        from vlmkit.data.visual_prompts import mark_rows
+
+        mark_rows(out, rows["train"], marked_fraction, seed)
     _write_jsonl(paths["train"], rows["train"])
     _write_jsonl(paths["val"], rows["val"])
     paths["classes"].write_text("".join(folder.replace("_", " ") + "\n" for folder in folders))
@@ -708,6 +717,8 @@ def generate(
         "classes": [folder.replace("_", " ") for folder in folders],
         "files": {key: path.relative_to(out).as_posix() for key, path in paths.items() if key != "dataset"},
     }
+    if marked_fraction:  # recorded only when used, as below
+        record["marked_fraction"] = marked_fraction
     if colours is not None or shapes is not None:  # recorded only when used: other outputs stay as they were
         record["exclude_colours"] = [c for c in COLOURS if colours is not None and c not in colours]
         record["exclude_shapes"] = [s for s in SHAPES if shapes is not None and s not in shapes]

@@ -11,6 +11,8 @@ Boxes are (x0, y0, x1, y1) in the image's pixels with exclusive x1, y1, as the s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from PIL import Image, ImageDraw, ImageFilter
 
 MARK_COLOUR = (0, 0, 0)  # black: no object of the synthetic palette has it
@@ -71,4 +73,36 @@ def apply_visual_prompt(image: Image.Image, box, kind: str, **kwargs) -> Image.I
     raise ValueError(f"unknown visual prompt {kind!r}; choose from {', '.join(VISUAL_PROMPTS)}")
 
 
-__all__ = ["MARK_COLOUR", "VISUAL_PROMPTS", "apply_visual_prompt", "blur_outside", "crop_to_box", "draw_mark"]
+def mark_rows(out, rows: list[dict], fraction: float, seed: int) -> int:
+    """Marked scenes in a training split (`vlmkit data synth --marked-fraction F`): `fraction` of the rows, drawn
+    among scenes of two or more objects (never a corrupted row), get a circle or a box around one object, and a
+    caption naming that object alone; each records `"mark": {"kind", "object"}` (the object's index). A model
+    learns to read marks only from such pairs. Rewrites the images under `out` in place; returns how many."""
+    import numpy as np
+
+    from vlmkit.data.synthetic import caption_scene
+
+    rng = np.random.default_rng([seed, 31])
+    candidates = [i for i, r in enumerate(rows) if len(r.get("objects", [])) >= 2 and "corruption" not in r]
+    n = min(len(candidates), round(fraction * len(rows)))
+    for i in sorted(rng.choice(len(candidates), size=n, replace=False).tolist()) if n else []:
+        row = rows[candidates[i]]
+        j = int(rng.integers(len(row["objects"])))
+        kind = ("circle", "box")[int(rng.integers(2))]
+        path = Path(out) / row["image"]
+        image = draw_mark(Image.open(path).convert("RGB"), row["objects"][j]["box"], kind)
+        image.save(path, format="PNG", compress_level=1)
+        row["caption"] = caption_scene({"objects": [row["objects"][j]]}, rng)
+        row["mark"] = {"kind": kind, "object": j}
+    return n
+
+
+__all__ = [
+    "MARK_COLOUR",
+    "mark_rows",
+    "VISUAL_PROMPTS",
+    "apply_visual_prompt",
+    "blur_outside",
+    "crop_to_box",
+    "draw_mark",
+]
