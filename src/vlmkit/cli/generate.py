@@ -218,6 +218,23 @@ def cmd_eval_vqa(args) -> None:
     _emit(result, args.output)
 
 
+def cmd_eval_prompts(args) -> None:
+    from vlmkit.inference.prompting import evaluate_prompt_variants, read_prompt_variants
+
+    variants = read_prompt_variants(args.prompts)
+    vlm = _pipeline(args)
+    result = evaluate_prompt_variants(
+        vlm, variants, args.data, limit=args.limit, batch_size=args.batch_size, model_name=args.model,
+        out_dir=args.out, max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
+    width = max(len(r["name"]) for r in result["metrics"]["variants"])
+    for r in result["metrics"]["variants"]:
+        types = "  ".join(f"{t} {a:.3f}" for t, a in sorted(r["by_type"].items()))
+        print(f"{r['name']:>{width}}: {r['accuracy']:.3f}  ({types})")
+    if args.out:
+        print(f"report: {args.out}/report.html")
+
+
 def cmd_eval_captioning(args) -> None:
     from vlmkit.eval.vqa import evaluate_captioning
 
@@ -333,6 +350,22 @@ def register(sub, eval_sub, data_sub) -> None:
         p.add_argument("--out", help="folder for the JSON results, plots and report.html")
         p.add_argument("--output", help="results JSON (default: print)")
         p.set_defaults(func=func)
+
+    p = eval_sub.add_parser(
+        "prompts", help="VQA accuracy of prompt variants (system prompts, templates) side by side"
+    )
+    _model_args(p)
+    p.add_argument(
+        "--prompts", required=True, help="JSON list or JSONL of {name, template with {question}, system}"
+    )
+    p.add_argument("--data", required=True, help="a questions file (val_vqa.jsonl from vlmkit data tasks)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="the first N questions only")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument(
+        "--out", help="folder for prompts.json, prompts.png, report.html and each variant's predictions"
+    )
+    p.set_defaults(func=cmd_eval_prompts)
 
     p = data_sub.add_parser(
         "tasks", help="caption and question files (VQA) from a `vlmkit data synth` folder"
