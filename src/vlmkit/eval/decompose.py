@@ -262,11 +262,6 @@ def _image_batches(paths, transform, batch_size: int, device):
         yield torch.stack([transform(load_image(p)) for p in paths[start : start + batch_size]]).to(device)
 
 
-def _accuracy(embeddings: Tensor, classifier: Tensor, labels: Tensor) -> float:
-    logits = torch.nn.functional.normalize(embeddings.float(), dim=-1) @ classifier  # (N, K)
-    return float((logits.argmax(1).cpu() == labels).double().mean())
-
-
 @torch.no_grad()
 def evaluate_decomposition(
     clip,
@@ -293,6 +288,7 @@ def evaluate_decomposition(
     from vlmkit.data.manifest import read_image_folder
     from vlmkit.data.transforms import ImageTransform
     from vlmkit.eval.features import extract_text_features
+    from vlmkit.eval.prompts import accuracy
     from vlmkit.eval.templates import load_templates
     from vlmkit.eval.zeroshot import build_zeroshot_classifier
 
@@ -301,9 +297,11 @@ def evaluate_decomposition(
     paths, labels, classnames = read_image_folder(data_root)
     labels = torch.tensor(labels)
     transform = ImageTransform(preprocess, train=False)
-    classifier = build_zeroshot_classifier(
-        clip, tokenizer, classnames, load_templates(templates), device=device
-    ).to(device)  # (D, K)
+    classifier = (
+        build_zeroshot_classifier(clip, tokenizer, classnames, load_templates(templates), device=device)
+        .to(device)
+        .T
+    )  # (K, D)
     parts, reference = [], []
     for images in tqdm(_image_batches(paths, transform, batch_size, device), desc="decompose", leave=False):
         parts.append(decompose_image_embedding(visual, images))
@@ -313,7 +311,7 @@ def evaluate_decomposition(
     )
     reference = torch.cat(reference)
     sum_error = float((d.total() - reference).abs().max())
-    full = _accuracy(d.total(), classifier, labels)
+    full = accuracy(d.total(), labels, classifier)
 
     means = component_means(visual, _image_batches(paths, transform, batch_size, device))
     L, nh = d.heads.shape[1], d.heads.shape[2]
@@ -329,7 +327,7 @@ def evaluate_decomposition(
         )
         kind, layer_i, h = key
         ablation.append(
-            {"component": kind, "layer": layer_i, "head": h, "accuracy": _accuracy(emb, classifier, labels)}
+            {"component": kind, "layer": layer_i, "head": h, "accuracy": accuracy(emb, labels, classifier)}
         )
 
     text_emb = extract_text_features(clip, tokenizer, texts, device=device).to(device)  # (M, D)
@@ -360,9 +358,9 @@ def evaluate_decomposition(
             "layers": list(range(first, L)),
             "texts_per_head": texts_per_head,
             "num_candidate_texts": len(texts),
-            "accuracy_heads_reconstructed": _accuracy(replaced, classifier, labels),
-            "accuracy_heads_mean": _accuracy(mean_replaced, classifier, labels),
-            "accuracy_heads_random_texts": _accuracy(random_replaced, classifier, labels),
+            "accuracy_heads_reconstructed": accuracy(replaced, labels, classifier),
+            "accuracy_heads_mean": accuracy(mean_replaced, labels, classifier),
+            "accuracy_heads_random_texts": accuracy(random_replaced, labels, classifier),
             "heads": spans,
         },
         "direct_norm": {

@@ -41,7 +41,7 @@ def ensemble(embeddings: Tensor) -> Tensor:
 def accuracy(image_features: Tensor, labels: Tensor, classes: Tensor) -> float:
     """Top-1 accuracy of images (N, D) against class embeddings (C, D)."""
     logits = F.normalize(image_features.float(), dim=-1) @ classes.float().T  # (N, C)
-    return float((logits.argmax(1) == labels).double().mean())
+    return float((logits.argmax(1) == labels.to(logits.device)).double().mean())
 
 
 def forward_selection(image_features: Tensor, labels: Tensor, embeddings: Tensor) -> dict:

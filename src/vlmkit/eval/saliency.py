@@ -260,6 +260,18 @@ def _distance_to_box(x: float, y: float, box) -> float:
     return float((dx * dx + dy * dy) ** 0.5)
 
 
+def distance_grid(box, size: tuple[int, int]):
+    """Every pixel's distance to `box` in an image of `size` (width, height): a NumPy array (H, W), 0 inside."""
+    import numpy as np
+
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    x0, y0, x1, y1 = box
+    dx = np.maximum.reduce([x0 - xs, np.zeros_like(xs), xs - (x1 - 1)])
+    dy = np.maximum.reduce([y0 - ys, np.zeros_like(ys), ys - (y1 - 1)])
+    return np.sqrt(dx**2 + dy**2)
+
+
 def pointing_hit(saliency, box, tolerance: float | None = None) -> bool:
     """Whether the map's (H, W) maximum lies in `box` (x0, y0, x1, y1) or within `tolerance` pixels of it
     (default: `tolerance_for` the larger side). Ties: the first maximum in row-major order."""
@@ -288,15 +300,9 @@ def baseline_hits(box, size: tuple[int, int], tolerance: float | None = None) ->
     """The controls' pointing scores for one box in an image of `size` (width, height): the centre point (a hit
     or not), and a uniformly random point or a uniform map (whose maximum is anywhere): the share of pixels
     that would count as a hit."""
-    import numpy as np
-
     w, h = size
     tol = tolerance_for(max(w, h)) if tolerance is None else tolerance
-    ys, xs = np.mgrid[0:h, 0:w]
-    x0, y0, x1, y1 = box
-    dx = np.maximum.reduce([x0 - xs, np.zeros_like(xs), xs - (x1 - 1)])
-    dy = np.maximum.reduce([y0 - ys, np.zeros_like(ys), ys - (y1 - 1)])
-    random = float((np.sqrt(dx**2 + dy**2) <= tol).mean())
+    random = float((distance_grid(box, size) <= tol).mean())
     centre = float(_distance_to_box((w - 1) / 2, (h - 1) / 2, box) <= tol)
     return {"centre": centre, "random": random}
 

@@ -35,7 +35,9 @@ from vlmkit.eval.saliency import (
     box_iou,
     captum_available,
     deletion_insertion,
+    distance_grid,
     explain_dual_encoder,
+    pointing_hit,
     to_image_size,
     tolerance_for,
 )
@@ -120,20 +122,11 @@ def class_sensitive_hit(saliency, box, others: Sequence, tolerance: float | None
 
 def _hit_share(box, others, size: tuple[int, int], tol: float) -> tuple[float, float]:
     """The share of pixels that would be a pointing hit and a class-sensitive hit: a random point's score."""
-    w, h = size
-    ys, xs = np.mgrid[0:h, 0:w]
-
-    def dist(b) -> np.ndarray:
-        x0, y0, x1, y1 = b
-        dx = np.maximum.reduce([x0 - xs, np.zeros_like(xs), xs - (x1 - 1)])
-        dy = np.maximum.reduce([y0 - ys, np.zeros_like(ys), ys - (y1 - 1)])
-        return np.sqrt(dx**2 + dy**2)
-
-    d = dist(box)
+    d = distance_grid(box, size)
     hit = d <= tol
     sensitive = hit.copy()
     for o in others:
-        sensitive &= d < dist(o)
+        sensitive &= d < distance_grid(o, size)
     return float(hit.mean()), float(sensitive.mean())
 
 
@@ -212,11 +205,20 @@ class DualEncoderMaps:
         return DualEncoderMaps(build_model(self.clip.cfg), self.tokenizer, self.preprocess, self.device)
 
 
+def _empty_scores() -> dict[str, list]:
+    return {"pointing": [], "sensitive": [], "iou": [], "deletion": [], "insertion": []}
+
+
+def _mean_colour(pixels: torch.Tensor) -> torch.Tensor:
+    """An image (3, H, W) filled with its own mean colour: what deletion removes pixels to."""
+    return pixels.mean(dim=(1, 2), keepdim=True).expand_as(pixels)
+
+
 def _score_model(provider, qs, methods, deletion_limit, batch_size, desc) -> dict:
     """Per method: per-query pointing / class-sensitive hits and IoU, deletion/insertion on the first queries."""
     from vlmkit.data.transforms import load_image
 
-    out = {m: {"pointing": [], "sensitive": [], "iou": [], "deletion": [], "insertion": []} for m in methods}
+    out = {m: _empty_scores() for m in methods}
     examples = {m: [] for m in methods}
     bar = tqdm(total=len(methods) * len(qs), desc=desc, unit="query", leave=False)
     for start in range(0, len(qs), batch_size):
@@ -229,13 +231,12 @@ def _score_model(provider, qs, methods, deletion_limit, batch_size, desc) -> dic
             for k, (q, im) in enumerate(zip(chunk, images)):
                 full = to_image_size(maps[k : k + 1], im.size)[0].numpy()  # (H, W) in the image's pixels
                 tol = tolerance_for(max(im.size))
-                y, x = np.unravel_index(int(full.argmax()), full.shape)
-                out[m]["pointing"].append(_distance_to_box(x, y, q["box"]) <= tol)
+                out[m]["pointing"].append(pointing_hit(full, q["box"], tol))
                 out[m]["sensitive"].append(class_sensitive_hit(full, q["box"], q["others"], tol))
                 out[m]["iou"].append(box_iou(full, q["box"]))
                 if start + k < deletion_limit:
                     model_map = to_image_size(maps[k : k + 1], (S, S))[0]  # at the model's input
-                    base = pixels[k].mean(dim=(1, 2), keepdim=True).expand_as(pixels[k])
+                    base = _mean_colour(pixels[k])
                     with torch.no_grad():
                         di = deletion_insertion(
                             provider.scorer(q), pixels[k], model_map.to(pixels.device), base
@@ -254,8 +255,7 @@ def _baselines(provider, qs, deletion_limit, seed) -> dict:
     from vlmkit.data.transforms import load_image
 
     gen = torch.Generator().manual_seed(seed)
-    rows = {name: {"pointing": [], "sensitive": [], "iou": [], "deletion": [], "insertion": []}
-            for name in ("centre point", "random point", "uniform map")}  # fmt: skip
+    rows = {name: _empty_scores() for name in ("centre point", "random point", "uniform map")}
     with torch.no_grad():
         for i, q in enumerate(qs):
             image = load_image(q["image"])
@@ -275,7 +275,7 @@ def _baselines(provider, qs, deletion_limit, seed) -> dict:
             if i < deletion_limit:
                 pixels = provider.pixels([image])[0]
                 S = pixels.shape[-1]
-                base = pixels.mean(dim=(1, 2), keepdim=True).expand_as(pixels)
+                base = _mean_colour(pixels)
                 score = provider.scorer(q)
                 for name, m in (
                     ("centre point", torch.from_numpy(centre_map(S, S)).float()),

@@ -112,34 +112,53 @@ def _attention_maps(pipe, pixels, ids, labels, mask, with_grad: bool) -> tuple[T
     return per_layer.detach().view(-1, g, g), float(score.detach())
 
 
+def _answer_scorer(pipe, ids: Tensor, labels: Tensor, mask: Tensor):
+    """images (N, 3, S, S) -> (N,) the one answer's log-probability given each image."""
+
+    def score(pixels: Tensor) -> Tensor:
+        n = pixels.shape[0]
+        return pipe.answer_log_prob(pixels, ids.expand(n, -1), labels.expand(n, -1), mask.expand(n, -1))
+
+    return score
+
+
 @torch.no_grad()
 def _occlusion(pipe, pixels, ids, labels, mask, boxes, image_size, batch_size: int = 16):
     S = pixels.shape[-1]
     p = pipe.model.cfg.vision.patch_size
     g = S // p
     fill = pixels.mean(dim=(2, 3), keepdim=True)  # (1, 3, 1, 1) the image's mean colour
+    regions = [(c * p, r * p, (c + 1) * p, (r + 1) * p) for r in range(g) for c in range(g)]
+    sx, sy = S / image_size[0], S / image_size[1]
+    regions += [
+        (int(b[0] * sx), int(b[1] * sy), math.ceil(b[2] * sx), math.ceil(b[3] * sy)) for b in boxes or []
+    ]
     variants = []
-    for r in range(g):
-        for c in range(g):
-            x = pixels.clone()
-            x[..., r * p : (r + 1) * p, c * p : (c + 1) * p] = fill[..., 0, 0][..., None, None]
-            variants.append(x)
-    for box in boxes or []:
-        sx, sy = S / image_size[0], S / image_size[1]
-        x0, y0, x1, y1 = int(box[0] * sx), int(box[1] * sy), math.ceil(box[2] * sx), math.ceil(box[3] * sy)
+    for x0, y0, x1, y1 in regions:
         x = pixels.clone()
-        x[..., y0:y1, x0:x1] = fill[..., 0, 0][..., None, None]
+        x[..., y0:y1, x0:x1] = fill
         variants.append(x)
-    base = float(pipe.answer_log_prob(pixels, ids, labels, mask)[0])
-    scores = []
-    for start in range(0, len(variants), batch_size):
-        chunk = torch.cat(variants[start : start + batch_size])
-        n = chunk.shape[0]
-        scores.append(
-            pipe.answer_log_prob(chunk, ids.expand(n, -1), labels.expand(n, -1), mask.expand(n, -1))
-        )
+    score = _answer_scorer(pipe, ids, labels, mask)
+    base = float(score(pixels)[0])
+    scores = [score(torch.cat(variants[i : i + batch_size])) for i in range(0, len(variants), batch_size)]
     drop = base - torch.cat(scores).float().cpu()
     return drop[: g * g].view(g, g), drop[g * g :].tolist(), base
+
+
+def _attribute(
+    pipe, pixels, ids, labels, mask, method: str, boxes=None, image_size=None
+) -> AnswerAttribution:
+    """`method`'s attribution of one scored answer (ids, labels, mask) to one image (1, 3, S, S)."""
+    if method == "occlusion":
+        size = image_size or (pixels.shape[-1], pixels.shape[-2])
+        grid, objects, base = _occlusion(pipe, pixels, ids, labels, mask, boxes, size)
+        return AnswerAttribution(method, grid, base, objects=objects)
+    try:
+        per_layer, base = _attention_maps(pipe, pixels, ids, labels, mask, method == "grad-attention")
+    finally:
+        pipe.model.zero_grad(set_to_none=True)
+    grid = per_layer.mean(0) if method == "attention" else per_layer.sum(0)
+    return AnswerAttribution(method, grid, base, per_layer=per_layer)
 
 
 def explain_answer(
@@ -162,14 +181,8 @@ def explain_answer(
     was_training = pipe.model.training
     pipe.model.eval()
     try:
-        if method == "occlusion":
-            grid, objects, base = _occlusion(pipe, pixels, ids, labels, mask, boxes, image.size)
-            return AnswerAttribution(method, grid, base, objects=objects)
-        per_layer, base = _attention_maps(pipe, pixels, ids, labels, mask, method == "grad-attention")
-        grid = per_layer.mean(0) if method == "attention" else per_layer.sum(0)
-        return AnswerAttribution(method, grid, base, per_layer=per_layer)
+        return _attribute(pipe, pixels, ids, labels, mask, method, boxes, image.size)
     finally:
-        pipe.model.zero_grad(set_to_none=True)
         pipe.model.train(was_training)
 
 
@@ -205,29 +218,14 @@ class GenerativeMaps:
         return self.pipe.scoring_batch([query["answer"]], prompt=query["question"])
 
     def maps(self, chunk: list[dict], pixels: Tensor, method: str) -> Tensor:
-        out = []
-        for k, q in enumerate(chunk):
-            ids, labels, mask = self._batch(q)
-            px = pixels[k : k + 1]
-            if method == "occlusion":
-                grid = _occlusion(self.pipe, px, ids, labels, mask, None, (px.shape[-1], px.shape[-2]))[0]
-            else:
-                per_layer, _ = _attention_maps(self.pipe, px, ids, labels, mask, method == "grad-attention")
-                grid = per_layer.mean(0) if method == "attention" else per_layer.sum(0)
-                self.pipe.model.zero_grad(set_to_none=True)
-            out.append(grid.cpu())
-        return torch.stack(out)
+        grids = [
+            _attribute(self.pipe, pixels[k : k + 1], *self._batch(q), method).grid
+            for k, q in enumerate(chunk)
+        ]
+        return torch.stack(grids).cpu()
 
     def scorer(self, query: dict):
-        ids, labels, mask = self._batch(query)
-
-        def score(pixels: Tensor) -> Tensor:
-            n = pixels.shape[0]
-            return self.pipe.answer_log_prob(
-                pixels, ids.expand(n, -1), labels.expand(n, -1), mask.expand(n, -1)
-            )
-
-        return score
+        return _answer_scorer(self.pipe, *self._batch(query))
 
     def random_init(self, seed: int) -> GenerativeMaps:
         from vlmkit.inference.generate import VLMPipeline

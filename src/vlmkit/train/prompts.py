@@ -116,7 +116,7 @@ def base_to_new(
 ) -> dict:
     """Learn prompts on `shots` images per base class of `train_folder`; accuracy on `test_folder`'s base and new
     classes, beside the hand templates forward-selected on the same shots. Returns the metrics and the learner."""
-    from vlmkit.eval.prompts import class_embeddings, ensemble, forward_selection
+    from vlmkit.eval.prompts import accuracy, class_embeddings, ensemble, forward_selection
     from vlmkit.eval.templates import load_templates
 
     clip = clip.eval().to(device)
@@ -151,12 +151,9 @@ def base_to_new(
     chosen = forward_selection(b_tr_f, b_tr_y, emb_base)["chosen"]
     emb_new = class_embeddings(clip, tokenizer, new, templates, device)
 
-    def acc(f, y, classes):
-        return float(((F.normalize(f.float(), dim=-1) @ classes.T).argmax(1) == y).double().mean())
-
     hand = {
-        "base": acc(b_te_f, b_te_y, ensemble(emb_base[chosen])),
-        "new": acc(n_te_f, n_te_y, ensemble(emb_new[chosen])),
+        "base": accuracy(b_te_f, b_te_y, ensemble(emb_base[chosen])),
+        "new": accuracy(n_te_f, n_te_y, ensemble(emb_new[chosen])),
     }
     torch.manual_seed(seed)
     learner = PromptLearner(clip, tokenizer, base, cfg).to(device)
