@@ -66,6 +66,18 @@ def emit(results: dict, output: str | None) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def load_dual_encoder(path: str, device, command: str):
+    """A CLIP/SigLIP folder for `command`, its tokenizer required; any other model is one line naming the command."""
+    from vlmkit.convert import load_pretrained
+    from vlmkit.models.registry import task_name
+
+    pt = load_pretrained(path, device)
+    if task_name(pt.model.cfg) != "contrastive":
+        raise VlmkitError(f"{path} is not a dual encoder; {command} takes CLIP/SigLIP folders")
+    require_tokenizer(pt, path)
+    return pt
+
+
 def require_tokenizer(pt, where: str):
     if pt.tokenizer is None:
         raise VlmkitError(

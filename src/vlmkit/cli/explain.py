@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmkit.cli.common import add_model_arg, device_of, require_tokenizer
+from vlmkit.cli.common import add_model_arg, device_of, load_dual_encoder, require_tokenizer
 
 
 def register(sub, ev) -> None:
@@ -243,15 +243,11 @@ def cmd_eval_saliency(args) -> None:
 
 
 def cmd_decompose(args) -> None:
-    from vlmkit.convert import load_pretrained
-    from vlmkit.errors import ConfigError, DataError
+    from vlmkit.errors import DataError
     from vlmkit.eval.decompose import caption_phrases, evaluate_decomposition
-    from vlmkit.models.registry import task_name
 
     device = device_of(args.device)
-    pt = load_pretrained(args.model, device)
-    if task_name(pt.model.cfg) != "contrastive":
-        raise ConfigError(f"{args.model} is not a dual encoder; vlmkit decompose takes CLIP/SigLIP folders")
+    pt = load_dual_encoder(args.model, device, "vlmkit decompose")
     if args.texts:
         path = Path(args.texts)
         if not path.is_file():
@@ -263,7 +259,7 @@ def cmd_decompose(args) -> None:
         texts = caption_phrases(args.captions)
     res = evaluate_decomposition(
         pt.model,
-        require_tokenizer(pt, args.model),
+        pt.tokenizer,
         pt.preprocess,
         args.data,
         texts,
@@ -289,18 +285,13 @@ def cmd_decompose(args) -> None:
 
 
 def cmd_atlas(args) -> None:
-    from vlmkit.convert import load_pretrained
-    from vlmkit.errors import ConfigError
     from vlmkit.eval.atlas import ATTRIBUTES, build_atlas
-    from vlmkit.models.registry import task_name
 
     device = device_of(args.device)
-    pt = load_pretrained(args.model, device)
-    if task_name(pt.model.cfg) != "contrastive":
-        raise ConfigError(f"{args.model} is not a dual encoder; vlmkit atlas takes CLIP/SigLIP folders")
+    pt = load_dual_encoder(args.model, device, "vlmkit atlas")
     res = build_atlas(
         pt.model,
-        require_tokenizer(pt, args.model),
+        pt.tokenizer,
         pt.preprocess,
         args.data,
         args.layer,

@@ -217,10 +217,8 @@ def cmd_train_prompts(args) -> None:
     """`vlmkit train --task prompt-learning`: learn CoOp/CoCoOp prompts, save them, print base-to-new accuracy."""
     import json
 
-    from vlmkit.cli.common import device_of
-    from vlmkit.convert import load_pretrained
+    from vlmkit.cli.common import device_of, load_dual_encoder
     from vlmkit.models.prompt_learner import PromptConfig
-    from vlmkit.models.registry import task_name
     from vlmkit.train.prompts import base_to_new, save_prompts
 
     if not args.init_from or not args.train_data or not args.zeroshot_data:
@@ -230,13 +228,7 @@ def cmd_train_prompts(args) -> None:
         )
     settings = _prompt_settings(args.set)
     device = device_of(None)
-    pt = load_pretrained(args.init_from, device)
-    if task_name(pt.model.cfg) != "contrastive":
-        raise ConfigError(
-            f"{args.init_from} is not a CLIP/SigLIP folder: prompts are learnt for a dual encoder"
-        )
-    if pt.tokenizer is None:
-        raise ConfigError(f"{args.init_from} has no tokenizer.json")
+    pt = load_dual_encoder(args.init_from, device, "prompt learning")
     cfg = PromptConfig(
         **{k: settings[k] for k in ("n_ctx", "init", "position", "per_class", "meta_net") if k in settings}
     )
