@@ -84,7 +84,8 @@ def _question(obj: dict, objects: list[dict]) -> tuple[str, str] | tuple[None, N
 
 def queries(scenes: list[dict], limit: int | None = None, usable=None) -> list[dict]:
     """One query per object of a scene of 2+ objects whose colour and shape are the scene's alone:
-    {"image", "text", "question", "answer", "box", "others", "objects", "group", "line"}; only those `usable`
+    {"image", "name" (its class, "red circle"), "text", "question", "answer", "box", "others", "objects", "group",
+    "line"}; only those `usable`
     accepts (default: all), the first `limit` per group of 2 and 3+ objects."""
     out, per_group = [], {}
     for scene in scenes:
@@ -100,7 +101,8 @@ def queries(scenes: list[dict], limit: int | None = None, usable=None) -> list[d
                 break
             others = [o["box"] for j, o in enumerate(objects) if j != i]
             question, answer = _question(obj, objects)
-            q = {"image": scene["image"], "text": query_text(obj), "question": question, "answer": answer,
+            q = {"image": scene["image"], "name": f"{obj['colour']} {obj['shape']}", "text": query_text(obj),
+                 "question": question, "answer": answer,
                  "box": obj["box"], "others": others, "objects": len(objects), "group": group,
                  "line": scene["line"]}  # fmt: skip
             if usable is not None and not usable(q):

@@ -27,12 +27,6 @@ from vlmkit.eval.saliency_eval import queries, read_scenes
 NUM_EXAMPLES = 4
 
 
-def _class_of(q_text: str) -> str:
-    """ "a red circle." -> "red circle" """
-    words = q_text.rstrip(".").split(" ")
-    return " ".join(words[1:])
-
-
 def evaluate_visual_prompts(
     clip,
     tokenizer,
@@ -61,27 +55,23 @@ def evaluate_visual_prompts(
         device
     )  # (C, D)
     transform = ImageTransform(preprocess, train=False)
-    objects_of = {}
-    for r in rows:
-        objects_of[str(r["image"])] = [f"{o['colour']} {o['shape']}" for o in r["objects"]]
-    results, examples = {}, {}
-    for kind in tqdm(["none", *prompts], desc="visual prompts", leave=False):
-        right = other = 0
-        for start in range(0, len(qs), batch_size):
-            chunk = qs[start : start + batch_size]
-            images = []
-            for q in chunk:
-                image = load_image(q["image"])
-                images.append(image if kind == "none" else apply_visual_prompt(image, q["box"], kind))
-            if kind not in examples:
-                examples[kind] = images[:NUM_EXAMPLES]
+    objects_of = {str(r["image"]): {f"{o['colour']} {o['shape']}" for o in r["objects"]} for r in rows}
+    kinds = ["none", *prompts]
+    right, other, examples = dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0), {}
+    for start in tqdm(range(0, len(qs), batch_size), desc="visual prompts", leave=False):
+        chunk = qs[start : start + batch_size]
+        originals = [load_image(q["image"]) for q in chunk]  # decoded once, prompted every way
+        for kind in kinds:
+            images = [
+                im if kind == "none" else apply_visual_prompt(im, q["box"], kind)
+                for im, q in zip(originals, chunk)
+            ]
+            examples.setdefault(kind, images[:NUM_EXAMPLES])
             feats = encode_images(clip, torch.stack([transform(im) for im in images]), batch_size, device)
-            pred = (feats.to(device) @ classifier.T).argmax(1).tolist()
-            for q, p in zip(chunk, pred):
-                target = _class_of(q["text"])
-                right += classes[p] == target
-                other += classes[p] != target and classes[p] in objects_of[str(q["image"])]
-        results[kind] = {"right": right / len(qs), "other_object": other / len(qs)}
+            for q, p in zip(chunk, (feats.to(device) @ classifier.T).argmax(1).tolist()):
+                right[kind] += classes[p] == q["name"]
+                other[kind] += classes[p] != q["name"] and classes[p] in objects_of[str(q["image"])]
+    results = {k: {"right": right[k] / len(qs), "other_object": other[k] / len(qs)} for k in kinds}
     chance = sum(1 / q["objects"] for q in qs) / len(qs)  # picking one of the scene's objects at random
     metrics = {"num_queries": len(qs), "num_classes": len(classes), "templates": list(templates),
                "chance_among_scene_objects": chance, "prompts": results}  # fmt: skip
@@ -108,7 +98,7 @@ def write_visual_prompts_report(out: Path, results: dict, examples: dict, shown:
             if i == 0:
                 ax.set_title(kind, fontsize=8)
             if j == 0:
-                ax.set_ylabel(_class_of(q["text"]), fontsize=7)
+                ax.set_ylabel(q["name"], fontsize=7)
     png = save_figure(fig, out / "examples.png")
     table = _table(
         ["visual prompt", "names the referred object", "names another object of the scene"],
