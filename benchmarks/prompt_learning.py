@@ -9,7 +9,7 @@ training), and prints the accuracy of
 
 - the forward-selected hand templates (CLIP's 80 plus "a {}.", chosen on the same shots),
 - CoOp (a shared context at the end; `--n-ctx`), CoOp with a per-class context (base only), CoCoOp,
-- and the ceiling: free class vectors (a linear probe on the sphere with the CLIP's scale) fitted on the shots,
+- and a reference: free class vectors (a linear probe on the sphere with the CLIP's scale) fitted on the shots,
 
 in one run. `vlmkit train --task prompt-learning` runs the same protocol on your own ImageFolders.
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from vlmkit.convert import load_pretrained
 from vlmkit.data.synthetic import COLOURS, SHAPES, render_scene
 from vlmkit.models.prompt_learner import PromptConfig
-from vlmkit.train.prompts import _encode_folder, base_to_new, few_shot_indices
+from vlmkit.train.prompts import _encode_folder, base_to_new, class_subset, few_shot_indices
 
 
 def render_folder(root: Path, per_class: int, seed: int, image_size: int = 64, noise: float = 0.2) -> None:
@@ -59,19 +59,18 @@ def render_folder(root: Path, per_class: int, seed: int, image_size: int = 64, n
             counts[name] = counts.get(name, 0) + 1
 
 
-def ceiling(clip, preprocess, train, test, base, shots, seed) -> float:
-    """Free class vectors on the sphere, fitted on the same shots with the CLIP's scale: what any prompt could reach."""
+def free_class_vectors(clip, preprocess, train, test, base, shots, seed) -> float:
+    """Free class vectors on the sphere, fitted on the same shots with the CLIP's scale (seeded start): about what
+    any prompt could reach on these image features."""
     f, y, names = _encode_folder(clip, preprocess, train, "cpu")
     tf, ty, _ = _encode_folder(clip, preprocess, test, "cpu")
-    idx = [names.index(b) for b in base]
-    keep = [i for i, lab in enumerate(y.tolist()) if lab in idx]
-    f, y = f[keep], torch.tensor([idx.index(lab) for lab in y[keep].tolist()])
+    f, y = class_subset(f, y, names, base)
     pick = few_shot_indices(y.tolist(), shots, seed)
     f, y = f[pick], y[pick]
-    keep = [i for i, lab in enumerate(ty.tolist()) if lab in idx]
-    tf, ty = tf[keep], torch.tensor([idx.index(lab) for lab in ty[keep].tolist()])
+    tf, ty = class_subset(tf, ty, names, base)
     scale = clip.logit_scale.exp().item()
-    W = torch.nn.Parameter(torch.randn(len(base), f.shape[1]) * 0.01)
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(len(base), f.shape[1], generator=g) * 0.01)
     opt = torch.optim.Adam([W], 0.05)
     for _ in range(300):
         loss = F.cross_entropy(scale * f @ F.normalize(W, dim=-1).T, y)
@@ -114,7 +113,7 @@ def main() -> None:
         rows.setdefault("hand templates (forward-selected on the shots)", m["hand"])
         rows[label] = {**m["learned"], "seconds": round(time.perf_counter() - t, 1)}
         base = m["base_classes"]
-    rows["ceiling: free class vectors"] = {"base": ceiling(clip, pt.preprocess, data / "train", data / "test", base,
+    rows["reference: free class vectors"] = {"base": free_class_vectors(clip, pt.preprocess, data / "train", data / "test", base,
                                                             args.shots, args.seed)}  # fmt: skip
     print(f"{len(base)} base classes, {args.shots} shots; held-out images: {args.test} per class")
     for label, r in rows.items():

@@ -187,8 +187,10 @@ def build_atlas(
         acts_one = A[one].numpy()
         sel = selectivity(acts_one, attrs, threshold)
         rng = np.random.default_rng(seed)
-        shuffled = [dict(zip(attrs[0].keys(), vals)) for vals in zip(*[
-            rng.permutation([a[k] for a in attrs]).tolist() for k in attrs[0]])]  # fmt: skip
+        columns = {
+            k: rng.permutation([a[k] for a in attrs]).tolist() for k in attrs[0]
+        }  # each label shuffled
+        shuffled = [{k: column[i] for k, column in columns.items()} for i in range(len(attrs))]
         chance = selectivity(acts_one, shuffled, threshold)
         value_words = {str(a[k]) for a in attrs for k in a}
         counts = Counter(s["attribute"] for s in sel if s["selective"])

@@ -86,6 +86,14 @@ def prompt_accuracy(learner: PromptLearner, features: Tensor, labels: Tensor, ba
     return hits / max(1, len(labels))
 
 
+def class_subset(
+    features: Tensor, labels: Tensor, names: list[str], chosen: list[str]
+) -> tuple[Tensor, Tensor]:
+    """The rows of `chosen` classes (names), relabelled by their index in `chosen`."""
+    keep = [i for i, lab in enumerate(labels.tolist()) if names[lab] in chosen]
+    return features[keep], torch.tensor([chosen.index(names[lab]) for lab in labels[keep].tolist()])
+
+
 def _encode_folder(clip, preprocess, folder, device, classes_file=None):
     from vlmkit.data.manifest import read_image_folder
     from vlmkit.data.transforms import ImageTransform
@@ -134,16 +142,11 @@ def base_to_new(
     if not new:
         raise ConfigError("every class is a base class: leave some out to measure new classes")
 
-    def subset(f, y, chosen):
-        keep = [i for i, lab in enumerate(y.tolist()) if names[lab] in chosen]
-        remap = torch.tensor([chosen.index(names[lab]) for lab in y[keep].tolist()])
-        return f[keep], remap
-
-    b_tr_f, b_tr_y = subset(tr_f, tr_y, base)
+    b_tr_f, b_tr_y = class_subset(tr_f, tr_y, names, base)
     pick = few_shot_indices(b_tr_y.tolist(), shots, seed)
     b_tr_f, b_tr_y = b_tr_f[pick], b_tr_y[pick]
-    b_te_f, b_te_y = subset(te_f, te_y, base)
-    n_te_f, n_te_y = subset(te_f, te_y, new)
+    b_te_f, b_te_y = class_subset(te_f, te_y, names, base)
+    n_te_f, n_te_y = class_subset(te_f, te_y, names, new)
 
     # the hand-made baseline: templates forward-selected on the same shots
     templates = load_templates(templates or ["imagenet80"])
