@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -188,29 +189,28 @@ def _cmd_transfer_demo(args) -> None:
     )
 
 
-PROMPT_KEYS = {"shots": int, "n_ctx": int, "init": str, "position": str, "per_class": bool, "meta_net": bool,
-               "base_classes": str}  # fmt: skip
+@dataclass
+class _PromptRun:
+    """The `--set` keys of prompt learning beside PromptConfig's own (n_ctx, init, position, per_class, meta_net)."""
+
+    shots: int = 16
+    base_classes: str = ""  # comma-separated class names; "" = the first half of the sorted names
 
 
-def _prompt_settings(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or key not in PROMPT_KEYS:
-            raise ConfigError(f"--set {item!r}: prompt learning takes {', '.join(PROMPT_KEYS)} (KEY=VALUE)")
-        kind = PROMPT_KEYS[key]
-        if kind is bool:
-            if value.lower() not in ("true", "false"):
-                raise ConfigError(f"--set {key}: true or false, not {value!r}")
-            out[key] = value.lower() == "true"
-        elif kind is int:
-            try:
-                out[key] = int(value)
-            except ValueError:
-                raise ConfigError(f"--set {key}: an integer, not {value!r}") from None
-        else:
-            out[key] = value
-    return out
+def _prompt_settings(items: list[str] | None) -> tuple[_PromptRun, object]:
+    """`--set KEY=VALUE` items -> (the run's settings, a PromptConfig), typed by the dataclasses' fields."""
+    from vlmkit.config import override, parse_overrides
+    from vlmkit.models.prompt_learner import PromptConfig
+
+    values = parse_overrides(items)
+    run_keys = {f.name for f in fields(_PromptRun)}
+    known = run_keys | {f.name for f in fields(PromptConfig)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"--set {key}: prompt learning takes {', '.join(sorted(known))}")
+    run = override(_PromptRun(), {k: v for k, v in values.items() if k in run_keys}, "--set")
+    cfg = override(PromptConfig(), {k: v for k, v in values.items() if k not in run_keys}, "--set")
+    return run, cfg
 
 
 def cmd_train_prompts(args) -> None:
@@ -218,7 +218,6 @@ def cmd_train_prompts(args) -> None:
     import json
 
     from vlmkit.cli.common import device_of, load_dual_encoder
-    from vlmkit.models.prompt_learner import PromptConfig
     from vlmkit.train.prompts import base_to_new, save_prompts
 
     if not args.init_from or not args.train_data or not args.zeroshot_data:
@@ -226,16 +225,13 @@ def cmd_train_prompts(args) -> None:
             "prompt learning needs --init-from CLIP_DIR (the frozen dual encoder), --train-data IMAGEFOLDER (the shots "
             "come from it) and --zeroshot-data IMAGEFOLDER (held-out images of the same classes)"
         )
-    settings = _prompt_settings(args.set)
+    run, cfg = _prompt_settings(args.set)
     device = device_of(None)
     pt = load_dual_encoder(args.init_from, device, "prompt learning")
-    cfg = PromptConfig(
-        **{k: settings[k] for k in ("n_ctx", "init", "position", "per_class", "meta_net") if k in settings}
-    )
-    base = [c.strip() for c in settings["base_classes"].split(",")] if settings.get("base_classes") else None
+    base = [c.strip() for c in run.base_classes.split(",")] if run.base_classes else None
     res = base_to_new(
         pt.model, pt.tokenizer, pt.preprocess, args.train_data, args.zeroshot_data, cfg,
-        base_classes=base, shots=settings.get("shots", 16), epochs=int(args.epochs or 50), lr=args.lr or 0.1,
+        base_classes=base, shots=run.shots, epochs=int(args.epochs or 50), lr=args.lr or 0.1,
         templates=args.templates, seed=args.seed or 0, device=device,
     )  # fmt: skip
     out = args.out or "runs/prompts"
