@@ -150,7 +150,7 @@ def cmd_explain(args) -> None:
         meta.update(text=args.text, method=method)
     else:
         patch_map, per_layer, title = _explain_generative(args, pt, image, device, meta)
-    full = to_image_size(patch_map.cpu()[None] if patch_map.dim() == 2 else patch_map.cpu(), image.size)[0]
+    full = to_image_size(patch_map.cpu(), image.size)[0]
     full = full.numpy().astype(np.float32)  # (H, W)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "saliency.npy", full)
@@ -197,7 +197,7 @@ def _explain_generative(args, pt, image, device, meta):
         meta["box_drops"] = [{"box": b, "log_prob_drop": d} for b, d in zip(boxes, res.objects)]
         for b, d in zip(boxes, res.objects):
             print(f"occluding box {b}: the answer's log-probability drops by {d:.3f}")
-    return res.grid, res.per_layer, f"{method}: {question} -> {answer}"
+    return res.grid[None], res.per_layer, f"{method}: {question} -> {answer}"
 
 
 def cmd_eval_saliency(args) -> None:
