@@ -128,3 +128,46 @@ def test_chat_cli_takes_several_images(tokenizer, images, tmp_path, capsys):
           "--precision", "fp32"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("assistant: ") == 2 and "user: and the square?" in out
+
+
+def test_several_images_are_labelled_in_the_prompt_and_one_is_not(tokenizer):
+    from vlmkit.data.chat import image_markers
+
+    assert image_markers(1) == f"{IMAGE_TOKEN}\n"
+    assert image_markers(2) == f"Image 1: {IMAGE_TOKEN}\nImage 2: {IMAGE_TOKEN}\n"
+    assert image_markers(2, "Picture {}:") == f"Picture 1:{IMAGE_TOKEN}\nPicture 2:{IMAGE_TOKEN}\n"
+    assert image_markers(3, None) == f"{IMAGE_TOKEN}\n" * 3
+    vlm = _llava(tokenizer)
+    ids = vlm.prompt_ids([{"from": "human", "value": image_markers(2) + "is it the same shape?"}])
+    n = vlm.num_image_tokens
+    image_id = vlm.image_token_id
+    # "Image 2:" sits between the two images' tokens, whose counts are unchanged
+    first_end = ids.index(image_id) + n
+    between = tokenizer.decode(ids[first_end : ids.index(image_id, first_end)])
+    assert "image 2:" in between.lower() and ids.count(image_id) == 2 * n
+
+
+def test_chat_cli_labels_several_images_and_answers_in_json(tokenizer, images, tmp_path, capsys):
+    import json
+
+    from vlmkit.cli.main import main
+    from vlmkit.models.pretrained import save_pretrained
+
+    vlm = _llava(tokenizer)
+    folder = save_pretrained(vlm.model, tmp_path / "llava", tokenizer, PreprocessConfig(image_size=32))
+    schema = {"type": "object", "properties": {"same": {"type": "boolean"}, "colour": {"enum": ["red", "blue"]}},
+              "required": ["same", "colour"]}  # fmt: skip
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    main(["chat", "--model", str(folder), "--image", str(images[0]), "--image", str(images[1]), "--message",
+          "is it the same shape?", "--json-schema", str(tmp_path / "s.json"), "--retries", "1",
+          "--max-new-tokens", "6", "--precision", "fp32"])  # fmt: skip
+    out = capsys.readouterr()
+    value = json.loads(out.out.splitlines()[1])
+    assert (
+        set(value) == {"same", "colour"}
+        and isinstance(value["same"], bool)
+        and value["colour"] in ("red", "blue")
+    )
+    assert (
+        "constrained after 3 attempt(s); valid: True" in out.err
+    )  # a random model never writes the JSON itself

@@ -72,11 +72,27 @@ def test_vlmkit_eval_prompts_end_to_end(tmp_path):
         rows.append({"image": f"{i}.png", "type": "colour", "conversations": [
             {"from": "human", "value": "<image>\nwhat colour is the circle?"}, {"from": "gpt", "value": "red"}]})  # fmt: skip
     (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "p.jsonl").write_text('{"name": "plain"}\n{"name": "brief", "system": "Be brief."}\n')
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["red", "green", "blue"]}},
+        "required": ["answer"],
+    }
+    (tmp_path / "colour.json").write_text(json.dumps(schema))
+    (tmp_path / "p.jsonl").write_text('{"name": "plain"}\n{"name": "brief", "system": "Be brief."}\n'
+                                      '{"name": "json", "json_schema": "colour.json"}\n')  # fmt: skip
     main(["eval", "prompts", "--model", str(folder), "--prompts", str(tmp_path / "p.jsonl"), "--data",
           str(tmp_path / "v.jsonl"), "--max-new-tokens", "3", "--out", str(tmp_path / "o")])  # fmt: skip
     res = json.loads((tmp_path / "o" / "prompts.json").read_text())["metrics"]["variants"]
-    assert [r["name"] for r in res] == ["plain", "brief"] and all(0 <= r["accuracy"] <= 1 for r in res)
+    assert [r["name"] for r in res] == ["plain", "brief", "json"] and all(
+        0 <= r["accuracy"] <= 1 for r in res
+    )
+    assert res[2]["json_answers"] == {"constrained": 3} and "json_answers" not in res[0]
+    json_preds = [
+        json.loads(line)["prediction"]
+        for line in (tmp_path / "o" / "json" / "vqa_predictions.jsonl").read_text().splitlines()
+    ]
+    assert all(p in ("red", "green", "blue") for p in json_preds)
+    assert res[2]["accuracy"] == pytest.approx(np.mean([p == "red" for p in json_preds]))
     assert all(set(r["by_type"]) == {"colour"} for r in res)
     for name in ("plain", "brief"):
         preds = (tmp_path / "o" / name / "vqa_predictions.jsonl").read_text().splitlines()

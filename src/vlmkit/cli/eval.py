@@ -20,14 +20,16 @@ def register_eval(ev) -> None:
     """Add the subcommands to the `vlmkit eval` subparsers."""
     p = ev.add_parser("zeroshot", help="zero-shot classification on an ImageFolder")
     add_model_arg(p)
-    p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
+    p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images (or videos) per class")
     add_classes_args(p)
     p.add_argument("--templates", action="append", help="template with {} or a file of them (repeatable)")
+    p.add_argument("--num-frames", type=int, default=8, help="video: frames sampled uniformly per clip")
     p.add_argument("--output", help="results JSON (default: print)")
     p.set_defaults(func=cmd_eval_zeroshot)
     p = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 on a manifest")
     add_model_arg(p)
-    p.add_argument("--data", required=True, help="JSONL/CSV manifest of image, caption")
+    p.add_argument("--data", required=True, help="JSONL/CSV manifest of image (or video), caption, or shards")
+    p.add_argument("--num-frames", type=int, default=8, help="video: frames sampled uniformly per clip")
     p.add_argument(
         "--rerank",
         type=int,
@@ -104,7 +106,11 @@ def register_eval(ev) -> None:
 
 
 def cmd_eval_zeroshot(args) -> None:
+    from vlmkit.cli.video import cmd_eval_video, is_video_data
     from vlmkit.convert import load_pretrained
+
+    if is_video_data(args.data):
+        return cmd_eval_video(args, "zeroshot")
     from vlmkit.eval.templates import load_templates
     from vlmkit.eval.zeroshot import evaluate_zeroshot
 
@@ -202,7 +208,15 @@ def cmd_eval_compositional(args) -> None:
 
 
 def cmd_eval_retrieval(args) -> None:
+    from vlmkit.cli.video import cmd_eval_video, is_video_data
     from vlmkit.convert import load_pretrained
+
+    if is_video_data(args.data):
+        if args.rerank:
+            from vlmkit.errors import ConfigError
+
+            raise ConfigError("--rerank is for image retrieval with fusion models, not video")
+        return cmd_eval_video(args, "retrieval")
     from vlmkit.eval.retrieval import evaluate_retrieval
 
     pt = load_pretrained(args.model, device_of(args.device))

@@ -77,10 +77,12 @@ def cmd_caption(args) -> None:
 def cmd_chat(args) -> None:
     """Several turns about one image or more (LLaVA, Flamingo; CoCa reads one); each answer streams as it is
     generated. The images come in order at the start of the first turn."""
-    from vlmkit.data.chat import IMAGE_TOKEN
+    from vlmkit.data.chat import image_markers
     from vlmkit.models.generation import TextStreamer
 
     _check_images(args.image)
+    if args.json_schema:
+        return _chat_json(args)
     vlm = _pipeline(args)
     if len(args.image) > 1 and vlm.family == "coca":
         raise VlmkitError(f"{args.model} is a CoCa model, which reads one image; give one --image")
@@ -104,12 +106,29 @@ def cmd_chat(args) -> None:
                 break
         else:
             break
-        text = message if conversation else f"{IMAGE_TOKEN}\n" * len(args.image) + message
+        text = message if conversation else image_markers(len(args.image), args.image_label or None) + message
         conversation.append({"from": "human", "value": text})
         print("assistant: ", end="", flush=True)
         reply = vlm.generate([args.image], [conversation], config, streamer=streamer)[0]
         print(flush=True)
         conversation.append({"from": "gpt", "value": reply})
+
+
+def _chat_json(args) -> None:
+    """`vlmkit chat --json-schema`: each --message answered in JSON valid under the schema, printed with how it
+    was obtained."""
+    from vlmkit.inference.structured import load_schema, structured_answers
+
+    if not args.message:
+        raise VlmkitError("--json-schema answers the --message turns; give at least one --message")
+    schema = load_schema(args.json_schema)
+    vlm = _pipeline(args)
+    for message in args.message:
+        a = structured_answers(vlm, [args.image], [message], schema, retries=args.retries,
+                               max_new_tokens=args.max_new_tokens)[0]  # fmt: skip
+        print(f"user: {message}")
+        print(json.dumps(a.value))
+        print(f"# {a.how} after {a.attempts} attempt(s); valid: {a.valid}", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
@@ -292,6 +311,13 @@ def register(sub, eval_sub, data_sub) -> None:
         "--message",
         action="append",
         help="a user turn (repeatable); without it, read turns from the terminal",
+    )
+    p.add_argument("--image-label", default="Image {}: ",
+                   help="with several images, the label before each ({} is its number; '' for none)")  # fmt: skip
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="answer each --message in JSON valid under this JSON Schema (retried, then constrained)")  # fmt: skip
+    p.add_argument(
+        "--retries", type=int, default=2, help="--json-schema: sampled retries before constraining"
     )
     _generation_args(p, 128)
     p.set_defaults(func=cmd_chat)

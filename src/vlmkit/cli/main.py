@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit.cli.generate import register as register_generative
 
     register_generative(sub, ev, data)
+    from vlmkit.cli.video import register as register_video
+
+    register_video(sub, ev, data)
     from vlmkit.cli.images import register as register_images
 
     register_images(sub, ev)

@@ -121,6 +121,11 @@ def layout_of(cfg: CLIPConfig, where: str = "model") -> str:
     token, a logit bias.
     """
     v, t = cfg.vision, cfg.text
+    if cfg.video.pool != "mean":
+        raise ConfigError(
+            f"{where}: video.pool={cfg.video.pool!r} (a temporal transformer over frames) has no Hugging Face "
+            "CLIP/SigLIP equivalent; export works for image-only and meanP models"
+        )
     if v.stem != "patch":
         raise ConfigError(
             f"{where}: vision.stem={v.stem!r} (a convolutional stem) has no Hugging Face CLIP/SigLIP equivalent; "

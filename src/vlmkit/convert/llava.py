@@ -184,6 +184,10 @@ def config_to_hf_llava(cfg: LlavaConfig, where: str = "model") -> dict:
         )
     if cfg.projector_act not in ACTS_TO_HF:
         raise ConfigError(f"{where}: projector_act={cfg.projector_act!r} has no Hugging Face equivalent")
+    if cfg.max_frames:
+        raise ConfigError(
+            f"{where}: max_frames={cfg.max_frames} (learned frame positions for video); Hugging Face's LLaVA has none"
+        )
     layout = _vision_layout(cfg.vision, where)
     vision = {"model_type": f"{layout}_vision_model", **vision_config_to_hf(cfg.vision)}
     if layout == "siglip":

@@ -25,6 +25,7 @@ from vlmkit.errors import ConfigError, DataError
 from vlmkit.losses.captioning import IGNORE_INDEX
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # a clip: replaced by one <image> per sampled frame (`expand_video`)
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -71,6 +72,30 @@ TEMPLATES: dict[str, ChatTemplate] = {
     # "Question: ... Short answer: ...<|endofchunk|>" (`flamingo_turns` puts the images first)
     "flamingo": ChatTemplate(None, "{system}", "{content}", " Short answer:", end_of_turn="<|endofchunk|>"),
 }
+
+
+IMAGE_LABEL = "Image {}: "
+
+
+def expand_video(conversation: list[dict], num_frames: int) -> list[dict]:
+    """The conversation with each `<video>` replaced by `num_frames` `<image>` markers (its frames, in order)."""
+    out = []
+    for turn in conversation:
+        key = "value" if "value" in turn else "content"
+        value = turn.get(key)
+        if isinstance(value, str) and VIDEO_TOKEN in value:
+            turn = {**turn, key: value.replace(VIDEO_TOKEN, IMAGE_TOKEN * num_frames)}
+        out.append(turn)
+    return out
+
+
+def image_markers(count: int, label: str | None = IMAGE_LABEL) -> str:
+    """The start of a user turn about `count` images: one `<image>` per line, each after its label when there
+    are several ("Image 1: <image>\nImage 2: <image>\n", as multi-image prompting guides and Qwen-VL's
+    "Picture 1:" do), so the text can refer to "Image 2". One image, or `label=None`, goes unlabelled."""
+    if count == 1 or not label:
+        return f"{IMAGE_TOKEN}\n" * count
+    return "".join(f"{label.format(i + 1)}{IMAGE_TOKEN}\n" for i in range(count))
 
 
 def get_template(name: str) -> ChatTemplate:

@@ -106,7 +106,9 @@ def read_jsonl(path: str | os.PathLike, hint: str = "") -> Iterator[tuple[int, d
         yield n, row
 
 
-def _csv_rows(text: str, file: Path, delimiter: str, extra: Sequence[str] = ()) -> Iterator[_Row]:
+def _csv_rows(
+    text: str, file: Path, delimiter: str, extra: Sequence[str] = (), required: Sequence[str] = REQUIRED_KEYS
+) -> Iterator[_Row]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header, columns = None, {}
     while True:
@@ -122,13 +124,13 @@ def _csv_rows(text: str, file: Path, delimiter: str, extra: Sequence[str] = ()) 
             continue
         if header is None:
             header = [c.strip().lower() for c in cells]
-            missing = [k for k in REQUIRED_KEYS if k not in header]
+            missing = [k for k in required if k not in header]
             if missing:
                 raise DataError(
-                    f"{file}:{start}: the header needs columns {list(REQUIRED_KEYS)}, found {cells}; "
-                    "add a header line such as 'image,caption'"
+                    f"{file}:{start}: the header needs columns {list(required)}, found {cells}; "
+                    f"add a header line such as '{','.join(required)}'"
                 )
-            columns = {k: header.index(k) for k in (*REQUIRED_KEYS, *extra) if k in header}
+            columns = {k: header.index(k) for k in (*required, *extra) if k in header}
             continue
         yield start, {k: cells[i] for k, i in columns.items() if i < len(cells)}, ""
 
@@ -410,7 +412,10 @@ def _match_plain_names(
 
 
 def read_image_folder(
-    root: str | os.PathLike, classes_file: str | os.PathLike | None = None, positional_classes: bool = False
+    root: str | os.PathLike,
+    classes_file: str | os.PathLike | None = None,
+    positional_classes: bool = False,
+    extensions: frozenset[str] = IMAGE_EXTENSIONS,
 ) -> tuple[list[Path], list[int], list[str]]:
     """List an ImageFolder tree: `root/<class folder>/**/<image>`.
 
@@ -419,7 +424,8 @@ def read_image_folder(
     names with underscores as spaces. A classes file holds `folder<TAB>name` lines, a JSON object
     `{folder: name}`, or one name per line: folder names in any order (matched by name), or other names
     in sorted-folder order, which is accepted only with `positional_classes=True`. Which name went to which
-    folder is logged. Files without an image extension and hidden files are ignored.
+    folder is logged. Files without an image extension (`extensions`: video ones for a video folder) and hidden
+    files are ignored.
     """
     root = Path(root)
     if not root.is_dir():
@@ -445,7 +451,7 @@ def read_image_folder(
     paths, labels = [], []
     for label, folder in enumerate(folders):
         for p in sorted((root / folder).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file():
+            if p.suffix.lower() in extensions and not p.name.startswith(".") and p.is_file():
                 paths.append(p)
                 labels.append(label)
     return paths, labels, names

@@ -203,6 +203,25 @@ def _background(
     return background
 
 
+def draw_polygons(polygons: list[tuple[np.ndarray, np.ndarray]], background: np.ndarray) -> np.ndarray:
+    """Non-overlapping filled polygons ((V, 2) vertices in pixels, (3,) RGB) over a (S, S, 3) float background,
+    anti-aliased: premultiplied colour and coverage drawn at 4x, then box-averaged (the exact area coverage of
+    each pixel). Vertices may lie outside the image (a shape partly out of frame). Returns (S, S, 3) uint8."""
+    height, width = background.shape[:2]
+    big = (width * _SUPERSAMPLE, height * _SUPERSAMPLE)
+    colour_layer, coverage_layer = Image.new("RGB", big), Image.new("L", big)
+    draw_colour, draw_coverage = ImageDraw.Draw(colour_layer), ImageDraw.Draw(coverage_layer)
+    for vertices, rgb in polygons:
+        points = [tuple(p) for p in (np.asarray(vertices) * _SUPERSAMPLE).tolist()]
+        draw_colour.polygon(points, fill=tuple(int(c) for c in rgb))
+        draw_coverage.polygon(points, fill=255)
+    # Image.reduce is a box filter, the exact area average (and far faster than a NumPy mean)
+    premultiplied = np.asarray(colour_layer.reduce(_SUPERSAMPLE), dtype=np.float32)  # (S, S, 3)
+    coverage = np.asarray(coverage_layer.reduce(_SUPERSAMPLE), dtype=np.float32) / 255.0  # (S, S)
+    pixels = background * (1.0 - coverage[..., None]) + premultiplied  # "over" compositing
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
 def _render(
     rng: np.random.Generator,
     objects: list[tuple[str, str, str]],
@@ -211,20 +230,12 @@ def _render(
     tint: np.ndarray | None = None,
 ) -> tuple[Image.Image, dict]:
     placed = _place(rng, objects, image_size)
-    big = image_size * _SUPERSAMPLE
-    # Premultiplied colour and coverage drawn at 4x, then box-averaged: the exact area coverage of
-    # each pixel, so edges are anti-aliased. Objects never overlap, so one layer holds them all.
-    colour_layer = Image.new("RGB", (big, big))
-    coverage_layer = Image.new("L", (big, big))
-    draw_colour, draw_coverage = ImageDraw.Draw(colour_layer), ImageDraw.Draw(coverage_layer)
-    meta_objects = []
+    meta_objects, polygons = [], []
     for colour, shape, size, vertices in placed:
         rgb = np.clip(
             np.asarray(COLOURS[colour]) + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3), 0, 255
         )
-        points = [tuple(p) for p in (vertices * _SUPERSAMPLE).tolist()]
-        draw_colour.polygon(points, fill=tuple(int(c) for c in rgb))
-        draw_coverage.polygon(points, fill=255)
+        polygons.append((vertices, rgb))
         (x0, y0), (x1, y1) = vertices.min(axis=0), vertices.max(axis=0)
         box = [math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
         hpos, vpos = _position(box, image_size)
@@ -239,12 +250,8 @@ def _render(
                 "position": _position_name(hpos, vpos),
             }
         )
-    # Image.reduce is a box filter, the exact area average (and far faster than a NumPy mean)
-    premultiplied = np.asarray(colour_layer.reduce(_SUPERSAMPLE), dtype=np.float32)  # (S, S, 3)
-    coverage = np.asarray(coverage_layer.reduce(_SUPERSAMPLE), dtype=np.float32) / 255.0  # (S, S)
     background = _background(rng, image_size, background_noise, tint)  # (S, S, 3)
-    pixels = background * (1.0 - coverage[..., None]) + premultiplied  # (S, S, 3) "over" compositing
-    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(draw_polygons(polygons, background), "RGB")
     meta = {"objects": meta_objects, "image_size": image_size, "background_noise": background_noise}
     return image, meta
 

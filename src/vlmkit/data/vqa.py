@@ -422,6 +422,8 @@ def _check_conversation_row(row, root: Path, where: str) -> dict | str:
     """The row with "image" resolved to a Path, or the reason it is unusable."""
     if not isinstance(row, dict):
         return 'expected a JSON object like {"image": ..., "conversations": [...]}'
+    if "video" in row and "image" not in row:
+        return _check_video_row(row, root, where)
     image = row.get("image")
     if not isinstance(image, str) or not image.strip():
         return "missing 'image' (a path relative to the file's folder)"
@@ -440,11 +442,38 @@ def _check_conversation_row(row, root: Path, where: str) -> dict | str:
     return {**row, "image": path}
 
 
+def _check_video_row(row: dict, root: Path, where: str) -> dict | str:
+    """A video question row ({"video": ..., "conversations": [... "<video>\\n..." ...]}) with "video" resolved."""
+    from vlmkit.data.chat import VIDEO_TOKEN
+    from vlmkit.data.video import VIDEO_EXTENSIONS, is_video
+
+    video = row.get("video")
+    if not isinstance(video, str) or not video.strip():
+        return "'video' must be a path relative to the file's folder"
+    try:
+        turns = normalize_conversation(row.get("conversations"), where)
+    except DataError as e:
+        return str(e).removeprefix(f"{where}: ").removeprefix(where).strip()
+    if {"user", "assistant"} - {role for role, _ in turns}:
+        return "the conversation needs a human and a gpt turn"
+    if sum(text.count(VIDEO_TOKEN) for _, text in turns) != 1:
+        return f"a video row needs exactly one {VIDEO_TOKEN} in its turns"
+    path = root / Path(video.strip()).expanduser()
+    if not is_video(path):
+        return f"video {path}: not a video file extension ({', '.join(sorted(VIDEO_EXTENSIONS))})"
+    if not path.is_file():
+        return f"video {path}: missing file"
+    if path.stat().st_size == 0:
+        return f"video {path}: empty file"
+    return {**row, "video": path}
+
+
 def read_conversations(path: str | Path) -> Conversations:
     """Read LLaVA-format conversations: JSONL (one row per line) or a JSON array (LLaVA's own files).
 
     Each row needs "image" (relative to the file's folder unless absolute; the file must exist) and
-    "conversations" with at least one human (user) and one gpt (assistant) turn. Returned rows are the
+    "conversations" with at least one human (user) and one gpt (assistant) turn. A video row has "video"
+    instead, and one `<video>` in its turns. Returned rows are the
     file's dicts with "image" resolved to a Path and "line" (1-based line, or item number in an array)
     added. Bad rows are skipped, logged as `skipped FILE:LINE: reason` and kept in `.bad_rows`;
     DataError when no row is usable.

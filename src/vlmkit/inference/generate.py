@@ -22,7 +22,9 @@ from PIL import Image
 
 from vlmkit.data.chat import (
     IMAGE_TOKEN,
+    VIDEO_TOKEN,
     coca_turns,
+    expand_video,
     flamingo_turns,
     get_template,
     normalize_conversation,
@@ -151,14 +153,7 @@ class VLMPipeline:
         config = config or self.generation_config()
         if self.family == "coca":
             conversations = [coca_turns(c, is_caption=False) for c in conversations]
-        prompts = [self.prompt_ids(c) for c in conversations]
-        T = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's next token is at position T
-            input_ids[i, T - len(p) :] = torch.tensor(p)
-            attention_mask[i, T - len(p) :] = 1
+        input_ids, attention_mask = self._left_padded([self.prompt_ids(c) for c in conversations])
         pixels, counts = self._pixels(groups)
         with self._autocast():
             new = self.model.generate(
@@ -172,6 +167,45 @@ class VLMPipeline:
             )
         texts = [self.decode(row) for row in new.tolist()]
         return [trim_stop_strings(t, config.stop_strings) for t in texts] if config.stop_strings else texts
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask (B, T), left padded: every row's next token is at position T."""
+        T = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, T - len(p) :] = torch.tensor(p)
+            attention_mask[i, T - len(p) :] = 1
+        return input_ids, attention_mask
+
+    @torch.inference_mode()
+    def answer_video(
+        self,
+        clips: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        time_pool: str | None = None,
+        **generation,
+    ) -> list[str]:
+        """Short answers to one question per clip (LLaVA video models). `clips[i]` is (T, 3, S, S), normalised
+        (`vlmkit.data.video.frames_tensor` with `self.transform`); its frames become T images with their frame
+        positions. `time_pool="mean"`: every frame replaced by the clip's mean (a control)."""
+        if self.family != "llava":
+            raise ConfigError(f"video questions are for LLaVA video models, not {self.family}")
+        conversations = [expand_video([{"from": "human", "value": f"{VIDEO_TOKEN}\n{q}"}], len(c))
+                         for c, q in zip(clips, questions, strict=True)]  # fmt: skip
+        input_ids, attention_mask = self._left_padded([self.prompt_ids(c) for c in conversations])
+        config = self.generation_config(**{"max_new_tokens": 16, **generation})
+        with self._autocast():
+            new = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                pixel_values=torch.cat(list(clips)).to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                config=config,
+                tokenizer=self.tokenizer,
+                frame_index=torch.cat([torch.arange(len(c)) for c in clips]).to(self.device),
+                time_pool=time_pool,
+            )
+        return [self.decode(row) for row in new.tolist()]
 
     def decode(self, ids: list[int]) -> str:
         """New tokens -> text, up to the first end-of-turn token."""

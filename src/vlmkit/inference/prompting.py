@@ -7,7 +7,10 @@ A prompts file (JSON list, or JSONL with one object per line) holds the variants
     {"name": "expert", "system": "You are a careful observer of simple shapes.", "template": "{question}"}
 
 `template` must contain `{question}` (default "{question}"); `system` (optional) is the conversation's system
-turn, rendered by the model's chat template. Every variant answers every question of a VQA file with the image
+turn, rendered by the model's chat template. `json_schema` (optional: a schema object, or a file next to the prompts
+file) asks for the answer in JSON (`vlmkit.inference.structured`: validated, retried, then constrained); the
+prediction is the object's `answer_key` property (default "answer"), and the report counts how each answer came
+(direct, retry, constrained). Every variant answers every question of a VQA file with the image
 before the text (the media-first order prompting guides recommend), and is scored by `vlmkit.eval.vqa`.
 """
 
@@ -49,7 +52,25 @@ def read_prompt_variants(path: str | Path) -> list[dict]:
         if v["name"] in names:
             raise DataError(f"{path}: {where}: the name {v['name']!r} is used twice")
         names.add(v["name"])
-        variants.append({"name": v["name"], "template": template, "system": system})
+        variant = {"name": v["name"], "template": template, "system": system}
+        if v.get("json_schema") is not None:
+            from vlmkit.errors import ConfigError
+            from vlmkit.inference.structured import load_schema
+
+            schema = v["json_schema"]
+            try:
+                variant["json_schema"] = load_schema(
+                    schema if isinstance(schema, dict) else path.parent / schema
+                )
+            except ConfigError as e:
+                raise DataError(f"{path}: {where}: {e}") from None
+            key = v.get("answer_key", "answer")
+            if key not in variant["json_schema"].get("properties", {}):
+                raise DataError(
+                    f"{path}: {where}: the schema has no {key!r} property to read the answer from"
+                )
+            variant["answer_key"] = key
+        variants.append(variant)
     if not variants:
         raise DataError(f"{path}: no prompt variants")
     return variants
@@ -64,10 +85,23 @@ def conversation(variant: dict, question: str) -> list[dict]:
     ]
 
 
-def answer_fn(pipe, variant: dict, max_new_tokens: int = 16) -> Callable:
-    """(image paths, questions) -> answers, asked the variant's way."""
+def answer_fn(pipe, variant: dict, max_new_tokens: int = 16, how: dict | None = None) -> Callable:
+    """(image paths, questions) -> answers, asked the variant's way. A JSON variant's answers are its
+    `answer_key` property; `how` counts how each came (direct, retry, constrained, invalid)."""
 
     def answer(images, questions):
+        if "json_schema" in variant:
+            from vlmkit.inference.structured import structured_answers
+
+            texts = [variant["template"].replace("{question}", q) for q in questions]
+            out = structured_answers(pipe, list(images), texts, variant["json_schema"], max_new_tokens=64,
+                                     system=variant.get("system"))  # fmt: skip
+            for a in out:
+                if how is not None:
+                    how[a.how] = how.get(a.how, 0) + 1
+            return [
+                str(a.value.get(variant["answer_key"], "")) if isinstance(a.value, dict) else "" for a in out
+            ]
         convs = [conversation(variant, q) for q in questions]
         return pipe.generate(list(images), convs, pipe.generation_config(max_new_tokens=max_new_tokens))
 
@@ -84,11 +118,12 @@ def evaluate_prompt_variants(pipe, variants: list[dict], data, *, limit: int | N
     rows = []
     for v in variants:
         sub = Path(out_dir) / _slug(v["name"]) if out_dir is not None else None
-        res = evaluate_vqa(answer_fn(pipe, v, max_new_tokens), data, batch_size=batch_size, limit=limit, out_dir=sub,
-                           model_name=model_name, progress=False)  # fmt: skip
+        how: dict = {}
+        res = evaluate_vqa(answer_fn(pipe, v, max_new_tokens, how), data, batch_size=batch_size, limit=limit,
+                           out_dir=sub, model_name=model_name, progress=False)  # fmt: skip
         m = res["metrics"]
         rows.append({**v, "accuracy": m["accuracy"], "by_type": m.get("accuracy_by_type", {}),
-                     "num_questions": m.get("num_questions")})  # fmt: skip
+                     "num_questions": m.get("num_questions"), **({"json_answers": how} if how else {})})  # fmt: skip
     result = {"task": "prompts", "model": model_name, "dataset": str(data), "metrics": {"variants": rows}}
     if out_dir is not None:
         write_prompts_report(Path(out_dir), result)
@@ -119,9 +154,11 @@ def write_prompts_report(out: Path, result: dict) -> Path:
     ax.legend(fontsize=7)
     png = save_figure(fig, out / "prompts.png")
     table = _table(
-        ["variant", "system", "template", "all", *types],
-        [[r["name"], r["system"] or "", r["template"], f"{r['accuracy']:.3f}",
-          *[f"{r['by_type'][t]:.3f}" if t in r["by_type"] else "" for t in types]] for r in rows],
+        ["variant", "system", "template", "JSON answers", "all", *types],
+        [[r["name"], r["system"] or "", r["template"],
+          ", ".join(f"{k} {n}" for k, n in sorted(r.get("json_answers", {}).items())),
+          f"{r['accuracy']:.3f}", *[f"{r['by_type'][t]:.3f}" if t in r["by_type"] else "" for t in types]]
+         for r in rows],
     )  # fmt: skip
     sections = [table, f'<img src="{html.escape(png.name)}" alt="accuracy per prompt variant">']
     return write_page(out / "report.html", f"Prompt variants: {result['model']}", sections)

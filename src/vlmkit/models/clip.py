@@ -21,6 +21,18 @@ from vlmkit.nn.transformer import Block
 
 
 @dataclass
+class VideoConfig:
+    """How a clip's frame embeddings become one video embedding (CLIP4Clip): "mean" (meanP: the mean of the
+    normalised frame embeddings, no parameters) or "transformer" (seqTransf: frame-position embeddings and a
+    small transformer over the frames, added back to them, then the mean)."""
+
+    pool: str = "mean"
+    layers: int = 2
+    heads: int = 4
+    max_frames: int = 16
+
+
+@dataclass
 class CLIPConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -29,8 +41,15 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # SigLIP: -10
     max_logit_scale: float = math.log(100)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self):
+        if isinstance(self.video, dict):
+            self.video = VideoConfig(**self.video)
+        if self.video.pool not in ("mean", "transformer"):
+            raise ConfigError(f"video.pool must be 'mean' or 'transformer', not {self.video.pool!r}")
+        if self.video.pool == "transformer" and self.embed_dim % self.video.heads:
+            raise ConfigError(f"video.heads ({self.video.heads}) must divide embed_dim ({self.embed_dim})")
         if self.loss not in ("clip", "siglip"):
             raise ConfigError(f"loss must be 'clip' or 'siglip', not {self.loss!r}")
         for name, tower in (("vision", self.vision), ("text", self.text)):
@@ -60,6 +79,7 @@ class CLIP(nn.Module):
             if cfg.init_logit_bias is not None
             else None
         )
+        self.temporal = TemporalPool(cfg.embed_dim, cfg.video) if cfg.video.pool == "transformer" else None
         self.init_weights()
 
     @torch.no_grad()
@@ -67,11 +87,37 @@ class CLIP(nn.Module):
         """Scaled normal init: residual output projections shrink with depth so deep stacks start stable."""
         init_tower(self.visual)
         init_tower(self.text)
+        if self.temporal is not None:
+            self.temporal.init_weights()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, embed_dim) image embeddings."""
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_video(
+        self, frames: torch.Tensor, normalize: bool = False, pool: str | None = None
+    ) -> torch.Tensor:
+        """(B, T, 3, H, W) frames -> (B, embed_dim) video embeddings: every frame through the image tower,
+        then `pool_frames`."""
+        B, T = frames.shape[:2]
+        x = self.encode_image(frames.flatten(0, 1)).view(B, T, -1)  # (B, T, D)
+        return self.pool_frames(x, normalize, pool)
+
+    def pool_frames(self, x: torch.Tensor, normalize: bool = False, pool: str | None = None) -> torch.Tensor:
+        """Frame embeddings (B, T, D) -> video embeddings (B, D) with the model's `video.pool`, or `pool`
+        ("mean" runs meanP on any model: the control that ignores frame order)."""
+        pool = pool or self.cfg.video.pool
+        if pool == "transformer":
+            if self.temporal is None:
+                raise ConfigError(
+                    "this model has no temporal transformer (video.pool='mean'); use pool='mean'"
+                )
+            x = self.temporal(x)  # (B, T, D)
+        elif pool != "mean":
+            raise ConfigError(f"pool must be 'mean' or 'transformer', not {pool!r}")
+        v = F.normalize(x, dim=-1).mean(dim=1)  # CLIP4Clip: normalised frames, averaged
+        return F.normalize(v, dim=-1) if normalize else v
 
     def encode_text(
         self, text: torch.Tensor, normalize: bool = False, attention_mask: torch.Tensor | None = None
@@ -85,7 +131,11 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp(), self.logit_bias
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> CLIPOutput:
-        image_features = self.encode_image(images, normalize=True)
+        """Images (B, 3, H, W), or video clips (B, T, 3, H, W) embedded by `encode_video`, and token ids (B, L)."""
+        if images.ndim == 5:
+            image_features = self.encode_video(images, normalize=True)
+        else:
+            image_features = self.encode_image(images, normalize=True)
         text_features = self.encode_text(text, normalize=True)
         scale, bias = self.scale_and_bias()
         return CLIPOutput(image_features, text_features, scale, bias)
@@ -101,6 +151,36 @@ class CLIP(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
+
+
+class TemporalPool(nn.Module):
+    """CLIP4Clip's seqTransf: frame embeddings plus learned frame positions through a few transformer blocks,
+    added back to the frame embeddings (so an untrained pool starts near meanP)."""
+
+    def __init__(self, dim: int, cfg: VideoConfig):
+        super().__init__()
+        self.frame_embedding = nn.Parameter(torch.zeros(cfg.max_frames, dim))
+        self.blocks = nn.ModuleList(Block(dim, cfg.heads) for _ in range(cfg.layers))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.normal_(self.frame_embedding, std=0.01)
+        dim, depth = self.frame_embedding.shape[1], max(len(self.blocks), 1)
+        for b in self.blocks:
+            nn.init.normal_(b.attn.qkv.weight, std=dim**-0.5)
+            nn.init.normal_(b.attn.proj.weight, std=dim**-0.5 * (2 * depth) ** -0.5)
+            nn.init.normal_(b.mlp.fc1.weight, std=(2 * dim) ** -0.5)
+            nn.init.normal_(b.mlp.fc2.weight, std=dim**-0.5 * (2 * depth) ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        if T > self.frame_embedding.shape[0]:
+            raise ConfigError(f"{T} frames, but the temporal transformer knows {self.frame_embedding.shape[0]} "
+                              "positions (video.max_frames); sample fewer frames")  # fmt: skip
+        h = x + self.frame_embedding[:T]
+        for block in self.blocks:
+            h = block(h)
+        return x + h  # CLIP4Clip adds the transformer's output to the frame embeddings
 
 
 @torch.no_grad()
@@ -144,4 +224,13 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-__all__ = ["CLIP", "CLIPConfig", "CLIPOutput", "Attention", "init_tower", "no_weight_decay_names"]
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "CLIPOutput",
+    "TemporalPool",
+    "VideoConfig",
+    "Attention",
+    "init_tower",
+    "no_weight_decay_names",
+]

@@ -46,6 +46,9 @@ class LlavaConfig:
         3  # the placeholder id; vlmkit tokenizers trained with extra_special_tokens=["<image>"] give 3
     )
     chat_template: str = "vicuna"  # vlmkit.data.chat.TEMPLATES
+    # Video: a clip is its frames as consecutive images, each frame's tokens plus a learned embedding of its
+    # position in the clip (`projector.frame_embedding`, this many positions; 0 = a model of still images)
+    max_frames: int = 0
 
     def __post_init__(self):
         from vlmkit.data.chat import TEMPLATES
@@ -95,6 +98,8 @@ class LlavaConfig:
             raise ConfigError(
                 "decoder.cross_attention_start: LLaVA's decoder reads images as tokens, not by cross-attention"
             )
+        if not isinstance(self.max_frames, int) or self.max_frames < 0:
+            raise ConfigError(f"max_frames must be an integer >= 0, got {self.max_frames!r}")
         if self.chat_template not in TEMPLATES:
             raise ConfigError(
                 f"unknown chat_template {self.chat_template!r}; choose one of {sorted(TEMPLATES)}"
@@ -126,13 +131,15 @@ def pixel_shuffle(x: Tensor, grid: tuple[int, int], s: int) -> Tensor:
 
 
 class Projector(nn.Module):
-    """Vision features -> decoder width. Names as Hugging Face's LlavaMultiModalProjector (linear_1, linear_2)."""
+    """Vision features -> decoder width. Names as Hugging Face's LlavaMultiModalProjector (linear_1, linear_2);
+    with `max_frames`, also the frames' position embeddings (video models)."""
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str, act: str, bias: bool):
+    def __init__(self, in_dim: int, out_dim: int, kind: str, act: str, bias: bool, max_frames: int = 0):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
         self.act = get_activation(act) if kind == "mlp2x_gelu" else None
         self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias) if kind == "mlp2x_gelu" else None
+        self.frame_embedding = nn.Parameter(torch.randn(max_frames, out_dim) * 0.02) if max_frames else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.linear_1(x)
@@ -153,6 +160,7 @@ class Llava(nn.Module):
             cfg.projector,
             cfg.projector_act,
             cfg.projector_bias,
+            cfg.max_frames,
         )
         self.language_model = Decoder(cfg.decoder)
 
@@ -172,9 +180,18 @@ class Llava(nn.Module):
             x = pixel_shuffle(x, grid, cfg.pixel_shuffle)  # (B, P/s^2, s^2 Cv)
         return self.projector(x)  # (B, N, C)
 
-    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> Tensor:
+    def embed_inputs(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        frame_index: Tensor | None = None,
+        time_pool: str | None = None,
+    ) -> Tensor:
         """Token embeddings (B, T, C) with the image placeholders overwritten by the images' tokens, in order.
 
+        Video: `frame_index` (I,) gives each image its position in its clip (0, 1, ... ; -1 for a still image):
+        frame positions get their embedding added, and a run starting at 0 is one clip. `time_pool="mean"`
+        replaces every frame's tokens by the clip's mean (the order-blind control of `vlmkit.eval.video`).
         DataError when the number of placeholders differs from (number of images) x num_image_tokens.
         """
         x = self.language_model.embed(input_ids)  # (B, T, C)
@@ -191,7 +208,32 @@ class Llava(nn.Module):
             )
         if images is None:
             return x
+        if frame_index is not None:
+            images = self._add_frame_positions(images, frame_index.to(images.device), time_pool)
         return x.masked_scatter(placeholders[..., None], images.to(x.dtype))  # (B, T, C)
+
+    def _add_frame_positions(self, images: Tensor, frame_index: Tensor, time_pool: str | None) -> Tensor:
+        table = self.projector.frame_embedding
+        is_frame = frame_index >= 0
+        if bool(is_frame.any()) and table is None:
+            raise ConfigError(
+                "this LLaVA model reads still images only (max_frames=0); it cannot take video frames"
+            )
+        if bool((frame_index >= (0 if table is None else table.shape[0])).any()):
+            raise DataError(f"a clip of {int(frame_index.max()) + 1} frames; this model knows {table.shape[0]} "
+                            "frame positions (max_frames): sample fewer frames")  # fmt: skip
+        if time_pool == "mean":  # each clip's frames replaced by their mean, before the positions are added
+            clip = torch.cumsum((frame_index == 0).long(), 0) - 1  # (I,) which clip each image belongs to
+            clip = torch.where(is_frame, clip, -1)
+            out = images.clone()
+            for c in clip[is_frame].unique().tolist():
+                rows = clip == c
+                out[rows] = images[rows].mean(0, keepdim=True)
+            images = out
+        elif time_pool is not None:
+            raise ConfigError(f"time_pool must be None or 'mean', not {time_pool!r}")
+        pos = table[frame_index.clamp(min=0)] * is_frame[:, None]  # (I, C); zero for still images
+        return images + pos[:, None].to(images.dtype)
 
     def forward(
         self,
@@ -199,13 +241,14 @@ class Llava(nn.Module):
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         logits: str = "all",
+        frame_index: Tensor | None = None,
     ) -> DecoderOutput:
         """Decoder outputs for prompts whose image placeholders are already expanded (see module docstring).
 
         attention_mask (B, T): 1 = real token, 0 = padding (right padding for training). For the loss, use
         `logits="none"` and `vlmkit.losses.captioning.next_token_loss(out.hidden, labels, model.language_model.lm_head)`.
         """
-        x = self.embed_inputs(input_ids, pixel_values)  # (B, T, C)
+        x = self.embed_inputs(input_ids, pixel_values, frame_index)  # (B, T, C)
         return self.language_model(inputs_embeds=x, attention_mask=attention_mask, logits=logits)
 
     @torch.inference_mode()
@@ -217,6 +260,8 @@ class Llava(nn.Module):
         config=None,
         tokenizer=None,
         streamer=None,
+        frame_index: Tensor | None = None,
+        time_pool: str | None = None,
     ) -> Tensor:
         """New token ids (B, N) after left-padded prompts (see vlmkit.models.generation.generate).
 
@@ -227,7 +272,7 @@ class Llava(nn.Module):
         if config is None:
             d = self.cfg.decoder
             config = GenerationConfig(eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id)
-        x = self.embed_inputs(input_ids, pixel_values)  # (B, T, C)
+        x = self.embed_inputs(input_ids, pixel_values, frame_index, time_pool)  # (B, T, C)
         return generate(
             self.language_model,
             attention_mask=attention_mask,

@@ -286,6 +286,60 @@ RECIPES |= {
         eval_limit=64,
         precision="fp32",
     ),  # fmt: skip
+    # Video (CLIP4Clip): clip-tiny's towers on 8 frames of each moving-shapes clip, the frame embeddings pooled
+    # by a 2-layer temporal transformer (seqTransf); `--set model_overrides.video.pool=mean` trains meanP.
+    "clip-video-tiny": dict(
+        RECIPES["clip-tiny"],
+        task="video-contrastive",
+        model_overrides={"vision.stem": "conv", "video.pool": "transformer"},
+        out="runs/clip-video-tiny",
+        synthetic_data="data/moving-shapes",
+        synthetic_kind="moving-shapes",
+        synthetic_args={"num_train": 4000, "num_val": 400},
+        train_data="{data}/train.jsonl",
+        val_data="{data}/val.jsonl",
+        zeroshot_data="{data}/classification/val",
+        zeroshot_templates=["a {} shape."],
+        num_frames=8,
+        batch_size=64,
+        crop_scale=(0.8, 1.0),
+        time_budget=12.0,
+        epochs=200,
+        precision="fp32",
+    ),
+    # Video LLaVA: each clip's 8 frames as 8 images of 16 tokens (patch embeddings, 2x2 per token, as in
+    # llava-tiny-shapes) plus a learned frame-position embedding, and one question per clip: direction, order,
+    # entering / leaving, count. Trained from scratch in one stage: the decoder learns to compare frames.
+    "llava-video-tiny": dict(
+        model="llava-tiny",
+        task="llava",
+        model_overrides={
+            "pixel_shuffle": 2,
+            "vision_feature_layer": 0,
+            "chat_template": "user_assistant",
+            "max_frames": 16,
+            "vision.stem": "conv",
+        },
+        out="runs/llava-video-tiny",
+        synthetic_data="data/moving-shapes",
+        synthetic_kind="moving-shapes",
+        synthetic_args={"num_train": 4000, "num_val": 400},
+        train_data="{data}/vqa/train.jsonl",
+        val_data="{data}/vqa/val.jsonl",
+        num_frames=8,
+        batch_size=32,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_steps=50,
+        time_budget=12.0,
+        epochs=100,
+        eval_every=200,
+        save_every=200,
+        eval_limit=200,
+        final_eval_limit=None,
+        max_len=160,
+        precision="fp32",
+    ),  # fmt: skip
     # Flow matching: the caption condition is a CLIP's text tower, so stage 1 trains
     # clip-tiny as the quickstart does; stage 2 trains the 32 px UNet on the same scenes with that tower frozen.
     "flow-tiny-shapes": dict(
@@ -499,7 +553,10 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
     }
     if cfg.data.synthetic:
         synthetic = {**cfg.data.synthetic_args, "num_train": 48, "num_val": 8, "image_size": 32}
-        synthetic.update(num_per_class_train=1, num_per_class_val=1)
+        if cfg.data.synthetic_kind == "moving-shapes":
+            synthetic.update(num_classification=2)
+        else:
+            synthetic.update(num_per_class_train=1, num_per_class_val=1)
         changes.update(synthetic_args=synthetic, synthetic_data=f"{cfg.data.synthetic}-smoke")
     if contrastive:
         changes.update(max_steps=6, eval_every=3, save_every=3, vocab_size=512)

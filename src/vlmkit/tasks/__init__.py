@@ -9,7 +9,7 @@ from vlmkit.tasks.base import Task
 
 def task_class(name: str) -> type[Task]:
     """The task class registered under `name` ("contrastive", "coca", "llava", "fusion", "flamingo", "dalle",
-    "flow")."""
+    "flow", "video-contrastive")."""
     from vlmkit.tasks.coca import CocaTask
     from vlmkit.tasks.contrastive import ContrastiveTask
     from vlmkit.tasks.dalle import DalleTask
@@ -17,10 +17,20 @@ def task_class(name: str) -> type[Task]:
     from vlmkit.tasks.flow import FlowTask
     from vlmkit.tasks.fusion import FusionTask
     from vlmkit.tasks.llava import LlavaTask
+    from vlmkit.tasks.video import VideoContrastiveTask
 
     tasks = {
         t.name: t
-        for t in (ContrastiveTask, CocaTask, LlavaTask, FusionTask, FlamingoTask, DalleTask, FlowTask)
+        for t in (
+            ContrastiveTask,
+            VideoContrastiveTask,
+            CocaTask,
+            LlavaTask,
+            FusionTask,
+            FlamingoTask,
+            DalleTask,
+            FlowTask,
+        )
     }
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; vlmkit has {', '.join(tasks)}")

@@ -12,10 +12,11 @@ import functools
 import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from vlmkit.data.chat import IMAGE_TOKEN, render
+from vlmkit.data.chat import IMAGE_TOKEN, VIDEO_TOKEN, render
 from vlmkit.data.conversations import ConversationDataset, collate_conversations, read_rows, split_files
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.transforms import ImageTransform
@@ -48,7 +49,8 @@ class ConversationTask(Task):
         texts = []
         for row in read_rows(self.cfg.data.tokenizer_data or self.cfg.data.train):
             for turn in row["conversations"]:
-                texts.append(str(turn.get("value", turn.get("content", ""))).replace(IMAGE_TOKEN, " "))
+                text = str(turn.get("value", turn.get("content", "")))
+                texts.append(text.replace(IMAGE_TOKEN, " ").replace(VIDEO_TOKEN, " "))
         return texts
 
     def new_tokenizer(self, texts: list[str], context_length: int) -> Tokenizer:
@@ -83,13 +85,15 @@ class ConversationTask(Task):
             num_image_tokens=n,
             image_token_id=image_id,
             max_len=self.cfg.task.max_len,
-            row=f"{row['image']} (line {row.get('line', '?')})",
+            row=f"{row.get('image', row.get('video'))} (line {row.get('line', '?')})",
         )
 
     def train_set(self) -> ConversationDataset:
         # No random crops: questions about counts and positions must stay true of the image the model sees.
         transform = ImageTransform(self.trainer.preprocess, train=False, uint8=True)
-        return ConversationDataset(read_rows(self.cfg.data.train), transform, self.render_row)
+        return ConversationDataset(
+            read_rows(self.cfg.data.train), transform, self.render_row, self.cfg.data.num_frames
+        )
 
     def collate(self):
         return functools.partial(collate_conversations, self.trainer.tokenizer.pad_token_id)
@@ -104,7 +108,8 @@ class ConversationTask(Task):
         files = {file: read_rows(file) for file in split_files(self.cfg.data.val)}
         rows = [row for file_rows in files.values() for row in file_rows]
         random.Random(self.cfg.seed).shuffle(rows)  # a fixed sample that mixes question types
-        return {"rows": rows, "captions": {f: r[0].get("type") == "caption" for f, r in files.items()}}
+        return {"rows": rows, "captions": {f: r[0].get("type") == "caption" for f, r in files.items()},
+                "video": {f: "video" in r[0] for f, r in files.items()}}  # fmt: skip
 
     def pipeline(self, model: nn.Module):
         from vlmkit.inference import VLMPipeline
@@ -120,6 +125,16 @@ class ConversationTask(Task):
         rows = [r for r in self.trainer.val["rows"] if r.get("type") != "caption"][: self.cfg.task.eval_limit]
         if not rows:
             return {}
+        if "video" in rows[0]:  # video questions: accuracy by kind, no controls mid-run
+            from vlmkit.eval.video import evaluate_video_qa
+
+            files = split_files(self.cfg.data.val)
+            by_kind = evaluate_video_qa(self.pipeline(model), files[0], self.cfg.data.num_frames,
+                                        self.cfg.task.eval_batch_size, self.cfg.task.eval_limit,
+                                        controls=False)["accuracy_by_type"]  # fmt: skip
+            return {f"val/video_{k}": v for k, v in by_kind.items()} | {
+                "val/vqa_accuracy": float(np.mean(list(by_kind.values())))
+            }
         result = evaluate_vqa(
             self.pipeline(model).answer, rows, batch_size=self.cfg.task.eval_batch_size, progress=False
         )
@@ -148,7 +163,13 @@ class ConversationTask(Task):
             model_name=str(t.out),
         )
         for file, captions in t.val["captions"].items():
-            if captions:
+            if t.val["video"].get(file):
+                from vlmkit.eval.video import evaluate_video_qa, format_temporal_table
+
+                res = evaluate_video_qa(pipe, file, self.cfg.data.num_frames, self.cfg.task.eval_batch_size,
+                                        self.cfg.task.final_eval_limit, str(t.out), out_dir=ev)  # fmt: skip
+                print(format_temporal_table(res))
+            elif captions:
                 evaluate_captioning(pipe.caption, file, **common)
             else:
                 evaluate_vqa(pipe.answer, file, **common)

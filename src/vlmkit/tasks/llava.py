@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.data.chat import IMAGE_TOKEN, get_template
+from vlmkit.data.chat import IMAGE_TOKEN, expand_video, get_template
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.errors import ConfigError
 from vlmkit.losses.captioning import next_token_loss
 from vlmkit.tasks.conversation import ConversationTask
 
@@ -37,12 +38,24 @@ class LlavaTask(ConversationTask):
     def prepare_model(self, model: nn.Module) -> None:
         self.freeze_unused(model)
 
+    def configure(self) -> None:
+        super().configure()
+        if self.cfg.data.num_frames < 1:
+            raise ConfigError(f"num_frames must be >= 1, got {self.cfg.data.num_frames}")
+
     def render_row(self, row: dict) -> tuple[list[int], list[int]]:
         c = self.trainer.model_cfg
-        return self._render(row, row["conversations"], c.chat_template, c.num_image_tokens, c.image_token_id)
+        turns = row["conversations"]
+        if "video" in row:
+            if c.max_frames < self.cfg.data.num_frames:
+                raise ConfigError(f"video rows need a model with max_frames >= num_frames ({self.cfg.data.num_frames}); "
+                                  f"this one has {c.max_frames} (--set model_overrides.max_frames=N)")  # fmt: skip
+            turns = expand_video(turns, self.cfg.data.num_frames)
+        return self._render(row, turns, c.chat_template, c.num_image_tokens, c.image_token_id)
 
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        out = model(batch["input_ids"], self.pixels(batch), batch["attention_mask"], logits="none")
+        out = model(batch["input_ids"], self.pixels(batch), batch["attention_mask"], logits="none",
+                    frame_index=batch["frame_index"])  # fmt: skip
         # the language model's head inside this forward, chunked: the full logits are never materialised
         loss = next_token_loss(out.hidden, batch["labels"], model.language_model.lm_head)
         return {"loss": loss}

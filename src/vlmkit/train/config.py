@@ -73,6 +73,11 @@ class DataConfig:
     synthetic_args: dict[str, Any] = field(default_factory=dict)
     questions_per_image: int = 3
     multi_object_chats: int = 1  # conversations per training scene of several objects (vlmkit.data.vqa)
+    num_frames: int = 8  # video: frames sampled uniformly from each clip (vlmkit.data.video)
+    # video dual encoders: a clip whose row has a "reversed_caption" is also trained played backwards with it
+    reversed_negatives: bool = True
+    # "shapes" (vlmkit.data.synthetic) or "moving-shapes" (vlmkit.data.synthetic_video) for `synthetic`
+    synthetic_kind: str = "shapes"
 
 
 @dataclass

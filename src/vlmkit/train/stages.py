@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlmkit import distributed as dist
+from vlmkit.errors import ConfigError
 from vlmkit.train.config import TrainConfig, configure
 from vlmkit.train.trainer import Trainer
 
@@ -25,6 +26,17 @@ def prepare_synthetic(cfg: TrainConfig) -> None:
     from vlmkit.data.vqa import tasks_are_current, write_tasks
 
     root = Path(cfg.data.synthetic)
+    if cfg.data.synthetic_kind not in ("shapes", "moving-shapes"):
+        raise ConfigError(
+            f"synthetic_kind must be 'shapes' or 'moving-shapes', not {cfg.data.synthetic_kind!r}"
+        )
+    if cfg.data.synthetic_kind == "moving-shapes":
+        from vlmkit.data import synthetic_video
+
+        if not synthetic_video.is_current(root, **cfg.data.synthetic_args):
+            print(f"writing the synthetic 'moving shapes' videos to {root}")
+            synthetic_video.generate(root, **cfg.data.synthetic_args)
+        return
     tasks = dict(
         seed=cfg.data.synthetic_args.get("seed", 0),
         questions_per_image=cfg.data.questions_per_image,
