@@ -122,7 +122,9 @@ def _bad_files(tmp_path):
             c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         c.mux(s.encode())
     whole = (tmp_path / "whole.mp4").read_bytes()
-    (tmp_path / "truncated.mp4").write_bytes(whole[: len(whole) // 2])  # the index says 12 frames; fewer remain
+    (tmp_path / "truncated.mp4").write_bytes(
+        whole[: len(whole) // 2]
+    )  # the index says 12 frames; fewer remain
     (tmp_path / "whole.mp4").unlink()
     return {"empty.mp4": "empty file", "text.mp4": "not a readable video", "audio.mkv": "no video stream",
             "truncated.mp4": "truncated: the container says 12 frames"}  # fmt: skip
@@ -264,3 +266,29 @@ def test_the_generator_writes_lossless_clips_manifests_and_a_zero_shot_folder(tm
     assert vqa[0]["conversations"][0]["value"].startswith("<video>\n") and vqa[0]["type"] == "direction"
     classes = sorted(p.name for p in (tmp_path / "classification" / "val").iterdir())
     assert classes == ["entering", "leaving", "moving_down", "moving_left", "moving_right", "moving_up"]
+    stills = [json.loads(line) for line in (tmp_path / "stills" / "train.jsonl").read_text().splitlines()]
+    assert stills and all((tmp_path / "stills" / r["image"]).is_file() and r["caption"] for r in stills)
+    assert "_frames" not in rows[0] and rows[0]["reversed_caption"].endswith(OPPOSITE[rows[0]["answer"]])
+
+
+def test_a_still_is_captioned_with_what_its_frame_shows():
+    from vlmkit.data.synthetic_video import still_caption
+
+    frames, meta = render_clip(np.random.default_rng(5), "direction", 64, 16)
+    obj = meta["objects"][0]
+    seen = []
+    for t in range(16):
+        caption = still_caption(meta, t, 64)
+        centre, area = _track(frames[t : t + 1])
+        near_a_border = np.abs(centre[0][:, None] - np.array([64 / 3, 128 / 3])).min() < 2.5
+        if caption is None or near_a_border:  # cut by the edge (or empty); a third's border: a coin toss
+            continue
+        column = ("left", "centre", "right")[min(int(3 * centre[0, 0] / 64), 2)]
+        row = ("top", "middle", "bottom")[min(int(3 * centre[0, 1] / 64), 2)]
+        assert caption.startswith(f"a {obj['size']} {obj['colour']} {obj['shape']} ")
+        where = {"centre": "", "left": "left", "right": "right"}[column]
+        assert where in caption and (row == "middle" or row in caption)
+        seen.append(caption)
+    assert len(set(seen)) >= 2  # the shape moves across thirds of the frame
+    frames, meta = render_clip(np.random.default_rng(7), "order", 64, 16)
+    assert still_caption(meta, 8, 64) is None  # the empty middle frame

@@ -29,3 +29,21 @@ def test_video_recipes_train_and_write_the_temporal_table(recipe, tmp_path, monk
             json.loads((tmp_path / "run" / "eval" / "zeroshot.json").read_text())["metrics"]["num_skipped"]
             == 0
         )
+
+
+def test_reversed_negatives_add_each_clip_played_backwards_with_its_reversed_caption():
+    import torch
+
+    from vlmkit.tasks.video import collate_clips
+
+    tokenizer = lambda texts: torch.tensor([[len(t)] for t in texts])  # noqa: E731  (lengths stand in for ids)
+    clips = [torch.arange(4.0).view(4, 1, 1, 1) + 10 * i for i in range(3)]
+    items = [(clips[0], "a red circle moving left", "a red circle moving right"),
+             (clips[1], "three shapes, one after another", ""),  # no reversed caption: nothing added
+             (clips[2], "a blue star entering", "a blue star leaving")]  # fmt: skip
+    x, tokens = collate_clips(tokenizer, items, reversed_negatives=True)
+    assert x.shape[0] == 5 and torch.equal(x[3], clips[0].flip(0)) and torch.equal(x[4], clips[2].flip(0))
+    assert tokens[:, 0].tolist() == [len(items[0][1]), len(items[1][1]), len(items[2][1]), len(items[0][2]),
+                                     len(items[2][2])]  # fmt: skip
+    x, _ = collate_clips(tokenizer, items, reversed_negatives=False)
+    assert x.shape[0] == 3

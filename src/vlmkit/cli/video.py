@@ -135,7 +135,8 @@ def is_video_data(spec: str) -> bool:
     """Whether `--data` names video: a manifest with a video column, a folder tree of video files, or shards
     whose first sample is a video."""
     from vlmkit.data.shards import expand_shards, is_shard_spec
-    from vlmkit.eval.video import is_video_folder, is_video_manifest
+    from vlmkit.data.video import is_video_manifest
+    from vlmkit.eval.video import is_video_folder
 
     if is_shard_spec(spec):
         import tarfile

@@ -3,7 +3,8 @@
 Four kinds of clip, drawn with the shapes renderer (`vlmkit.data.synthetic`) on a still background:
 
     direction     one shape crossing the frame left, right, up or down
-    order         two different shapes, one shown after the other ("a red circle, then a blue star")
+    order         two shapes of different colours and kinds, one shown after the other ("a red circle, then a blue
+                  star"; asked "which colour appeared first?")
     enter_leave   one shape sliding into the frame from an edge, or out of it
     count         one to four shapes, each shown alone in turn
 
@@ -19,8 +20,12 @@ Layout written by `generate(out)` (videos are lossless: ffv1 in .mkv, pixel-exac
     out/videos/{train,val}/000000.mkv
     out/{train,val}.jsonl      {"video", "caption", "kind", "question", "answer", "choices", "choice_captions",
                                 "reversed_answer", "reversed_caption" (what the clip shows played backwards), ...}
-    out/vqa/{train,val}.jsonl  {"video", "conversations": [question, answer], "type": kind}
+    out/vqa/{train,val}.jsonl  {"video", "conversations": [question, answer], "type", "answer", "choices",
+                                "reversed_answer"}: the clip's question, plus "which colour appeared last?" (order)
+                                and "what colour is the shape?" (direction, enter_leave: not temporal)
     out/classification/val/<class>/000000.mkv   "moving left", ..., "entering", "leaving" (zero-shot)
+    out/stills/train.jsonl     single frames of the training clips, captioned with each object's size, colour, shape
+                               and position ("a large red circle on the left"): an image tower's pretraining
     out/dataset.json
 """
 
@@ -32,6 +37,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from vlmkit.data.synthetic import (
@@ -44,6 +50,9 @@ from vlmkit.data.synthetic import (
     SHAPES,
     SIZES,
     _background,
+    _position,
+    _position_name,
+    _position_phrase,
     _vertices,
     draw_polygons,
 )
@@ -61,14 +70,14 @@ OPPOSITE = {
 }
 QUESTIONS = {
     "direction": "Which way is the shape moving?",
-    "order": "Which shape appeared first?",
+    "order": "Which colour appeared first?",
     "enter_leave": "Is the shape entering or leaving?",
     "count": "How many shapes appeared?",
 }
 TEMPORAL_KINDS = ("direction", "order", "enter_leave")  # answers a reversed clip flips
 _STREAMS = {"train": 10, "val": 11, "classification/val": 12}
 _GENERATOR = "vlmkit.data.synthetic_video"
-_FORMAT_VERSION = 2  # bumped whenever the files written for the same arguments change
+_FORMAT_VERSION = 6  # bumped whenever the files written for the same arguments change
 
 
 def _object(rng: np.random.Generator, image_size: int, shape: str | None = None, colour: str | None = None):
@@ -83,8 +92,9 @@ def _object(rng: np.random.Generator, image_size: int, shape: str | None = None,
             "reach": reach}  # fmt: skip
 
 
-def _draw(obj: dict, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
-    return _vertices(obj["shape"], cx, cy, obj["radius"], obj["angle"]), obj["rgb"]
+def _draw(obj: dict, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(vertices, RGB, the object) of one object in one frame."""
+    return _vertices(obj["shape"], cx, cy, obj["radius"], obj["angle"]), obj["rgb"], obj
 
 
 def _name(obj: dict) -> str:
@@ -146,10 +156,12 @@ def render_clip(
             frames[t].append(_draw(obj, *_along(pos, cross, direction)))
         meta["objects"] = [{k: obj[k] for k in ("colour", "shape", "size")}]
     elif kind == "order":
-        first_shape, second_shape = rng.choice(len(SHAPES), size=2, replace=False)
+        # different colours and kinds: "which colour came first?" has one answer
+        shapes = rng.choice(len(SHAPES), size=2, replace=False)
+        colours = rng.choice(len(COLOURS), size=2, replace=False)
         objs = [
-            _object(rng, S, shape=SHAPES[int(first_shape)]),
-            _object(rng, S, shape=SHAPES[int(second_shape)]),
+            _object(rng, S, shape=SHAPES[int(k)], colour=list(COLOURS)[int(c)])
+            for k, c in zip(shapes, colours)
         ]
         # windows in fractions of the clip: the first before 0.45, the second after 0.55; the middle is empty
         windows = [
@@ -165,9 +177,9 @@ def render_clip(
             f"a {_name(objs[0])}, then a {_name(objs[1])}",
             f"a {_name(objs[1])}, then a {_name(objs[0])}",
         ]
-        meta |= {"caption": captions[0], "answer": objs[0]["shape"], "choice_captions": captions,
+        meta |= {"caption": captions[0], "answer": objs[0]["colour"], "choice_captions": captions,
                  "reversed_caption": captions[1],
-                 "choices": [objs[0]["shape"], objs[1]["shape"]], "reversed_answer": objs[1]["shape"],
+                 "choices": [objs[0]["colour"], objs[1]["colour"]], "reversed_answer": objs[1]["colour"],
                  "objects": [{k: o[k] for k in ("colour", "shape", "size")} for o in objs]}  # fmt: skip
     else:  # count: k shapes, each alone in its slot, visible for the first 55% of it
         k = int(rng.integers(1, 5))
@@ -186,8 +198,35 @@ def render_clip(
                  "objects": [{k2: o[k2] for k2 in ("colour", "shape", "size")} for o in objs]}  # fmt: skip
     if kind in ("direction", "enter_leave"):
         meta["reversed_answer"] = OPPOSITE[meta["answer"]]
-    video = np.stack([draw_polygons(polys, background) for polys in frames])  # (T, S, S, 3)
+    # further questions about the clip (vqa/*.jsonl): naming colours is what "which colour came first?" needs,
+    # and a model learns it from these; "last" is the other half of the order
+    colours = list(COLOURS)
+    if kind in ("direction", "enter_leave"):
+        meta["more_questions"] = [{"type": "colour", "question": "What colour is the shape?",
+                                   "answer": meta["objects"][0]["colour"], "choices": colours}]  # fmt: skip
+    elif kind == "order":
+        meta["more_questions"] = [{"type": "order", "question": "Which colour appeared last?",
+                                   "answer": meta["choices"][1], "reversed_answer": meta["choices"][0],
+                                   "choices": meta["choices"]}]  # fmt: skip
+    else:
+        meta["more_questions"] = []
+    video = np.stack([draw_polygons([p[:2] for p in polys], background) for polys in frames])  # (T, S, S, 3)
+    meta["_frames"] = frames  # each frame's (vertices, rgb, object): `still_caption` reads them
     return video, meta
+
+
+def still_caption(meta: dict, t: int, image_size: int) -> str | None:
+    """A caption of frame `t` alone naming every object's size, colour, shape and position ("a large red circle on
+    the left and a small blue star at the top"), or None when the frame is empty or an object is cut by its edge."""
+    phrases = []
+    for vertices, _, obj in meta["_frames"][t]:
+        (x0, y0), (x1, y1) = vertices.min(axis=0), vertices.max(axis=0)
+        if x0 < 0 or y0 < 0 or x1 > image_size or y1 > image_size:
+            return None
+        box = [math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
+        position = _position_name(*_position(box, image_size))
+        phrases.append(f"a {obj['size']} {obj['colour']} {obj['shape']} {_position_phrase(position)}")
+    return " and ".join(phrases) if phrases else None
 
 
 def _clip_rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -205,6 +244,7 @@ def generate(
     num_classification: int = 40,
     background_noise: float = 0.0,
     seed: int = 0,
+    stills_per_clip: int = 2,
     progress: bool = True,
 ) -> Path:
     """Write the moving-shapes dataset (see the module docstring); kinds are cycled so each is equally common.
@@ -215,24 +255,38 @@ def generate(
         if kind not in KINDS:
             raise ConfigError(f"unknown clip kind {kind!r}; choose from {', '.join(KINDS)}")
     out = Path(out)
-    for sub in ("videos", "vqa", "classification"):
+    for sub in ("videos", "vqa", "classification", "stills"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     total = num_train + num_val + num_classification * 6
     bar = tqdm(total=total, desc="rendering clips", unit="clip", disable=not progress)
+    (out / "stills" / "images").mkdir(parents=True, exist_ok=True)
+    stills: list[dict] = []
     for split, count in (("train", num_train), ("val", num_val)):
         rows, vqa = [], []
         for i in range(count):
             kind = kinds[i % len(kinds)]
-            frames, meta = render_clip(_clip_rng(seed, _STREAMS[split], i), kind, image_size, num_frames,
-                                       background_noise)  # fmt: skip
+            rng = _clip_rng(seed, _STREAMS[split], i)
+            frames, meta = render_clip(rng, kind, image_size, num_frames, background_noise)
+            drawn = meta.pop("_frames")
             rel = f"videos/{split}/{i:06d}.mkv"
+            if (
+                split == "train"
+            ):  # two stills of the clip with their own captions: an image tower's pretraining
+                for t in rng.choice(num_frames, size=min(num_frames, 6), replace=False).tolist():
+                    caption = still_caption({"_frames": drawn}, t, image_size)
+                    if caption is not None and sum(1 for r in stills if r["clip"] == i) < stills_per_clip:
+                        name = f"images/{i:06d}_{t:02d}.png"  # relative to stills/train.jsonl
+                        Image.fromarray(frames[t]).save(out / "stills" / name)
+                        stills.append({"image": name, "caption": caption, "clip": i})
             write_video(out / rel, frames, fps)
             rows.append({"video": rel, **meta})
-            vqa.append({"video": f"../{rel}", "type": kind, "answer": meta["answer"], "choices": meta["choices"],
-                        **({"reversed_answer": meta["reversed_answer"]} if "reversed_answer" in meta else {}),
-                        "conversations": [
-                {"from": "human", "value": f"<video>\n{meta['question']}"}, {"from": "gpt", "value": meta["answer"]}]})  # fmt: skip
+            for q in [{k: meta[k] for k in ("question", "answer", "choices", "reversed_answer") if k in meta}
+                      | {"type": kind}, *meta["more_questions"]]:  # fmt: skip
+                vqa.append({"video": f"../{rel}", "type": q["type"], "answer": q["answer"], "choices": q["choices"],
+                            **({"reversed_answer": q["reversed_answer"]} if "reversed_answer" in q else {}),
+                            "conversations": [{"from": "human", "value": f"<video>\n{q['question']}"},
+                                              {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
             bar.update()
         _write_jsonl(out / f"{split}.jsonl", rows)
         (out / "vqa").mkdir(exist_ok=True)
@@ -245,6 +299,7 @@ def generate(
         kind = ("direction", "enter_leave")[i % 2]
         frames, meta = render_clip(_clip_rng(seed, _STREAMS["classification/val"], i), kind, image_size,
                                    num_frames, background_noise)  # fmt: skip
+        meta.pop("_frames")
         i += 1
         label = f"moving {meta['answer']}" if kind == "direction" else meta["answer"]
         if counts[label] >= num_classification:
@@ -255,8 +310,10 @@ def generate(
         counts[label] += 1
         bar.update()
     bar.close()
+    _write_jsonl(out / "stills" / "train.jsonl", stills)
     args = _info(num_train=num_train, num_val=num_val, image_size=image_size, num_frames=num_frames, fps=fps,
-                 kinds=kinds, num_classification=num_classification, background_noise=background_noise, seed=seed)  # fmt: skip
+                 kinds=kinds, num_classification=num_classification, background_noise=background_noise, seed=seed,
+                 stills_per_clip=stills_per_clip)  # fmt: skip
     info = {"generator": _GENERATOR, "format_version": _FORMAT_VERSION, "args": args, "codec": "ffv1",
             "questions": QUESTIONS}  # fmt: skip
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -80,12 +80,6 @@ class Clip:
     fps: float  # the stream's average frame rate
     where: str = ""
 
-    def reversed(self) -> Clip:
-        """The same frames played backwards (timestamps mirrored, so they still increase)."""
-        end = self.timestamps[-1] + self.timestamps[0] if self.timestamps else 0.0
-        return Clip(self.frames[::-1].copy(), [end - t for t in self.timestamps[::-1]],
-                    self.indices[::-1], self.num_frames, self.fps, self.where)  # fmt: skip
-
 
 @dataclass
 class VideoInfo:
@@ -96,7 +90,7 @@ class VideoInfo:
     height: int
     codec: str
     counted: bool  # True when the container did not say and the frames were counted by decoding
-    keyframes: list[int] = field(default_factory=list)  # indices of the keyframes (when counted)
+    keyframes: list[int] = field(default_factory=list)  # indices of the frames the encoder stored whole
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -259,6 +253,21 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarra
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def is_video_manifest(path: str | Path) -> bool:
+    """Whether a manifest's rows name videos (a `video` key or column) rather than images."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                if path.suffix.lower() in (".jsonl", ".json"):
+                    return '"video"' in line
+                cells = line.lower().split("\t" if path.suffix.lower() == ".tsv" else ",")
+                return "video" in [c.strip() for c in cells]
+    return False
 
 
 def is_video(path: str | os.PathLike) -> bool:

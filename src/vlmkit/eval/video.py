@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from vlmkit.data.transforms import ImageTransform
-from vlmkit.data.video import VIDEO_EXTENSIONS, VideoClips, VideoDecodeError, frames_tensor, read_clip
+from vlmkit.data.video import (
+    VIDEO_EXTENSIONS,
+    VideoClips,
+    VideoDecodeError,
+    frames_tensor,
+    read_clip,
+)
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.features import _autocast, eval_mode, extract_text_features, result_dict
 
@@ -62,19 +68,6 @@ def pool(model, frames: torch.Tensor, pool: str | None = None) -> torch.Tensor:
 def _require_video_model(model) -> None:
     if not hasattr(model, "pool_frames"):
         raise ConfigError(f"{type(model).__name__} does not embed video; use a CLIP/SigLIP dual encoder")
-
-
-def is_video_manifest(path: str | Path) -> bool:
-    """Whether a manifest's rows name videos (a `video` key or column) rather than images."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                return '"video"' in line if path.suffix.lower() in (".jsonl", ".json") else "video" in line.lower().split(
-                    "\t" if path.suffix.lower() == ".tsv" else ",")  # fmt: skip
-    return False
 
 
 def is_video_folder(root: str | Path) -> bool:

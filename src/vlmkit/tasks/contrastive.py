@@ -38,10 +38,25 @@ class ContrastiveTask(Task):
         return model_cfg.text.context_length
 
     def training_texts(self) -> list[str]:
+        """The captions of the training data, or of every file in `data.tokenizer_data` (a multi-stage run's first
+        stage learns the later stages' texts too): manifests, shards or video manifests."""
+        from vlmkit.data.conversations import split_files
+        from vlmkit.data.video import is_video_manifest, load_video_samples
+
         t = self.trainer
-        if t.train_urls is not None:
-            return list(iter_captions(t.train_urls))
-        return [s.caption for s in read_manifest(self.cfg.data.train)[0]]
+        if not self.cfg.data.tokenizer_data:
+            if t.train_urls is not None:
+                return list(iter_captions(t.train_urls))
+            return [s.caption for s in read_manifest(self.cfg.data.train)[0]]
+        texts = []
+        for spec in split_files(self.cfg.data.tokenizer_data):
+            if is_shard_spec(spec):
+                texts += list(iter_captions(spec))
+            elif is_video_manifest(spec):
+                texts += [s.caption for s in load_video_samples(spec)[0]]
+            else:
+                texts += [s.caption for s in read_manifest(spec)[0]]
+        return texts
 
     def tokenizer_overrides(self, tokenizer: Tokenizer, model_cfg: Any) -> dict[str, Any]:
         return {

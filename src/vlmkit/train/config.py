@@ -192,6 +192,7 @@ STAGE_KEYS = (
     "batch_size",
     "compile",
     "phase",  # the dalle task: which part the stage trains
+    "task",  # another task for this stage (clip-video-tiny: "contrastive" on still frames before video)
 )
 
 

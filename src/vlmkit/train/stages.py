@@ -70,10 +70,13 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     )
     if not cfg.stages:
         return [("train", base)]
-    generative = cfg.task_name() != "contrastive"  # a later stage's image tower can come from a recipe's
+    generative = cfg.task_name() not in (
+        "contrastive",
+        "video-contrastive",
+    )  # a later stage's image tower can come from a recipe's
     tower = "text_init_from" if cfg.task_name() == "flow" else "vision_init_from"
     own = [s for s in cfg.stages if "recipe" not in s]
-    tokenizer_data = "::".join(_fill(s.get("train_data", cfg.data.train), data) for s in own)
+    tokenizer_data = "::".join(dict.fromkeys(_fill(s.get("train_data", cfg.data.train), data) for s in own))
     out, prev, vision, runs = Path(cfg.out), cfg.transfer.init_from, cfg.transfer.vision_init_from, []
     for i, stage in enumerate(cfg.stages):
         stage = {k: _fill(v, data) for k, v in stage.items()}
@@ -104,7 +107,8 @@ def stage_configs(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         stage_cfg = replace(
             stage_cfg,
             model=replace(stage_cfg.model, tokenizer=cfg.model.tokenizer if first else None),
-            data=replace(stage_cfg.data, tokenizer_data=tokenizer_data if first and generative else None),
+            # the first stage's new tokenizer learns every stage's texts (later stages keep it)
+            data=replace(stage_cfg.data, tokenizer_data=tokenizer_data if first else None),
             transfer=replace(
                 stage_cfg.transfer,
                 init_from=prev,

@@ -260,7 +260,10 @@ class Trainer:
             new_cfg = override(pretrained.model.cfg, cfg.transfer.init_overrides, where="init_overrides")
             model = build_model(new_cfg).to(self.device)
             try:
-                model.load_state_dict(pretrained.model.state_dict())
+                # a video pool may be added to an image dual encoder: its temporal transformer starts new
+                missing, unexpected = model.load_state_dict(pretrained.model.state_dict(), strict=False)
+                if unexpected or any(not k.startswith("temporal.") for k in missing):
+                    raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
             except RuntimeError as e:  # the last line names a mismatched tensor
                 raise ConfigError(
                     f"init_overrides {cfg.transfer.init_overrides} changes the weights of {cfg.transfer.init_from} "
