@@ -219,7 +219,9 @@ class Llava(nn.Module):
             raise ConfigError(
                 "this LLaVA model reads still images only (max_frames=0); it cannot take video frames"
             )
-        if bool((frame_index >= (0 if table is None else table.shape[0])).any()):
+        if not bool(is_frame.any()):
+            return images  # still images only
+        if bool((frame_index >= table.shape[0]).any()):
             raise DataError(f"a clip of {int(frame_index.max()) + 1} frames; this model knows {table.shape[0]} "
                             "frame positions (max_frames): sample fewer frames")  # fmt: skip
         if time_pool == "mean":  # each clip's frames replaced by their mean, before the positions are added
