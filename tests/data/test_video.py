@@ -264,11 +264,24 @@ def test_the_generator_writes_lossless_clips_manifests_and_a_zero_shot_folder(tm
     assert rows[1]["choice_captions"][rows[1]["choices"].index(rows[1]["answer"])] == rows[1]["caption"]
     vqa = [json.loads(line) for line in (tmp_path / "vqa" / "val.jsonl").read_text().splitlines()]
     assert vqa[0]["conversations"][0]["value"].startswith("<video>\n") and vqa[0]["type"] == "direction"
+    assert [r["type"] for r in vqa] == ["direction", "order", "enter_leave", "count"]  # one question per clip
     classes = sorted(p.name for p in (tmp_path / "classification" / "val").iterdir())
     assert classes == ["entering", "leaving", "moving_down", "moving_left", "moving_right", "moving_up"]
     stills = [json.loads(line) for line in (tmp_path / "stills" / "train.jsonl").read_text().splitlines()]
     assert stills and all((tmp_path / "stills" / r["image"]).is_file() and r["caption"] for r in stills)
     assert "_frames" not in rows[0] and rows[0]["reversed_caption"].endswith(OPPOSITE[rows[0]["answer"]])
+
+
+def test_more_questions_add_the_colour_and_the_last_colour(tmp_path):
+    from vlmkit.data.synthetic_video import generate
+
+    generate(tmp_path, num_train=1, num_val=4, num_classification=1, more_questions=True, progress=False)
+    vqa = [json.loads(line) for line in (tmp_path / "vqa" / "val.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in vqa] == ["direction", "colour", "order", "order", "enter_leave", "colour", "count"]
+    first, last = vqa[2], vqa[3]
+    assert "first" in first["conversations"][0]["value"] and "last" in last["conversations"][0]["value"]
+    assert (last["answer"], last["reversed_answer"]) == (first["reversed_answer"], first["answer"])
+    assert vqa[1]["answer"] in vqa[1]["choices"] and "reversed_answer" not in vqa[1]
 
 
 def test_a_still_is_captioned_with_what_its_frame_shows():

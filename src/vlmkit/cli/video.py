@@ -34,6 +34,8 @@ def register(sub, ev, data) -> None:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--per-class", type=int, default=40, help="clips per class of the zero-shot folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--more-questions", action="store_true",
+                   help="a second question per clip in vqa/: the shape's colour, or which colour appeared last")  # fmt: skip
     p.set_defaults(func=cmd_synth_video)
     p = data.add_parser(
         "video-shards", help="a video manifest into WebDataset shards (videos stored as they are)"
@@ -117,7 +119,8 @@ def cmd_synth_video(args) -> None:
     from vlmkit.data.synthetic_video import generate
 
     out = generate(args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
-                   num_frames=args.num_frames, fps=args.fps, num_classification=args.per_class, seed=args.seed)  # fmt: skip
+                   num_frames=args.num_frames, fps=args.fps, num_classification=args.per_class, seed=args.seed,
+                   more_questions=args.more_questions)  # fmt: skip
     print(f"wrote {out}/{{train,val}}.jsonl, {out}/vqa/, {out}/classification/val/")
 
 

@@ -21,8 +21,8 @@ Layout written by `generate(out)` (videos are lossless: ffv1 in .mkv, pixel-exac
     out/{train,val}.jsonl      {"video", "caption", "kind", "question", "answer", "choices", "choice_captions",
                                 "reversed_answer", "reversed_caption" (what the clip shows played backwards), ...}
     out/vqa/{train,val}.jsonl  {"video", "conversations": [question, answer], "type", "answer", "choices",
-                                "reversed_answer"}: the clip's question, plus "which colour appeared last?" (order)
-                                and "what colour is the shape?" (direction, enter_leave: not temporal)
+                                "reversed_answer"}: the clip's question; with more_questions=True also "which colour
+                                appeared last?" (order) and "what colour is the shape?" (direction, enter_leave)
     out/classification/val/<class>/000000.mkv   "moving left", ..., "entering", "leaving" (zero-shot)
     out/stills/train.jsonl     single frames of the training clips, captioned with each object's size, colour, shape
                                and position ("a large red circle on the left"): an image tower's pretraining
@@ -245,10 +245,13 @@ def generate(
     background_noise: float = 0.0,
     seed: int = 0,
     stills_per_clip: int = 2,
+    more_questions: bool = False,
     progress: bool = True,
 ) -> Path:
     """Write the moving-shapes dataset (see the module docstring); kinds are cycled so each is equally common.
-    Each clip draws from its own seed `(seed, stream, index)`: the same arguments give the same files."""
+    Each clip draws from its own seed `(seed, stream, index)`: the same arguments give the same files.
+    `more_questions` adds a second question per clip to vqa/*.jsonl (the colour of the shape; which colour appeared
+    last): measured, it halves the steps each temporal question gets in a 12-minute run (benchmarks/RESULTS.md)."""
     from vlmkit.data.video import write_video
 
     for kind in kinds:
@@ -281,8 +284,9 @@ def generate(
                         stills.append({"image": name, "caption": caption, "clip": i})
             write_video(out / rel, frames, fps)
             rows.append({"video": rel, **meta})
+            extra = meta["more_questions"] if more_questions else []
             for q in [{k: meta[k] for k in ("question", "answer", "choices", "reversed_answer") if k in meta}
-                      | {"type": kind}, *meta["more_questions"]]:  # fmt: skip
+                      | {"type": kind}, *extra]:  # fmt: skip
                 vqa.append({"video": f"../{rel}", "type": q["type"], "answer": q["answer"], "choices": q["choices"],
                             **({"reversed_answer": q["reversed_answer"]} if "reversed_answer" in q else {}),
                             "conversations": [{"from": "human", "value": f"<video>\n{q['question']}"},
@@ -313,7 +317,7 @@ def generate(
     _write_jsonl(out / "stills" / "train.jsonl", stills)
     args = _info(num_train=num_train, num_val=num_val, image_size=image_size, num_frames=num_frames, fps=fps,
                  kinds=kinds, num_classification=num_classification, background_noise=background_noise, seed=seed,
-                 stills_per_clip=stills_per_clip)  # fmt: skip
+                 stills_per_clip=stills_per_clip, more_questions=more_questions)  # fmt: skip
     info = {"generator": _GENERATOR, "format_version": _FORMAT_VERSION, "args": args, "codec": "ffv1",
             "questions": QUESTIONS}  # fmt: skip
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
