@@ -277,7 +277,15 @@ def test_more_questions_add_the_colour_and_the_last_colour(tmp_path):
 
     generate(tmp_path, num_train=1, num_val=4, num_classification=1, more_questions=True, progress=False)
     vqa = [json.loads(line) for line in (tmp_path / "vqa" / "val.jsonl").read_text().splitlines()]
-    assert [r["type"] for r in vqa] == ["direction", "colour", "order", "order", "enter_leave", "colour", "count"]
+    assert [r["type"] for r in vqa] == [
+        "direction",
+        "colour",
+        "order",
+        "order",
+        "enter_leave",
+        "colour",
+        "count",
+    ]
     first, last = vqa[2], vqa[3]
     assert "first" in first["conversations"][0]["value"] and "last" in last["conversations"][0]["value"]
     assert (last["answer"], last["reversed_answer"]) == (first["reversed_answer"], first["answer"])

@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit.cli.video import register as register_video
 
     register_video(sub, ev, data)
+    from vlmkit.cli.serve import register as register_serve
+
+    register_serve(sub)
     from vlmkit.cli.images import register as register_images
 
     register_images(sub, ev)

@@ -130,7 +130,10 @@ class VLMPipeline:
         return groups
 
     def _pixels(self, groups: list[list]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """LLaVA / CoCa: every image in order (N, 3, S, S); Flamingo: (B, M, 3, S, S) with each row's count."""
+        """LLaVA / CoCa: every image in order (N, 3, S, S); Flamingo: (B, M, 3, S, S) with each row's count.
+        LLaVA conversations without any image (text only): None."""
+        if self.family == "llava" and not any(groups):
+            return None, None
         flat = self.pixel_values([im for g in groups for im in g])
         if self.family != "flamingo":
             return flat, None

@@ -234,12 +234,20 @@ class Decoder(nn.Module):
             dtype=dtype or w.dtype,
         )
 
-    def _inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past: int):
+    def _inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past: int, cache=None):
         """Embeddings, rotary (cos, sin) and the self-attention mask shared by every layer."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
+        if getattr(cache, "per_row", False):  # SlotKVCache (continuous batching): each row at its own length
+            position_ids, mask = cache.positions_and_mask(T)
+            return (
+                x,
+                rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype),
+                mask,
+                False,
+            )
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(
                 f"attention_mask must cover all {past + T} positions (cached + new) for {B} rows, "
@@ -281,13 +289,16 @@ class Decoder(nn.Module):
     ) -> DecoderOutput:
         """Run T new tokens (ids (B, T) or embeddings (B, T, C)) after the `cache.length` cached ones.
 
-        attention_mask (B, cache.length + T): 1 = real token, 0 = padding, over all positions so far.
+        attention_mask (B, cache.length + T): 1 = real token, 0 = padding, over all positions so far. With a
+        `SlotKVCache` the cache gives each row's positions and mask instead (no attention_mask).
         logits: "all" (B, T, V), "last" (B, 1, V): the last position only (prefill), or "none".
         """
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
         past = cache.length if cache is not None else 0
-        x, rope, mask, is_causal = self._inputs(input_ids, inputs_embeds, attention_mask, position_ids, past)
+        x, rope, mask, is_causal = self._inputs(
+            input_ids, inputs_embeds, attention_mask, position_ids, past, cache
+        )
         start = self.cfg.cross_attention_start
         if start is not None and start < self.cfg.layers:
             if encoder_mask is not None:

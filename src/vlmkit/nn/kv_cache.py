@@ -68,3 +68,83 @@ class KVCache:
             self.cross_mask = self.cross_mask.index_select(0, index)
         if self.media_count is not None:
             self.media_count = self.media_count.index_select(0, index)
+
+
+class SlotKVCache:
+    """Key/value buffers for continuous batching: `num_slots` independent rows, each at its own length.
+
+    A server keeps one of these for its whole life. A request takes a free slot, its prompt is written from
+    position 0 (`select([slot], [prompt_len])` then a forward of the right-padded prompts), and each decoding
+    step runs one token for every active slot (`select(active, [1] * len(active))`). A slot's tokens sit at
+    positions [0, lengths[slot]) with their own rotary positions, so requests that joined at different times
+    share one batched forward; `free(slot)` makes a slot empty again. The decoder asks `positions_and_mask(T)`
+    for each row's positions and a mask that keeps every row to its own keys (causal within the new tokens).
+    """
+
+    per_row = True  # the decoder reads positions and masks from the cache, not from `length`
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.num_slots, self.max_len = num_slots, max_len
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)  # tokens stored per slot
+        self.rows = torch.arange(num_slots, device=device)  # the slots the next forward runs, in order
+        self.counts = torch.zeros(num_slots, dtype=torch.long, device=device)  # their real new tokens
+        self.cross: dict = {}  # never filled: a decoder with cross-attention is not served from slots
+
+    @property
+    def length(self) -> int:
+        """The longest selected slot: the keys a forward attends over before its new tokens."""
+        return int(self.lengths[self.rows].max()) if len(self.rows) else 0
+
+    def select(self, rows: list[int], counts: list[int]) -> None:
+        """The next forward runs slots `rows` (in this order), each with `counts[i]` real new tokens (a row
+        with fewer than the forward's T is right-padded; the padding is written past its end and ignored)."""
+        device = self.lengths.device
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.counts = torch.tensor(counts, dtype=torch.long, device=device)
+        end = self.lengths[self.rows] + self.counts
+        if bool((end > self.max_len).any()):
+            raise ValueError(f"a slot would hold more than the cache's {self.max_len} tokens")
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def positions_and_mask(self, T: int) -> tuple[Tensor, Tensor]:
+        """Rotary positions (B, T) of the selected rows' new tokens, and the boolean attention mask
+        (B, 1, T, length + T): query t of row b sees the row's stored keys and its new keys up to t."""
+        start = self.lengths[self.rows]  # (B,)
+        positions = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
+        keys = torch.arange(self.length + T, device=start.device)  # (S,)
+        return positions, (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nkv, T, hs) at each selected row's own positions; return the rows' keys and values
+        (B, nkv, length + T, hs). Padded positions past `max_len` are not written."""
+        B, _, T, _ = k.shape
+        positions = self.lengths[self.rows][:, None] + torch.arange(T, device=k.device)  # (B, T)
+        keep = positions < self.max_len
+        rows = self.rows[:, None].expand(B, T)[keep]  # (n,)
+        kbuf, vbuf = self.k[layer], self.v[layer]
+        kbuf[rows, :, positions[keep]] = k.transpose(1, 2)[keep]  # (n, nkv, hs)
+        vbuf[rows, :, positions[keep]] = v.transpose(1, 2)[keep]
+        S = self.length + T
+        if len(self.rows) == self.num_slots and bool(
+            (self.rows == torch.arange(self.num_slots, device=k.device)).all()
+        ):
+            return kbuf[:, :, :S], vbuf[:, :, :S]  # every slot in order: views, no copy
+        return kbuf[self.rows, :, :S], vbuf[self.rows, :, :S]  # (B, nkv, S, hs)
+
+    def advance(self, num_tokens: int) -> None:
+        """After a forward: each selected row stored its real new tokens (`counts` of `select`)."""
+        self.lengths[self.rows] += self.counts
