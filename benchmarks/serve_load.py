@@ -1,7 +1,8 @@
 """Load on `vlmkit serve`: continuous batching vs one request at a time, and batched embeddings.
 
-A `vlmkit serve` process (its own interpreter, torch threads = the cores) serves a random `llava-tiny` (the
-registry's size: 64 px ViT, 256-wide 4-layer decoder) and a random `clip-tiny`; this process is the client
+A `vlmkit serve` process (its own interpreter; torch threads: its default, the cores less one) serves a random
+`llava-tiny` as `llava-tiny-shapes` configures it (64 px ViT, 16 image tokens, a 256-wide 4-layer decoder) and a
+random `clip-tiny`; this process is the client
 (asyncio + httpx on 127.0.0.1, streaming, `ignore_eos` so every answer has `--max-tokens` tokens).
 
 (a) chat     at concurrency 1, 2, 4, 8, 16: each of C workers sends requests back to back for `--seconds`;
@@ -51,7 +52,12 @@ def build_models(root: Path) -> tuple[Path, Path]:
     texts = [" ".join(rng.choice(words, 12)) for _ in range(2000)]
     tok = Tokenizer.train(texts, vocab_size=512, context_length=32, extra_special_tokens=[IMAGE_TOKEN])
     torch.manual_seed(0)
-    llava = create_model("llava-tiny", **{"decoder.vocab_size": tok.vocab_size, "chat_template": "user_assistant",
+    from vlmkit.recipes import RECIPES
+
+    shapes = RECIPES["llava-tiny-shapes"][
+        "model_overrides"
+    ]  # what `vlmkit train --recipe llava-tiny-shapes` makes
+    llava = create_model("llava-tiny", **{**shapes, "decoder.vocab_size": tok.vocab_size,
                                           "image_token_id": tok.token_to_id(IMAGE_TOKEN)})  # fmt: skip
     clip = create_model("clip-tiny", **{"text.vocab_size": tok.vocab_size})
     pre = PreprocessConfig(image_size=64)

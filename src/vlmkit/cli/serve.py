@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="embedding inputs per batch (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long an embedding request waits for others to batch with (default 5 ms)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch threads for the models (default: the physical cores less "
+                   "one, left to the HTTP side; OMP_NUM_THREADS also sets it)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_precision_arg(p)
     p.set_defaults(func=cmd_serve)
@@ -58,9 +60,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import uvicorn
     except ImportError:
         raise ConfigError("`vlmkit serve` needs FastAPI and uvicorn: pip install 'vlmkit[serve]'") from None
+    import os
+
+    import torch
+
     from vlmkit.cli.common import device_of
+    from vlmkit.runtime import cpu_info
     from vlmkit.serve.app import create_app, load_served
 
+    cores = cpu_info().physical_cores
+    if args.threads or not os.environ.get("OMP_NUM_THREADS"):
+        # decoding steps leave the event loop (HTTP, JSON, image decoding) a core; prefills use them all
+        torch.set_num_threads(args.threads or max(1, cores - 1))
     device = str(device_of(args.device))
     models = []
     for spec in args.model:
@@ -68,7 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"loading {path}")
         models.append(load_served(path, name, device, args.precision, num_slots=args.slots,
                                   max_len=args.max_model_len, max_waiting=args.max_waiting,
-                                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms))  # fmt: skip
+                                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                  prefill_threads=max(torch.get_num_threads(), cores)))  # fmt: skip
     app = create_app(models, index=args.index, image_roots=args.image_root, index_model=args.index_model)
     for m in models:
         print(f"  {m.name}: {m.kind}")

@@ -100,12 +100,13 @@ class SlotKVCache:
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)  # tokens stored per slot
         self.rows = torch.arange(num_slots, device=device)  # the slots the next forward runs, in order
         self.counts = torch.zeros(num_slots, dtype=torch.long, device=device)  # their real new tokens
+        self._start, self._length, self._span = self.lengths.clone(), 0, slice(0, num_slots)
         self.cross: dict = {}  # never filled: a decoder with cross-attention is not served from slots
 
     @property
     def length(self) -> int:
         """The longest selected slot: the keys a forward attends over before its new tokens."""
-        return int(self.lengths[self.rows].max()) if len(self.rows) else 0
+        return self._length
 
     def select(self, rows: list[int], counts: list[int]) -> None:
         """The next forward runs slots `rows` (in this order), each with `counts[i]` real new tokens (a row
@@ -113,9 +114,15 @@ class SlotKVCache:
         device = self.lengths.device
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.counts = torch.tensor(counts, dtype=torch.long, device=device)
-        end = self.lengths[self.rows] + self.counts
+        self._start = self.lengths[self.rows]  # (B,) where each row's new tokens go
+        end = self._start + self.counts
         if bool((end > self.max_len).any()):
             raise ValueError(f"a slot would hold more than the cache's {self.max_len} tokens")
+        self._length = int(self._start.max()) if rows else 0
+        # consecutive slots (the usual case: free slots are taken lowest first) are read as views, no copy
+        self._span = (
+            slice(rows[0], rows[-1] + 1) if rows and rows == list(range(rows[0], rows[-1] + 1)) else None
+        )
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -123,26 +130,27 @@ class SlotKVCache:
     def positions_and_mask(self, T: int) -> tuple[Tensor, Tensor]:
         """Rotary positions (B, T) of the selected rows' new tokens, and the boolean attention mask
         (B, 1, T, length + T): query t of row b sees the row's stored keys and its new keys up to t."""
-        start = self.lengths[self.rows]  # (B,)
-        positions = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
-        keys = torch.arange(self.length + T, device=start.device)  # (S,)
+        positions = self._start[:, None] + torch.arange(T, device=self._start.device)  # (B, T)
+        keys = torch.arange(self._length + T, device=self._start.device)  # (S,)
         return positions, (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, nkv, T, hs) at each selected row's own positions; return the rows' keys and values
         (B, nkv, length + T, hs). Padded positions past `max_len` are not written."""
         B, _, T, _ = k.shape
-        positions = self.lengths[self.rows][:, None] + torch.arange(T, device=k.device)  # (B, T)
-        keep = positions < self.max_len
-        rows = self.rows[:, None].expand(B, T)[keep]  # (n,)
         kbuf, vbuf = self.k[layer], self.v[layer]
-        kbuf[rows, :, positions[keep]] = k.transpose(1, 2)[keep]  # (n, nkv, hs)
-        vbuf[rows, :, positions[keep]] = v.transpose(1, 2)[keep]
-        S = self.length + T
-        if len(self.rows) == self.num_slots and bool(
-            (self.rows == torch.arange(self.num_slots, device=k.device)).all()
-        ):
-            return kbuf[:, :, :S], vbuf[:, :, :S]  # every slot in order: views, no copy
+        if T == 1:  # a decoding step: one token per row
+            kbuf[self.rows, :, self._start] = k[:, :, 0]  # (B, nkv, hs)
+            vbuf[self.rows, :, self._start] = v[:, :, 0]
+        else:
+            positions = self._start[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            keep = positions < self.max_len
+            rows = self.rows[:, None].expand(B, T)[keep]  # (n,)
+            kbuf[rows, :, positions[keep]] = k.transpose(1, 2)[keep]  # (n, nkv, hs)
+            vbuf[rows, :, positions[keep]] = v.transpose(1, 2)[keep]
+        S = self._length + T
+        if self._span is not None:
+            return kbuf[self._span, :, :S], vbuf[self._span, :, :S]  # views
         return kbuf[self.rows, :, :S], vbuf[self.rows, :, :S]  # (B, nkv, S, hs)
 
     def advance(self, num_tokens: int) -> None:

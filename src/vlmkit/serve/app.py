@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class ServedModel:
 
 def load_served(path: str, name: str | None = None, device: str = "cpu", precision: str = "auto",
                 num_slots: int = 8, max_len: int | None = None, max_waiting: int = 32, max_batch: int = 32,
-                max_wait_ms: float = 5.0) -> ServedModel:  # fmt: skip
+                max_wait_ms: float = 5.0, prefill_threads: int | None = None) -> ServedModel:  # fmt: skip
     """Load a model folder (vlmkit's or Hugging Face's) for serving."""
     from vlmkit.convert import load_pretrained
     from vlmkit.data.transforms import ImageTransform
@@ -103,7 +104,8 @@ def load_served(path: str, name: str | None = None, device: str = "cpu", precisi
             "(embeddings, zero-shot labels, search)"
         )
     pipeline = VLMPipeline(pt.model, pt.tokenizer, pt.preprocess, device=device, precision=precision)
-    batcher = ContinuousBatcher(pipeline, num_slots=num_slots, max_len=max_len, max_waiting=max_waiting)
+    batcher = ContinuousBatcher(pipeline, num_slots=num_slots, max_len=max_len, max_waiting=max_waiting,
+                                prefill_threads=prefill_threads)  # fmt: skip
     return ServedModel(name, "chat", batcher, pipeline=pipeline, tokenizer=pt.tokenizer,
                        transform=pipeline.transform)  # fmt: skip
 
@@ -196,16 +198,12 @@ def create_app(models: list[ServedModel], index: str | Path | None = None, image
         except ValueError as e:
             raise bad(str(e)) from None
 
+    dispatch = _Dispatcher()
+
     def queue_and_emit():
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event: dict) -> None:  # called on the engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop has closed (shutting down): nobody is listening
-                pass
-
-        return queue, emit
+        queue = asyncio.Queue()
+        dispatch.bind(asyncio.get_running_loop())
+        return queue, lambda event: dispatch.put(queue, event)
 
     # ---------------------------------------------------------------- routes
     @app.get("/v1/models")
@@ -385,6 +383,36 @@ async def _stream(job: GenerationRequest, queue: asyncio.Queue, head: dict, incl
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()  # a client that disconnected mid-stream frees its slot at the engine's next step
+
+
+class _Dispatcher:
+    """Events from the engine thread to the requests' asyncio queues, in one wake-up of the event loop for all
+    the events of an engine step (one `call_soon_threadsafe` per request and token would cost a loop wake-up
+    each, which with 8 streams slows the engine itself)."""
+
+    def __init__(self):
+        self.loop = None
+        self.pending: list = []
+        self.lock = threading.Lock()
+
+    def bind(self, loop) -> None:
+        self.loop = loop
+
+    def put(self, queue: asyncio.Queue, event: dict) -> None:  # on the engine thread
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:
+                return  # a flush is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the event loop has closed (shutting down): nobody is listening
+            pass
+
+    def _flush(self) -> None:  # on the event loop
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 @dataclass

@@ -91,8 +91,12 @@ def _held_back(text: str, stops: list[str]) -> int:
 class ContinuousBatcher:
     """Iteration-level batching of a LLaVA-style `VLMPipeline` over slots (see the module docstring)."""
 
-    def __init__(self, pipeline, num_slots: int = 8, max_len: int | None = None, max_waiting: int = 32):
+    def __init__(self, pipeline, num_slots: int = 8, max_len: int | None = None, max_waiting: int = 32,
+                 prefill_threads: int | None = None):  # fmt: skip
         self.pipeline = pipeline
+        # Prefill is compute-bound (whole prompts): it may use more torch threads than the overhead-bound
+        # decoding steps, which leave a core to the HTTP side (`vlmkit serve --threads`).
+        self.prefill_threads = prefill_threads
         self.model = pipeline.model
         self.lm = self.model.language_model
         self.tokenizer = pipeline.tokenizer
@@ -153,6 +157,15 @@ class ContinuousBatcher:
             return
         for run in new:
             self.slots[run.slot] = run
+        decode_threads = torch.get_num_threads()
+        if self.prefill_threads:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            self._start_all(new)
+        finally:
+            torch.set_num_threads(decode_threads)
+
+    def _start_all(self, new: list[_Running]) -> None:
         embeds, ok = [], []
         with self.pipeline._autocast():
             for run in new:  # one request's bad input fails that request alone
