@@ -255,6 +255,17 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarra
     return path
 
 
+def video_file_problem(path: Path) -> str:
+    """Why `path` cannot be a video file without opening it ("video PATH: missing file", ...), or ""."""
+    if not is_video(path):
+        return f"video {path}: not a video file extension ({', '.join(sorted(VIDEO_EXTENSIONS))})"
+    if not path.is_file():
+        return f"video {path}: missing file"
+    if path.stat().st_size == 0:
+        return f"video {path}: empty file"
+    return ""
+
+
 def is_video_manifest(path: str | Path) -> bool:
     """Whether a manifest's rows name videos (a `video` key or column) rather than images."""
     path = Path(path)
@@ -315,15 +326,8 @@ def read_video_manifest(path: str | os.PathLike) -> tuple[list[VideoSample], lis
                 reason = "missing key 'caption'" if caption is None else "empty caption"
             else:
                 file = path.parent / Path(video.strip()).expanduser()
-                if not is_video(file):
-                    reason = (
-                        f"video {file}: not a video file extension ({', '.join(sorted(VIDEO_EXTENSIONS))})"
-                    )
-                elif not file.is_file():
-                    reason = f"video {file}: missing file"
-                elif file.stat().st_size == 0:
-                    reason = f"video {file}: empty file"
-                else:
+                reason = video_file_problem(file)
+                if not reason:
                     fields = {k: v for k, v in row.items() if k not in ("video", "caption")}
                     good.append(VideoSample(file, caption.strip(), f"{path}:{line}", fields))
                     continue
