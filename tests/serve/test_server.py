@@ -314,3 +314,32 @@ def test_images_by_path_only_under_the_image_root(client, server, served_dirs):
     with pytest.raises(openai.BadRequestError, match="only under"):
         client.chat.completions.create(model="llava", max_tokens=3, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(escape)}}]}])  # fmt: skip
+
+
+def test_a_body_over_the_limit_is_413(server, monkeypatch):
+    import vlmkit.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 1000)
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json={"model": "llava", "messages": _messages("x" * 2000)}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_models_the_server_cannot_chat_with_are_refused_when_loading(tmp_path):
+    from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.data.transforms import PreprocessConfig
+    from vlmkit.errors import ConfigError
+    from vlmkit.models.pretrained import save_pretrained
+    from vlmkit.models.registry import create_model
+    from vlmkit.serve.app import load_served
+
+    tok = Tokenizer.train(["a red circle", "a blue square"] * 10, vocab_size=300, context_length=16)
+    small = {"vision.image_size": 32, "vision.layers": 1, "vision.width": 32, "vision.heads": 2,
+             "decoder.width": 32, "decoder.layers": 2, "decoder.heads": 2, "decoder.vocab_size": tok.vocab_size,
+             "decoder.cross_attention_start": 1}  # fmt: skip
+    folder = save_pretrained(
+        create_model("coca-tiny", **small), tmp_path / "coca", tok, PreprocessConfig(image_size=32)
+    )
+    with pytest.raises(ConfigError, match="coca model; `vlmkit serve` serves LLaVA-style models"):
+        load_served(str(folder))

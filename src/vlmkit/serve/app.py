@@ -65,10 +65,6 @@ class ServedModel:
     transform: object = None  # PIL image -> normalised (3, S, S)
     created: int = field(default_factory=lambda: int(time.time()))
 
-    @property
-    def reads_images(self) -> bool:
-        return self.kind == "embedding" or getattr(self.pipeline, "family", None) in ("llava",)
-
 
 def load_served(path: str, name: str | None = None, device: str = "cpu", precision: str = "auto",
                 num_slots: int = 8, max_len: int | None = None, max_waiting: int = 32, max_batch: int = 32,
@@ -182,10 +178,6 @@ def create_app(models: list[ServedModel], index: str | Path | None = None, image
         """Decode (url, param) pairs and preprocess them (worker thread): (N, 3, S, S) or None."""
         if not pairs:
             return None
-        if not m.reads_images:
-            raise bad(
-                f"'{m.name}' is a text-only model: it cannot read images", pairs[0][1], "images_not_supported"
-            )
         return torch.stack([m.transform(decode_image(url, param, roots)) for url, param in pairs])
 
     async def submit(batcher, request):
