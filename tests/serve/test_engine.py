@@ -115,6 +115,42 @@ def test_continuous_batching_gives_each_request_the_tokens_it_gets_alone(pipelin
     assert batcher.cache.lengths.tolist() == [0, 0, 0]
 
 
+def test_coca_cross_attention_is_served_from_slots_as_alone():
+    tok = Tokenizer.train(TEXTS, vocab_size=300, context_length=64)
+    torch.manual_seed(1)
+    small = {"vision.image_size": 32, "vision.layers": 1, "vision.width": 32, "vision.heads": 2, "decoder.width": 64,
+             "decoder.layers": 2, "decoder.heads": 2, "decoder.vocab_size": tok.vocab_size,
+             "decoder.cross_attention_start": 1}  # fmt: skip
+    coca = VLMPipeline(
+        create_model("coca-tiny", **small).eval(), tok, PreprocessConfig(image_size=32), precision="fp32"
+    )
+    cases = [
+        ("what colour is the circle?", 0, 10),
+        ("is it big?", 1, 6),
+        ("a blue square", 2, 12),
+        ("two", 3, 8),
+    ]
+    batcher = ContinuousBatcher(coca, num_slots=2)
+    events = [[] for _ in cases]
+    for (q, seed, n), ev in zip(cases, events):
+        turn = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}"}]
+        batcher.submit(GenerationRequest(coca.chat_prompt_ids(turn), coca.pixel_values([_image(seed)]),
+                                         SamplingParams(n, temperature=0), ev.append))  # fmt: skip
+        batcher.step()  # each joins while the others decode
+    while batcher.has_work():
+        batcher.step()
+    for (q, seed, n), ev in zip(cases, events):
+        turn = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}"}]
+        want = coca.generate([_image(seed)], [turn], coca.generation_config(max_new_tokens=n))[0]
+        assert _text(ev) == want and ev[-1]["type"] == "finish"
+    assert len(batcher.cache.cross.k) == 1  # the one cross-attending layer, stored per slot
+    bad = []
+    batcher.submit(GenerationRequest(coca.chat_prompt_ids([{"from": "human", "value": "hi"}]), None,
+                                     SamplingParams(3, temperature=0), bad.append))  # fmt: skip
+    batcher.step()
+    assert bad[-1]["type"] == "error" and "one image" in bad[-1]["message"]
+
+
 def test_cancelling_frees_the_slot_for_a_waiting_request(pipeline):
     batcher = ContinuousBatcher(pipeline, num_slots=1)
     first, second = [], []

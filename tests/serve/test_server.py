@@ -334,12 +334,13 @@ def test_models_the_server_cannot_chat_with_are_refused_when_loading(tmp_path):
     from vlmkit.models.registry import create_model
     from vlmkit.serve.app import load_served
 
-    tok = Tokenizer.train(["a red circle", "a blue square"] * 10, vocab_size=300, context_length=16)
-    small = {"vision.image_size": 32, "vision.layers": 1, "vision.width": 32, "vision.heads": 2,
-             "decoder.width": 32, "decoder.layers": 2, "decoder.heads": 2, "decoder.vocab_size": tok.vocab_size,
-             "decoder.cross_attention_start": 1}  # fmt: skip
-    folder = save_pretrained(
-        create_model("coca-tiny", **small), tmp_path / "coca", tok, PreprocessConfig(image_size=32)
-    )
-    with pytest.raises(ConfigError, match="coca model; `vlmkit serve` serves LLaVA-style models"):
+    tok = Tokenizer.train(["a red circle", "a blue square"] * 10, vocab_size=300, context_length=16,
+                          extra_special_tokens=["<image>", "<|endofchunk|>"])  # fmt: skip
+    small = {"vision.image_size": 32, "decoder.vocab_size": tok.vocab_size, "perceiver.latents": 4,
+             "image_token_id": tok.token_to_id("<image>"), "chunk_token_id": tok.token_to_id("<|endofchunk|>")}  # fmt: skip
+    model = create_model("flamingo-tiny", **small)
+    folder = save_pretrained(model, tmp_path / "flamingo", tok, PreprocessConfig(image_size=32))
+    with pytest.raises(
+        ConfigError, match="flamingo model; `vlmkit serve` serves LLaVA-style and CoCa models"
+    ):
         load_served(str(folder))

@@ -99,6 +99,12 @@ class VLMPipeline:
         )
         return ids
 
+    def chat_prompt_ids(self, conversation: list[dict]) -> list[int]:
+        """`prompt_ids` of a chat turn as this family reads it (CoCa: without image markers, see `coca_turns`)."""
+        if self.family == "coca":
+            conversation = coca_turns(conversation, is_caption=False)
+        return self.prompt_ids(conversation)
+
     def generation_config(self, **overrides) -> GenerationConfig:
         """Greedy up to 64 tokens, stopping at the template's end of turn, unless `overrides` say otherwise."""
         pad = self.tokenizer.pad_token_id
@@ -154,9 +160,7 @@ class VLMPipeline:
         the list of its images, one per `<image>` marker in order (LLaVA and Flamingo models)."""
         groups = self._image_groups(images, conversations)
         config = config or self.generation_config()
-        if self.family == "coca":
-            conversations = [coca_turns(c, is_caption=False) for c in conversations]
-        input_ids, attention_mask = self._left_padded([self.prompt_ids(c) for c in conversations])
+        input_ids, attention_mask = self._left_padded([self.chat_prompt_ids(c) for c in conversations])
         pixels, counts = self._pixels(groups)
         with self._autocast():
             new = self.model.generate(

@@ -101,17 +101,21 @@ class SlotKVCache:
         self.rows = torch.arange(num_slots, device=device)  # the slots the next forward runs, in order
         self.counts = torch.zeros(num_slots, dtype=torch.long, device=device)  # their real new tokens
         self._start, self._length, self._span = self.lengths.clone(), 0, slice(0, num_slots)
-        self.cross: dict = {}  # never filled: a decoder with cross-attention is not served from slots
+        self.cross = _SlotCross(self)  # cross-attention k/v per slot (CoCa), written at each slot's prefill
+        self.cross_mask = None  # every encoder state is attended to
+        self.prefilling = False
 
     @property
     def length(self) -> int:
         """The longest selected slot: the keys a forward attends over before its new tokens."""
         return self._length
 
-    def select(self, rows: list[int], counts: list[int]) -> None:
+    def select(self, rows: list[int], counts: list[int], prefill: bool = False) -> None:
         """The next forward runs slots `rows` (in this order), each with `counts[i]` real new tokens (a row
-        with fewer than the forward's T is right-padded; the padding is written past its end and ignored)."""
+        with fewer than the forward's T is right-padded; the padding is written past its end and ignored).
+        `prefill`: the rows' first forward, which computes their cross-attention keys and values."""
         device = self.lengths.device
+        self.prefilling = prefill
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.counts = torch.tensor(counts, dtype=torch.long, device=device)
         self._start = self.lengths[self.rows]  # (B,) where each row's new tokens go
@@ -156,3 +160,32 @@ class SlotKVCache:
     def advance(self, num_tokens: int) -> None:
         """After a forward: each selected row stored its real new tokens (`counts` of `select`)."""
         self.lengths[self.rows] += self.counts
+
+
+class _SlotCross:
+    """`SlotKVCache.cross`: layer -> the selected rows' cross-attention (k, v), stored per slot. A prefill
+    computes and stores them (`layer in cross` is False then); decoding steps read them back."""
+
+    def __init__(self, cache: SlotKVCache):
+        self.cache = cache
+        self.k: dict[int, Tensor] = {}  # layer -> (num_slots, nkv, N, hs)
+        self.v: dict[int, Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.k)
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.k and not self.cache.prefilling
+
+    def __getitem__(self, layer: int) -> tuple[Tensor, Tensor]:
+        rows = self.cache.rows
+        return self.k[layer][rows], self.v[layer][rows]
+
+    def __setitem__(self, layer: int, kv: tuple[Tensor, Tensor]) -> None:
+        k, v = kv  # (B, nkv, N, hs) for the selected rows
+        if layer not in self.k:
+            shape = (self.cache.num_slots, *k.shape[1:])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        self.k[layer][self.cache.rows] = k
+        self.v[layer][self.cache.rows] = v

@@ -3,7 +3,7 @@
     app = create_app([load_served("runs/llava-tiny-shapes"), load_served("runs/clip-tiny")], index="photos.index")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: `GET /v1/models`; `POST /v1/chat/completions` (generative models: LLaVA-style, continuous batching),
+Routes: `GET /v1/models`; `POST /v1/chat/completions` (generative models: LLaVA-style and CoCa, continuous batching),
 non-streaming or server-sent events; `POST /v1/embeddings` (dual encoders: texts, and images as content
 parts, dynamically batched); `POST /v1/classify` (zero-shot labels for an image); `POST /v1/search` (top-k
 images of an index for a text or an image); `GET /v1/index/images/{i}` (an indexed image, for thumbnails);
@@ -94,10 +94,10 @@ def load_served(path: str, name: str | None = None, device: str = "cpu", precisi
         )  # fmt: skip
         return ServedModel(name, "embedding", batcher, model=model, tokenizer=tok,
                            transform=ImageTransform(pt.preprocess, train=False))  # fmt: skip
-    if family != "llava":
+    if family not in ("llava", "coca"):
         raise ConfigError(
-            f"{path} is a {family} model; `vlmkit serve` serves LLaVA-style models (chat) and dual encoders "
-            "(embeddings, zero-shot labels, search)"
+            f"{path} is a {family} model; `vlmkit serve` serves LLaVA-style and CoCa models (chat) and dual "
+            "encoders (embeddings, zero-shot labels, search)"
         )
     pipeline = VLMPipeline(pt.model, pt.tokenizer, pt.preprocess, device=device, precision=precision)
     batcher = ContinuousBatcher(pipeline, num_slots=num_slots, max_len=max_len, max_waiting=max_waiting,
@@ -214,8 +214,11 @@ def create_app(models: list[ServedModel], index: str | Path | None = None, image
     async def chat_completions(request: Request):
         req = parse_chat(await read_json(request))
         m = served(req.model, "chat")
+        if m.pipeline.family == "coca" and len(req.images) != 1:
+            raise bad(f"'{m.name}' is a CoCa model: it reads one image per conversation, not {len(req.images)}",
+                      "messages", "wrong_image_count")  # fmt: skip
         pixels = await run_in_threadpool(images_of, req.images, m)
-        prompt_ids = await run_in_threadpool(m.pipeline.prompt_ids, req.conversation)
+        prompt_ids = await run_in_threadpool(m.pipeline.chat_prompt_ids, req.conversation)
         context = m.batcher.max_len
         if len(prompt_ids) >= context:
             raise bad(f"This model's maximum context length is {context} tokens; the messages hold "

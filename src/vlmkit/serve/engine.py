@@ -1,13 +1,13 @@
 """The serving engine: continuous batching for generation, dynamic batching for embeddings, one thread.
 
-    batcher = ContinuousBatcher(pipeline, num_slots=8)        # a LLaVA-style VLMPipeline
+    batcher = ContinuousBatcher(pipeline, num_slots=8)        # a LLaVA-style or CoCa VLMPipeline
     batcher.submit(GenerationRequest(prompt_ids, pixels, SamplingParams(max_tokens=32), emit=events.append))
     while batcher.has_work():
         batcher.step()                                         # step-driven: tests run it without threads
 
 Generation is iteration-level (continuous) batching over `num_slots` slots of one `SlotKVCache`. Each step
-first admits waiting requests into free slots (their prompts, image tokens spliced in, run as one right-padded
-prefill that yields each one's first token), then decodes one token for every slot that was already running,
+first admits waiting requests into free slots (their prompts, image tokens spliced in for LLaVA or
+cross-attended to for CoCa, run as one right-padded prefill that yields each one's first token), then decodes one token for every slot that was already running,
 in one batched forward. A request leaves its slot when it ends (an end-of-turn token, a stop string,
 `max_tokens`, the context) or is cancelled (a client that disconnected): the slot is free for the next step.
 Waiting requests sit in a bounded queue; `submit` raises `Overloaded` when it is full (the server's 429).
@@ -94,11 +94,14 @@ class ContinuousBatcher:
     def __init__(self, pipeline, num_slots: int = 8, max_len: int | None = None, max_waiting: int = 32,
                  prefill_threads: int | None = None):  # fmt: skip
         self.pipeline = pipeline
+        self.family = pipeline.family  # "llava": image tokens in the prompt; "coca": cross-attention to them
+        if self.family not in ("llava", "coca"):
+            raise ValueError(f"continuous batching serves LLaVA-style and CoCa models, not {self.family}")
         # Prefill is compute-bound (whole prompts): it may use more torch threads than the overhead-bound
         # decoding steps, which leave a core to the HTTP side (`vlmkit serve --threads`).
         self.prefill_threads = prefill_threads
         self.model = pipeline.model
-        self.lm = self.model.language_model
+        self.lm = self.model.language_model if self.family == "llava" else self.model.decoder
         self.tokenizer = pipeline.tokenizer
         self.end_ids = set(pipeline.end_ids)
         self.max_len = max_len or self.lm.cfg.max_seq_len
@@ -166,18 +169,20 @@ class ContinuousBatcher:
             torch.set_num_threads(decode_threads)
 
     def _start_all(self, new: list[_Running]) -> None:
-        embeds, ok = [], []
+        embeds, memories, ok = [], [], []
         with self.pipeline._autocast():
             for run in new:  # one request's bad input fails that request alone
                 try:
-                    embeds.append(self._embed(run.request))
+                    x, memory = self._embed(run.request)
+                    embeds.append(x)
+                    memories.append(memory)
                     ok.append(run)
                 except Exception as e:
                     self._fail(run, e)
         if not ok:
             return
         try:
-            logits = self._prefill(ok, embeds)
+            logits = self._prefill(ok, embeds, memories)
         except Exception as e:
             log.exception("prefill failed")
             for run in ok:
@@ -185,20 +190,27 @@ class ContinuousBatcher:
             return
         self._sample_and_emit(ok, logits)
 
-    def _embed(self, r: GenerationRequest) -> torch.Tensor:
-        """The prompt's input embeddings, image tokens spliced in: (P, C)."""
+    def _embed(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's input embeddings (P, C): LLaVA with the image tokens spliced in; CoCa with the image
+        tokens it cross-attends to, (N, C_enc)."""
         device = self.lm.embed_tokens.weight.device
         ids = torch.tensor([r.prompt_ids], device=device)
         pixels = r.pixel_values.to(device) if r.pixel_values is not None else None
-        return self.model.embed_inputs(ids, pixels)[0]
+        if self.family == "coca":
+            if pixels is None or len(pixels) != 1:
+                raise ValueError("a CoCa model reads one image per conversation")
+            return self.lm.embed(ids)[0], self.model.image_tokens(pixels)[0]
+        return self.model.embed_inputs(ids, pixels)[0], None
 
-    def _prefill(self, runs: list[_Running], embeds: list[torch.Tensor]) -> torch.Tensor:
+    def _prefill(self, runs: list[_Running], embeds: list[torch.Tensor], memories: list) -> torch.Tensor:
         """The new requests' prompts as one right-padded batch; next-token logits (B, V)."""
         lengths = [len(e) for e in embeds]
         with self.pipeline._autocast():
             x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, P, C), right padded
-            self.cache.select([run.slot for run in runs], lengths)
-            hidden = self.lm(inputs_embeds=x, cache=self.cache, logits="none").hidden  # (B, P, C)
+            memory = torch.stack(memories) if memories[0] is not None else None  # (B, N, C_enc)
+            self.cache.select([run.slot for run in runs], lengths, prefill=True)
+            kwargs = {"encoder_states": memory} if memory is not None else {}
+            hidden = self.lm(inputs_embeds=x, cache=self.cache, logits="none", **kwargs).hidden  # (B, P, C)
             last = hidden[torch.arange(len(runs)), torch.tensor(lengths) - 1]  # (B, C)
             return self.lm.lm_head(last).float()  # (B, V)
 
