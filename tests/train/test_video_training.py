@@ -47,3 +47,35 @@ def test_reversed_negatives_add_each_clip_played_backwards_with_its_reversed_cap
                                      len(items[2][2])]  # fmt: skip
     x, _ = collate_clips(tokenizer, items, reversed_negatives=False)
     assert x.shape[0] == 3
+
+
+def test_frame_features_train_only_the_pool_on_what_the_frozen_tower_gives(tmp_path, monkeypatch):
+    """The recipe's video stage (towers frozen, `frame_features`): the cached embeddings are the tower's own for
+    each clip, the pooled video embedding equals `encode_video` on the same frames, and only `temporal.*` moves."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vlmkit.convert import load_pretrained
+    from vlmkit.data.transforms import ImageTransform
+    from vlmkit.data.video import VideoClips
+    from vlmkit.tasks.video import FrameFeatures
+
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--recipe", "clip-video-tiny", "--smoke", "--out", str(tmp_path / "run")])
+    stills = load_file(str(tmp_path / "run" / "stage1-stills" / "model.safetensors"))
+    video = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(stills[k], video[k]) for k in stills)  # the towers and the scale did not move
+    temporal = [k for k in video if k.startswith("temporal.")]
+    assert temporal and set(video) - set(stills) == set(temporal)
+
+    pt = load_pretrained(tmp_path / "run")
+    clips = VideoClips(tmp_path / "data" / "moving-shapes-smoke" / "train.jsonl",
+                       ImageTransform(pt.preprocess, train=False), num_frames=8)  # fmt: skip
+    cached = FrameFeatures(clips)
+    cached.embed(pt.model, "cpu", bf16=False)
+    frames = torch.stack([clips[i][0] for i in range(3)])  # (3, T, 3, S, S)
+    with torch.no_grad():
+        want = pt.model.encode_video(frames, normalize=True)
+        got = pt.model.pool_frames(torch.stack([cached[i][0] for i in range(3)]), normalize=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert cached[1][1:] == (clips.captions[1], clips.reversed_captions[1])

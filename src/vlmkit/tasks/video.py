@@ -2,7 +2,11 @@
 embeddings pooled into one video embedding (the model's `video.pool`: meanP or seqTransf), InfoNCE or sigmoid
 loss against the captions. Data: a video manifest (`{"video", "caption"}` rows) or shards of videos, decoded once
 into memory (`vlmkit.data.video.VideoClips`, `data.num_frames` sampled uniformly per clip); evaluation: video
-retrieval, zero-shot video classification and, for rows with multiple choices, the temporal table."""
+retrieval, zero-shot video classification and, for rows with multiple choices, the temporal table.
+
+With `data.frame_features` (towers frozen) the image tower embeds every training clip's frames once, before
+training, and the steps train the temporal transformer on those embeddings: thousands of steps in the time a few
+hundred take through the towers (`benchmarks/video_seqtransf_probe.py` measured what that buys)."""
 
 from __future__ import annotations
 
@@ -42,6 +46,38 @@ def collate_clips(
     return torch.stack(clips), tokenizer(captions)
 
 
+class FrameFeatures(torch.utils.data.Dataset):
+    """Decoded clips whose frames a frozen image tower embeds once (`embed`): item -> (frame embeddings (T, D),
+    caption, reversed caption)."""
+
+    def __init__(self, clips: VideoClips):
+        self.clips = clips
+        self.features: torch.Tensor | None = None  # (N, T, D) float32 on the CPU
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, device, bf16: bool, chunk: int = 256) -> None:
+        from tqdm import tqdm
+
+        from vlmkit.eval.video import frame_features
+
+        parts = []
+        for start in tqdm(range(0, len(self.clips), chunk), desc="embedding frames", unit="chunk"):
+            batch = [self.clips[i][0] for i in range(start, min(start + chunk, len(self.clips)))]
+            parts.append(frame_features(model, batch, batch_size=32, device=device, bf16=bf16))
+        self.features = torch.cat(parts)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        if self.features is None:
+            raise RuntimeError("FrameFeatures.embed(model, ...) has not run")
+        return self.features[i], self.clips.captions[i], self.clips.reversed_captions[i]
+
+
 class VideoContrastiveTask(ContrastiveTask):
     name = "video-contrastive"
     shards = False  # VideoClips reads shards itself, into memory
@@ -49,10 +85,28 @@ class VideoContrastiveTask(ContrastiveTask):
     def training_texts(self) -> list[str]:
         return [s.caption for s in load_video_samples(self.cfg.data.train)[0]]
 
-    def train_set(self) -> VideoClips:
+    def train_set(self) -> VideoClips | FrameFeatures:
         cfg, t = self.cfg, self.trainer
+        if cfg.data.frame_features:  # embedded in `prepare_model`, once the (frozen) model exists
+            clips = VideoClips(cfg.data.train, ImageTransform(t.preprocess, train=False), cfg.data.num_frames,
+                               cfg.data.max_bad_fraction, cfg.seed, log, progress=True)  # fmt: skip
+            return FrameFeatures(clips)
         return VideoClips(cfg.data.train, t.train_transform, cfg.data.num_frames, cfg.data.max_bad_fraction,
                           cfg.seed, log, progress=True)  # fmt: skip
+
+    def prepare_model(self, model: nn.Module) -> None:
+        super().prepare_model(model)
+        if self.cfg.data.frame_features:
+            trained = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.")]
+            if trained:
+                raise ConfigError("data.frame_features embeds the frames once, so the image tower must not train: "
+                                  f"freeze it (freeze: ['^visual\\.']); {trained[0]} trains")  # fmt: skip
+            if model.temporal is None:
+                raise ConfigError(
+                    "data.frame_features trains the temporal transformer: set video.pool=transformer"
+                )
+            t = self.trainer
+            self.trainer.train_set.embed(model, t.device, t.precision.bf16)
 
     def collate(self):
         return functools.partial(
@@ -61,6 +115,11 @@ class VideoContrastiveTask(ContrastiveTask):
 
     def losses(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         clips, tokens = batch
+        if self.cfg.data.frame_features:  # (B, T, D) cached frame embeddings
+            video = model.pool_frames(clips, normalize=True)
+            text = model.encode_text(tokens, normalize=True)
+            loss = self.loss_fn(video, text, *model.scale_and_bias())
+            return {"loss": loss, self.trainer.model_cfg.loss: loss.detach()}
         clips = self.trainer.train_transform.normalize(clips)  # (B, T, 3, S, S) uint8 -> float
         out = model(clips, tokens)  # 5-d input: CLIP.forward pools the frames
         loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)

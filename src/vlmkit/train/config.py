@@ -76,6 +76,9 @@ class DataConfig:
     num_frames: int = 8  # video: frames sampled uniformly from each clip (vlmkit.data.video)
     # video dual encoders: a clip whose row has a "reversed_caption" is also trained played backwards with it
     reversed_negatives: bool = True
+    # video dual encoders: train on frame embeddings the frozen image tower computes once per clip (no
+    # augmentation); for a stage that trains only the temporal transformer (`freeze` the towers)
+    frame_features: bool = False
     # "shapes" (vlmkit.data.synthetic) or "moving-shapes" (vlmkit.data.synthetic_video) for `synthetic`
     synthetic_kind: str = "shapes"
 
@@ -193,6 +196,7 @@ STAGE_KEYS = (
     "compile",
     "phase",  # the dalle task: which part the stage trains
     "task",  # another task for this stage (clip-video-tiny: "contrastive" on still frames before video)
+    "frame_features",  # video-contrastive: train the temporal pool on cached frame embeddings
 )
 
 
