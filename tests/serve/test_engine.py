@@ -151,6 +151,19 @@ def test_coca_cross_attention_is_served_from_slots_as_alone():
     assert bad[-1]["type"] == "error" and "one image" in bad[-1]["message"]
 
 
+def test_bf16_autocast_serves_as_it_generates_alone(pipeline):
+    """`precision: auto` picks bf16 on CPUs that have it: the slots then take bf16 keys into fp32 buffers."""
+    bf16 = VLMPipeline(pipeline.model, pipeline.tokenizer, PreprocessConfig(image_size=32), precision="bf16")
+    batcher = ContinuousBatcher(bf16, num_slots=2)
+    events = [[], []]
+    for ev, (q, seed) in zip(events, [("is it big?", 1), ("a blue square", 2)]):
+        batcher.submit(_request(bf16, q, _image(seed), SamplingParams(8, temperature=0), ev))
+    while batcher.has_work():
+        batcher.step()
+    for ev, (q, seed) in zip(events, [("is it big?", 1), ("a blue square", 2)]):
+        assert ev[-1]["type"] == "finish" and _text(ev) == _alone(bf16, q, _image(seed), 8)
+
+
 def test_cancelling_frees_the_slot_for_a_waiting_request(pipeline):
     batcher = ContinuousBatcher(pipeline, num_slots=1)
     first, second = [], []

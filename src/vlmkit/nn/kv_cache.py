@@ -143,6 +143,7 @@ class SlotKVCache:
         (B, nkv, length + T, hs). Padded positions past `max_len` are not written."""
         B, _, T, _ = k.shape
         kbuf, vbuf = self.k[layer], self.v[layer]
+        k, v = k.to(kbuf.dtype), v.to(vbuf.dtype)  # bf16 under autocast; the buffers keep the weights' dtype
         if T == 1:  # a decoding step: one token per row
             kbuf[self.rows, :, self._start] = k[:, :, 0]  # (B, nkv, hs)
             vbuf[self.rows, :, self._start] = v[:, :, 0]
@@ -187,5 +188,5 @@ class _SlotCross:
             shape = (self.cache.num_slots, *k.shape[1:])
             self.k[layer] = k.new_zeros(shape)
             self.v[layer] = v.new_zeros(shape)
-        self.k[layer][self.cache.rows] = k
-        self.v[layer][self.cache.rows] = v
+        self.k[layer][self.cache.rows] = k.to(self.k[layer].dtype)
+        self.v[layer][self.cache.rows] = v.to(self.v[layer].dtype)
