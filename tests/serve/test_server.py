@@ -255,6 +255,9 @@ def test_an_error_during_a_stream_arrives_as_an_error_event_then_done(client, se
                       json={"model": "llava", "messages": _messages("hi"), "max_tokens": 8, "stream": True}) as r:  # fmt: skip
         lines = [line for line in r.iter_lines() if line]
     assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
+    with pytest.raises(openai.InternalServerError, match="simulated failure") as err:
+        client.chat.completions.create(model="llava", messages=_messages("hi"), max_tokens=8)
+    assert err.value.status_code == 500 and err.value.body["type"] == "server_error"
     monkeypatch.undo()
     assert client.chat.completions.create(model="llava", messages=_messages("hi"), max_tokens=2).choices
 
