@@ -411,6 +411,17 @@ def _match_plain_names(
     return [line for _, line in lines], "positional (sorted folder order, as asked)"
 
 
+def list_image_files(root: Path) -> list[Path]:
+    """Every image file under `root` (recursively, by extension), hidden files and folders left out, sorted."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.is_file()
+    )
+
+
 def read_image_folder(
     root: str | os.PathLike,
     classes_file: str | os.PathLike | None = None,

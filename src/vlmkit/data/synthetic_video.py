@@ -273,15 +273,15 @@ def generate(
             frames, meta = render_clip(rng, kind, image_size, num_frames, background_noise)
             drawn = meta.pop("_frames")
             rel = f"videos/{split}/{i:06d}.mkv"
-            if (
-                split == "train"
-            ):  # two stills of the clip with their own captions: an image tower's pretraining
+            if split == "train":  # stills of the clip with their own captions: an image tower's pretraining
+                kept = 0
                 for t in rng.choice(num_frames, size=min(num_frames, 6), replace=False).tolist():
                     caption = still_caption({"_frames": drawn}, t, image_size)
-                    if caption is not None and sum(1 for r in stills if r["clip"] == i) < stills_per_clip:
+                    if caption is not None and kept < stills_per_clip:
                         name = f"images/{i:06d}_{t:02d}.png"  # relative to stills/train.jsonl
                         Image.fromarray(frames[t]).save(out / "stills" / name)
                         stills.append({"image": name, "caption": caption, "clip": i})
+                        kept += 1
             write_video(out / rel, frames, fps)
             rows.append({"video": rel, **meta})
             extra = meta["more_questions"] if more_questions else []

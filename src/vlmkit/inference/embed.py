@@ -63,7 +63,13 @@ def classify(
         model, tokenizer, list(labels), list(templates), device=device, bf16=precision.bf16
     )  # (D, C) on the CPU
     feats = embed_images(model, preprocess, [image], device, precision)  # (1, D)
-    scale, bias = (v.float().cpu() if v is not None else None for v in model.scale_and_bias())
-    logits = scale * feats @ clf  # (1, C)
-    probs = (torch.sigmoid(logits + bias) if bias is not None else logits.softmax(dim=-1))[0]
+    probs = label_probabilities(model, feats, clf.T)[0]
     return [(labels[i], probs[i].item()) for i in probs.argsort(descending=True).tolist()]
+
+
+def label_probabilities(model, image_features: torch.Tensor, label_features: torch.Tensor) -> torch.Tensor:
+    """(N, C) probabilities of C labels for N images from unit-norm CPU features (N, D) and (C, D): a softmax
+    over the labels, or for a model trained with a sigmoid loss (SigLIP) each label's own sigmoid."""
+    scale, bias = (v.detach().float().cpu() if v is not None else None for v in model.scale_and_bias())
+    logits = scale * image_features @ label_features.T  # (N, C)
+    return torch.sigmoid(logits + bias) if bias is not None else logits.softmax(dim=-1)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlmkit.data.manifest import IMAGE_EXTENSIONS
+from vlmkit.data.manifest import IMAGE_EXTENSIONS, list_image_files
 from vlmkit.data.transforms import ImageDecodeError, ImageTransform, load_image
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.features import encode_images
@@ -38,11 +38,6 @@ def require_faiss():
     except ImportError:
         raise ConfigError("image search needs faiss: pip install 'vlmkit[serve]' (or faiss-cpu)") from None
     return faiss
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted: the index's order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -120,7 +115,7 @@ def build_index(
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise ConfigError(f"{images}: not a folder of images")
-    files = list_images(images)
+    files = list_image_files(images)  # the index's order
     if not files:
         raise DataError(f"{images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     parts = out / "parts"

@@ -242,26 +242,22 @@ class Decoder(nn.Module):
         B, T, _ = x.shape
         if getattr(cache, "per_row", False):  # SlotKVCache (continuous batching): each row at its own length
             position_ids, mask = cache.positions_and_mask(T)
-            return (
-                x,
-                rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype),
-                mask,
-                False,
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
-            raise ValueError(
-                f"attention_mask must cover all {past + T} positions (cached + new) for {B} rows, "
-                f"got shape {tuple(attention_mask.shape)}"
-            )
-        if position_ids is None:
-            if (
-                attention_mask is not None
-            ):  # Hugging Face's rule: count real tokens, so left padding starts at 0
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-            else:
-                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)  # (B, T)
+            is_causal = False
+        else:
+            if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(
+                    f"attention_mask must cover all {past + T} positions (cached + new) for {B} rows, "
+                    f"got shape {tuple(attention_mask.shape)}"
+                )
+            if position_ids is None:
+                if (
+                    attention_mask is not None
+                ):  # Hugging Face's rule: count real tokens, so left padding starts at 0
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+                else:
+                    position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)  # (B, T)
+            mask, is_causal = self_attention_mask(attention_mask, past, T, x.device)
         rope = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask, is_causal = self_attention_mask(attention_mask, past, T, x.device)
         return x, rope, mask, is_causal
 
     def _run_layers(

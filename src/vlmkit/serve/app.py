@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vlmkit.errors import ConfigError, VlmkitError
+from vlmkit.inference.embed import label_probabilities
 
 try:
     from fastapi import FastAPI, Request
@@ -266,13 +267,11 @@ def create_app(models: list[ServedModel], index: str | Path | None = None, image
         texts = [x for kind, x in items if kind == "text"]
         pixels = await run_in_threadpool(images_of, [x for kind, x in items if kind == "image"], m)
         result = await embed(m, texts, pixels)
-        it, ii, data = (
-            iter(result["text"] if texts else []),
-            iter(result["image"] if pixels is not None else []),
-            [],
-        )
+        vectors = {"text": iter(result["text"] if texts else ()),
+                   "image": iter(result["image"] if pixels is not None else ())}  # fmt: skip
+        data = []
         for i, (kind, _) in enumerate(items):
-            vec = (next(it) if kind == "text" else next(ii)).numpy().astype(np.float32)
+            vec = next(vectors[kind]).numpy().astype(np.float32)
             value = base64.b64encode(vec.tobytes()).decode() if fmt == "base64" else vec.tolist()
             data.append({"object": "embedding", "index": i, "embedding": value})
         tokens = sum(len(m.tokenizer.encode(t)) for t in texts)
@@ -301,9 +300,7 @@ def create_app(models: list[ServedModel], index: str | Path | None = None, image
             raise bad("template must be a string with {} where the label goes", "template")
         pixels = await run_in_threadpool(images_of, [(body.get("image"), "image")], m)
         result = await embed(m, [template.format(x) for x in labels], pixels)
-        scale, bias = (v.detach().float().cpu() if v is not None else None for v in m.model.scale_and_bias())
-        logits = scale * result["image"] @ result["text"].T  # (1, C)
-        probs = (torch.sigmoid(logits + bias) if bias is not None else logits.softmax(-1))[0]
+        probs = label_probabilities(m.model, result["image"], result["text"])[0]
         order = probs.argsort(descending=True).tolist()
         return {"object": "classification", "model": m.name,
                 "data": [{"label": labels[i], "score": float(probs[i])} for i in order]}  # fmt: skip

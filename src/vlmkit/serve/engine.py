@@ -243,7 +243,10 @@ class ContinuousBatcher:
         if cut >= 0:
             self._send(run, text[:cut])
             return self._finish(run, "stop")
-        full = len(run.tokens) >= p.max_tokens or int(self.cache.lengths[run.slot]) + 1 >= self.max_len
+        # the prompt and the tokens so far fill the context (the last token is fed at the next step)
+        full = (
+            len(run.tokens) >= p.max_tokens or len(run.request.prompt_ids) + len(run.tokens) >= self.max_len
+        )
         if full:
             self._send(run, text)
             return self._finish(run, "length")

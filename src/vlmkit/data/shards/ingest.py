@@ -28,6 +28,7 @@ from vlmkit.data.manifest import (
     IMAGE_EXTENSIONS,
     MANIFEST_DELIMITERS,
     _json_rows,
+    list_image_files,
     read_image_folder,
     read_manifest,
 )
@@ -206,16 +207,6 @@ class ImageFolderInput(InputSource):
         return _FolderChunk(self.items[start:stop])
 
 
-def _list_images(root: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
-    )
-
-
 def read_image_folder_input(
     root: str | os.PathLike, classes_file: str | os.PathLike | None = None, positional_classes: bool = False
 ) -> ImageFolderInput:
@@ -225,7 +216,7 @@ def read_image_folder_input(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    images = _list_images(root)
+    images = list_image_files(root)
     if not images:
         raise DataError(f"{root} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     sidecars = [p.with_suffix(".txt") for p in images]
